@@ -1,0 +1,29 @@
+# The two quick-start commands are `make demo` and `make test`; each sets itself up.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test proto bench-apply clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/core_demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+# Regenerate the committed protobuf code (tests/unit/test_generated_code.py fails when it is stale).
+proto: $(STAMP)
+	$(BIN)/python -m kvstore.protogen
+
+bench-apply: $(STAMP)
+	$(BIN)/python benchmarks/bench_apply.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,20 @@
+"""Log entries: a session plus a command, as the bytes that PySyncObj replicates."""
+
+from __future__ import annotations
+
+from kvstore.proto.log_pb2 import Command, Entry
+from session.session import Session
+from session.wire import parse
+
+
+def encode_entry(session: Session, command: Command | None = None) -> bytes:
+    """The entry bytes for ``session`` proposing ``command`` (none for register/unregister)."""
+    entry = Entry(session=session.to_pb())
+    if command is not None:
+        entry.command.CopyFrom(command)
+    return entry.SerializeToString(deterministic=True)
+
+
+def decode_entry(data: bytes) -> Entry:
+    """Parses entry bytes; raises ``session.wire.WireDecodeError`` for bytes that are not an entry."""
+    return parse(Entry, data)

@@ -1,0 +1,78 @@
+"""The replicated state machine: ``apply(entry) -> result``, and nothing else that moves.
+
+Every replica runs the same entries through ``apply`` in the same order and must end with the
+same bytes. So ``apply`` is a pure function of (state, entry): no clock, no randomness, no I/O,
+no dependence on which node runs it, and it never raises. A bad entry becomes an error result
+that every replica computes alike (PySyncObj wedges a node whose apply raises: defect D5).
+Threads, sockets and the Raft library live in ``kvstore.node``, outside this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from kvstore import commands, dedup, results, snapshot
+from kvstore.entry import decode_entry
+from kvstore.limits import DEFAULT_SESSION_CAPACITY
+from kvstore.proto.log_pb2 import Code, Command, Result
+from kvstore.session_store import SessionStore
+from session.wire import WireDecodeError
+
+DIGEST_HEX_CHARS = 16
+
+
+class StateMachine:
+    """User data plus the session store of one cluster."""
+
+    def __init__(self, cluster_id: int, session_capacity: int = DEFAULT_SESSION_CAPACITY) -> None:
+        self.cluster_id = cluster_id
+        self.sessions = SessionStore(session_capacity)
+        self.data: commands.Data = {}
+
+    def apply(self, entry: bytes) -> bytes:
+        """Applies one committed log entry and returns the serialized ``Result``."""
+        try:
+            decoded = decode_entry(entry)
+        except WireDecodeError as exc:
+            return results.encode(results.error(Code.MALFORMED_ENTRY, str(exc)))
+        if not decoded.HasField("session"):
+            return results.encode(results.error(Code.MALFORMED_ENTRY, "the entry has no session"))
+        if decoded.session.cluster_id != self.cluster_id:
+            return results.encode(
+                results.error(
+                    Code.CLUSTER_MISMATCH,
+                    f"entry for cluster {decoded.session.cluster_id}, this is {self.cluster_id}",
+                )
+            )
+        return dedup.apply_with_session(
+            self.sessions,
+            decoded.session,
+            lambda: results.encode(commands.execute(self.data, decoded.command)),
+        )
+
+    def query(self, command: Command) -> Result:
+        """Answers a read-only command from local state, outside the log (a serializable read).
+
+        It touches no session: reads must not change the LRU order, or replicas would part.
+        """
+        if not commands.is_read_only(command):
+            return results.error(Code.INVALID_ARGUMENT, "only get and range can be read locally")
+        return commands.execute(self.data, command)
+
+    def snapshot(self) -> bytes:
+        """The whole state as deterministic bytes (see ``kvstore.snapshot``)."""
+        return snapshot.encode(snapshot.State(self.cluster_id, self.sessions, self.data))
+
+    def restore(self, data: bytes) -> None:
+        """Replaces the state with a snapshot's; raises ``SnapshotError`` and changes nothing
+        if the bytes are not a valid snapshot of this cluster."""
+        state = snapshot.decode(data)
+        if state.cluster_id != self.cluster_id:
+            raise snapshot.SnapshotError(
+                f"snapshot of cluster {state.cluster_id}, this is {self.cluster_id}"
+            )
+        self.sessions, self.data = state.sessions, state.data
+
+    def digest(self) -> str:
+        """A short hash of the whole state, for comparing replicas."""
+        return hashlib.sha256(self.snapshot()).hexdigest()[:DIGEST_HEX_CHARS]
