@@ -33,21 +33,50 @@ class _Rejected(Exception):
 
 def execute(data: Data, command: Command) -> Result:
     """Runs ``command`` on ``data`` (mutating it) and returns its result."""
+    refused = static_error(command)
+    if refused is not None:
+        return refused
     op = command.WhichOneof("op")
-    if op is None:
-        return results.error(Code.INVALID_ARGUMENT, "the entry carries no command")
     try:
-        return _HANDLERS[op](data, getattr(command, op))
+        return _HANDLERS[op](data, getattr(command, op))  # type: ignore[index]
     except _Rejected as rejected:
         return results.error(rejected.code, str(rejected))
+
+
+def static_error(command: Command) -> Result | None:
+    """The error result for a command that is invalid whatever the data holds, else ``None``.
+
+    Apply runs it first; the API server runs the same check so such a command is refused
+    before it reaches the log.
+    """
+    op = command.WhichOneof("op")
+    if op is None:
+        return results.error(Code.INVALID_ARGUMENT, "the request carries no command")
+    cmd = getattr(command, op)
+    try:
+        if op == "range":
+            _bounded_key(cmd.prefix, "prefix")
+        elif op == "delete" and cmd.prefix:
+            _bounded_key(cmd.key, "prefix")  # an empty prefix deletes every key, as in etcd
+        else:
+            _key(cmd.key)
+        if op in ("put", "append", "cas"):
+            _value(cmd.value)
+    except _Rejected as rejected:
+        return results.error(rejected.code, str(rejected))
+    return None
 
 
 def is_read_only(command: Command) -> bool:
     return command.WhichOneof("op") in READ_ONLY_OPS
 
 
+# Handlers run after static_error() has accepted the command: they check only what depends
+# on the data.
+
+
 def _put(data: Data, cmd: Command) -> Result:
-    data[_key(cmd.key)] = _value(cmd.value)
+    data[cmd.key] = cmd.value
     return results.ok()
 
 
@@ -57,18 +86,16 @@ def _delete(data: Data, cmd: Command) -> Result:
         for k in doomed:
             del data[k]
         return results.ok(count=len(doomed), found=bool(doomed))
-    found = data.pop(_key(cmd.key), None) is not None
+    found = data.pop(cmd.key, None) is not None
     return results.ok(count=int(found), found=found)
 
 
 def _get(data: Data, cmd: Command) -> Result:
-    value = data.get(_key(cmd.key))
+    value = data.get(cmd.key)
     return results.ok(found=value is not None, value=value or b"")
 
 
 def _range(data: Data, cmd: Command) -> Result:
-    if len(cmd.prefix) > MAX_KEY_BYTES:
-        raise _Rejected(Code.KEY_TOO_LARGE, f"prefix is {len(cmd.prefix)} bytes, over {MAX_KEY_BYTES}")
     keys = sorted(k for k in data if k.startswith(cmd.prefix))
     if cmd.limit:
         keys = keys[: cmd.limit]
@@ -77,7 +104,7 @@ def _range(data: Data, cmd: Command) -> Result:
 
 
 def _incr(data: Data, cmd: Command) -> Result:
-    key = _key(cmd.key)
+    key = cmd.key
     current = data.get(key, b"0")
     if not _DECIMAL_INT.fullmatch(current):
         raise _Rejected(Code.WRONG_TYPE, "the value is not a decimal int64")
@@ -89,15 +116,13 @@ def _incr(data: Data, cmd: Command) -> Result:
 
 
 def _append(data: Data, cmd: Command) -> Result:
-    key = _key(cmd.key)
-    new = _value(data.get(key, b"") + cmd.value)
-    data[key] = new
+    new = _value(data.get(cmd.key, b"") + cmd.value)
+    data[cmd.key] = new
     return results.ok(length=len(new))
 
 
 def _cas(data: Data, cmd: Command) -> Result:
-    key = _key(cmd.key)
-    new = _value(cmd.value)
+    key, new = cmd.key, cmd.value
     current = data.get(key)
     matches = current is None if cmd.expect_absent else current == cmd.expected
     if matches:
@@ -109,8 +134,12 @@ def _cas(data: Data, cmd: Command) -> Result:
 def _key(key: bytes) -> bytes:
     if not key:
         raise _Rejected(Code.INVALID_ARGUMENT, "the key is empty")
+    return _bounded_key(key, "key")
+
+
+def _bounded_key(key: bytes, what: str) -> bytes:
     if len(key) > MAX_KEY_BYTES:
-        raise _Rejected(Code.KEY_TOO_LARGE, f"key is {len(key)} bytes, over {MAX_KEY_BYTES}")
+        raise _Rejected(Code.KEY_TOO_LARGE, f"{what} is {len(key)} bytes, over {MAX_KEY_BYTES}")
     return key
 
 

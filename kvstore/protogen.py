@@ -16,6 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTO_FILES: tuple[tuple[str, bool], ...] = (
     ("session/session.proto", False),
     ("kvstore/proto/log.proto", False),
+    ("kvstore/proto/api.proto", True),
 )
 
 

@@ -1,0 +1,44 @@
+"""How failures cross the gRPC boundary: one table, read by the server and by the client.
+
+The server turns a state-machine error result into a gRPC status and attaches the result
+itself as binary metadata; the client turns that back into a typed exception. Keeping both
+directions here means the mapping cannot drift between the two sides.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import grpc
+
+from kvstore import errors
+from kvstore.proto.log_pb2 import Code
+
+RESULT_METADATA_KEY: Final = "kv-result-bin"
+"""Binary metadata carrying the serialized ``Result`` of a failed proposal."""
+
+LEADER_METADATA_KEY: Final = "kv-leader"
+"""The API address of the leader, on a refusal by a node that is not the leader."""
+
+REASON_METADATA_KEY: Final = "kv-reason"
+"""Why the node refused or gave up (PySyncObj's FAIL_REASON name, or ours). Its presence also
+tells the client that the *node* answered, rather than the transport failing."""
+
+# Result code -> (gRPC status code, exception the client raises).
+RESULT_ERRORS: Final[dict[int, tuple[grpc.StatusCode, type[errors.KVError]]]] = {
+    Code.MALFORMED_ENTRY: (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgument),
+    Code.CLUSTER_MISMATCH: (grpc.StatusCode.FAILED_PRECONDITION, errors.ClusterMismatch),
+    Code.SESSION_EXPIRED: (grpc.StatusCode.FAILED_PRECONDITION, errors.SessionExpired),
+    Code.ALREADY_RESPONDED: (grpc.StatusCode.ALREADY_EXISTS, errors.AlreadyResponded),
+    Code.INVALID_ARGUMENT: (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgument),
+    Code.KEY_TOO_LARGE: (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgument),
+    Code.VALUE_TOO_LARGE: (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgument),
+    Code.WRONG_TYPE: (grpc.StatusCode.FAILED_PRECONDITION, errors.CommandFailed),
+    Code.OUT_OF_RANGE: (grpc.StatusCode.OUT_OF_RANGE, errors.CommandFailed),
+}
+
+# Refusals and give-ups of the node, by reason -> gRPC status code.
+NOT_APPLIED_STATUS: Final = grpc.StatusCode.UNAVAILABLE
+QUEUE_FULL_STATUS: Final = grpc.StatusCode.RESOURCE_EXHAUSTED
+TIMEOUT_STATUS: Final = grpc.StatusCode.DEADLINE_EXCEEDED
+UNKNOWN_OUTCOME_STATUS: Final = grpc.StatusCode.ABORTED

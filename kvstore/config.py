@@ -1,0 +1,80 @@
+"""How a node is configured: its addresses, its peers, its data directory and the cluster secret."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvstore.limits import DEFAULT_SESSION_CAPACITY
+
+
+class ConfigError(ValueError):
+    """A configuration that must not run (for example a public address without a secret)."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One node as the others know it: where Raft talks to it and where clients do."""
+
+    raft_address: str
+    api_address: str
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    cluster_id: int
+    node_id: str
+    me: Member
+    peers: tuple[Member, ...]
+    data_dir: Path
+    secret: str
+    """The cluster secret. PySyncObj unpickles what arrives on its port (defect D1), so every
+    node encrypts and authenticates Raft traffic with it; a node never runs without one."""
+    session_capacity: int = DEFAULT_SESSION_CAPACITY
+    fsync: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.secret:
+            raise ConfigError("a cluster secret is required: PySyncObj unpickles what peers send")
+        for member in (self.me, *self.peers):
+            for address in (member.raft_address, member.api_address):
+                split_address(address)
+        if self.cluster_id <= 0:
+            raise ConfigError("the cluster id must be a positive integer")
+
+    @property
+    def members(self) -> tuple[Member, ...]:
+        return (self.me, *self.peers)
+
+    def api_address_of(self, raft_address: str) -> str:
+        """The client API address of the node that Raft knows as ``raft_address`` ('' if unknown)."""
+        for member in self.members:
+            if member.raft_address == raft_address:
+                return member.api_address
+        return ""
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` -> ``(host, port)``; raises ``ConfigError`` on anything else."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"not a host:port address: {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``host:port`` names only this machine (127.0.0.0/8, ::1 or localhost)."""
+    host, _ = split_address(address)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(info[4][0]).is_loopback
+                       for info in socket.getaddrinfo(host, None))
+        except OSError:
+            return False

@@ -1,0 +1,73 @@
+"""Exceptions of the client API, one per thing the caller must do differently.
+
+The split that matters for exactly-once is between *not applied* and *outcome unknown*:
+
+* ``Unavailable``: the request was definitely not applied (no leader, not the leader, queue
+  full). Retrying anywhere is safe, even without a session.
+* ``OutcomeUnknown``: the request may or may not have been applied (timeout, leadership lost
+  mid-proposal, connection dropped after sending). Retry it with the *same* session and series
+  id: the session makes the retry safe. Without a session a retry may apply it twice.
+"""
+
+from __future__ import annotations
+
+from kvstore.proto.log_pb2 import Result
+
+
+class KVError(Exception):
+    """Base class of every client-side error."""
+
+    exit_code = 1
+    """The CLI's exit code for this error (etcdctl's conventions where they exist)."""
+
+
+class Unavailable(KVError):
+    """Not applied: no leader, not the leader, queue full, or no endpoint reachable."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, leader_hint: str = "") -> None:
+        super().__init__(message)
+        self.leader_hint = leader_hint
+        """The API address of the leader, when the node that refused knew it."""
+
+
+class OutcomeUnknown(KVError):
+    """May or may not have been applied; retry with the same session and series id."""
+
+    exit_code = 4
+
+
+class InvalidArgument(KVError):
+    """Refused: a malformed request, an empty key, a key or value over the limit."""
+
+    exit_code = 3
+
+
+class ClusterMismatch(KVError):
+    """The session or request names another cluster than the one that answered."""
+
+    exit_code = 3
+
+
+class ResultError(KVError):
+    """The state machine answered with an error; ``result`` holds its full answer."""
+
+    def __init__(self, message: str, result: Result) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class SessionExpired(ResultError):
+    """The session is not registered (never opened, closed, or evicted from the LRU store).
+
+    The outcome of its earlier proposals is unknown; open a new session.
+    """
+
+
+class AlreadyResponded(ResultError):
+    """The series id was already acknowledged by this session: a stale copy of the session."""
+
+
+class CommandFailed(ResultError):
+    """The command ran and failed deterministically (``incr`` on a non-integer, int64 overflow)."""

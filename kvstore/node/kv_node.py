@@ -1,0 +1,64 @@
+"""``KVNode``: the key-value state machine on a Raft replica, as the API server sees it."""
+
+from __future__ import annotations
+
+from kvstore.config import NodeConfig
+from kvstore.node.health import Health, NodeStatusView, raft_view
+from kvstore.node.raft_node import RaftNode, RaftOptions
+from kvstore.proto.log_pb2 import Command, Result
+from kvstore.state_machine import StateMachine
+
+TICK_TASK_TIMEOUT = 2.0
+"""How long a read or a status waits for the tick thread before calling it unresponsive."""
+
+
+class KVNode:
+    def __init__(self, config: NodeConfig, **raft_overrides: object) -> None:
+        self.config = config
+        self.state_machine = StateMachine(config.cluster_id, config.session_capacity)
+        self.raft = RaftNode(
+            self.state_machine,
+            RaftOptions(
+                self_address=config.me.raft_address,
+                peers=tuple(peer.raft_address for peer in config.peers),
+                data_dir=str(config.data_dir),
+                password=config.secret,
+                **raft_overrides,  # type: ignore[arg-type]
+            ),
+        )
+        self.health = Health(self.raft)
+
+    def propose(self, entry: bytes, timeout: float) -> bytes:
+        return self.raft.propose(entry, timeout)
+
+    def is_leader(self) -> bool:
+        return self.raft.is_leader()
+
+    def leader_address(self) -> str | None:
+        return self.raft.leader_address()
+
+    def read_local(self, command: Command) -> Result:
+        """A serializable read of this replica, taken between two applies."""
+        return self.raft.on_tick_thread(lambda: self.state_machine.query(command), TICK_TASK_TIMEOUT)
+
+    def status(self, *, with_digest: bool = False) -> NodeStatusView:
+        """This node's view, taken on the tick thread so that its numbers agree with each other."""
+        try:
+            return self.raft.on_tick_thread(lambda: self._view(with_digest), TICK_TASK_TIMEOUT)
+        except TimeoutError:
+            view = self._view(with_digest=False)  # racy, but better than nothing
+            view.alarms.append("tick_thread_unresponsive")
+            return view
+
+    def stop(self) -> None:
+        self.raft.stop()
+
+    def _view(self, with_digest: bool) -> NodeStatusView:
+        sm = self.state_machine
+        return NodeStatusView(
+            **raft_view(self.raft),  # type: ignore[arg-type]
+            sessions=len(sm.sessions),
+            keys=len(sm.data),
+            digest=sm.digest() if with_digest else "",
+            alarms=self.health.alarms(),
+        )

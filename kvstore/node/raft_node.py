@@ -1,0 +1,312 @@
+"""One Raft replica: PySyncObj 0.3.17 driving a pure state machine, with its defects fenced.
+
+This is the only module (with its siblings in ``kvstore.node``) that knows PySyncObj. What it
+does about each defect of ``shared/reference/pysyncobj-0.3.17.md``:
+
+* D1 (the raft port unpickles before authenticating): a ``password`` is mandatory.
+* D2 (binds 0.0.0.0): ``bindAddress`` is always the node's own address.
+* D3 (no fsync): our dump file is fsynced, and so is its directory after the rename. The journal
+  is not: acknowledged writes survive ``kill -9`` of any number of nodes, not power loss.
+* D4 (journal without dump loses everything): both, always.
+* D5 (an apply that raises wedges the node): the state machine never raises; if it ever does,
+  the node stops itself and reports it rather than run on with a state that may differ.
+* D6 (needless truncation under pipelining): ``kvstore.node.d6_fence``.
+* D7 (a late forked dump empties a journal): no fork; our serializer runs on the tick thread.
+* D8 (100 ms timers): ``kvstore.node.timers``; we drive the tick loop ourselves.
+
+Exactly one method is replicated, and it takes the entry as bytes: the log carries our protobuf
+entries, never pickled Python objects of ours.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj.node import TCPNode
+from pysyncobj.poller import POLL_EVENT_TYPE
+
+from kvstore.node import d6_fence, dump_file
+from kvstore.node.internals import Internals
+from kvstore.node.outcomes import NotApplied, OutcomeUnknown, Pending
+from kvstore.node.timers import SHIPPED, TimerProfile
+
+log = logging.getLogger("kvstore.node")
+
+T = TypeVar("T")
+
+
+class Replicated(Protocol):
+    """What the node needs of the state machine (``kvstore.StateMachine`` fits)."""
+
+    def apply(self, entry: bytes) -> bytes: ...
+    def snapshot(self) -> bytes: ...
+    def restore(self, data: bytes) -> None: ...
+    def digest(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class RaftOptions:
+    self_address: str
+    """host:port of the raft port; peers know this node by it."""
+    peers: tuple[str, ...]
+    data_dir: str
+    password: str
+    profile: TimerProfile = SHIPPED
+    log_compaction_min_entries: int = 5000
+    log_compaction_min_time: float = 300.0
+    d6_fence: bool = True
+
+
+class RaftNode(SyncObj):
+    """One replica. Call ``propose`` from any thread but the tick thread; ``stop`` at the end.
+
+    All our attributes exist before ``SyncObj.__init__``: PySyncObj's default serializer pickles
+    every attribute created after it, and the tick thread may start inside it.
+    """
+
+    def __init__(self, sm: Replicated, options: RaftOptions) -> None:
+        if not options.password:
+            raise ValueError("a cluster secret is required (D1: the raft port unpickles its input)")
+        os.makedirs(options.data_dir, exist_ok=True)
+        profile = options.profile
+        self._n_sm = sm
+        self._n_options = options
+        self._n_fatal: str | None = None
+        self._n_tick_thread_id: int | None = None
+        self._n_last_tick = time.monotonic()
+        self._n_stopping = threading.Event()
+        self._n_thread: threading.Thread | None = None
+        self._n_tick_tasks: list[tuple[Future[Any], Callable[[], Any]]] = []
+        self._n_tick_tasks_lock = threading.Lock()
+        self._n_wake_r, self._n_wake_w = os.pipe()
+        os.set_blocking(self._n_wake_r, False)
+        os.set_blocking(self._n_wake_w, False)
+        self._n_wake_pending = False
+        self._n_fsync_dir_pending = False
+        self.counters: Counter[str] = Counter()
+        self._n_on_tick_hooks: list[Callable[[], None]] = []
+        conf = SyncObjConf(
+            password=options.password,
+            bindAddress=options.self_address,
+            journalFile=os.path.join(options.data_dir, "raft.journal"),
+            fullDumpFile=os.path.join(options.data_dir, "raft.dump"),
+            serializer=self._n_serialize,
+            deserializer=self._n_deserialize,
+            autoTick=not profile.driven,
+            autoTickPeriod=profile.tick_period,
+            appendEntriesPeriod=profile.append_entries_period,
+            appendEntriesUseBatch=profile.append_entries_use_batch,
+            raftMinTimeout=profile.raft_min_timeout,
+            raftMaxTimeout=profile.raft_max_timeout,
+            leaderFallbackTimeout=profile.leader_fallback_timeout,
+            logCompactionMinEntries=options.log_compaction_min_entries,
+            logCompactionMinTime=options.log_compaction_min_time,
+            # Without autoTick, binding happens in __init__, retrying forever when the port is
+            # taken (0 means forever): bound it.
+            maxBindRetries=5 if profile.driven else 0,
+            dynamicMembershipChange=False,
+        )
+        super().__init__(options.self_address, [p for p in options.peers if p != options.self_address], conf)
+        # After SyncObj.__init__: wiring only, no new attributes.
+        self.internals = Internals(self)
+        self._poller.subscribe(self._n_wake_r, self._n_on_wake, POLL_EVENT_TYPE.READ)
+        self.addOnTickCallback(self._n_on_tick)
+        if options.d6_fence:
+            d6_fence.install(self, self.internals, self.counters)
+        if profile.driven:
+            self._n_thread = threading.Thread(target=self._n_drive, daemon=True,
+                                              name=f"raft-tick-{options.self_address}")
+            self._n_thread.start()
+
+    # -- the one replicated method --------------------------------------------------------
+
+    @replicated
+    def _n_apply(self, entry: bytes) -> bytes:
+        """Runs on every replica, in log order, on the tick thread."""
+        try:
+            return self._n_sm.apply(entry)
+        except BaseException as exc:
+            # D5: raising wedges PySyncObj on this entry for good, and returning something
+            # else could make this replica differ (the failure may be local, a MemoryError).
+            # Fail-stop: record it, stop ticking, let status and propose report it.
+            self._n_fatal = f"state machine apply raised {type(exc).__name__}: {exc}"
+            log.critical(self._n_fatal)
+            self._n_stopping.set()
+            raise
+
+    # -- proposing ------------------------------------------------------------------------
+
+    def propose(self, entry: bytes, timeout: float) -> bytes:
+        """Replicates ``entry`` and returns the state machine's result.
+
+        Raises ``NotApplied`` (safe to retry) or ``OutcomeUnknown`` (may be applied; includes
+        our own deadline, since PySyncObj's asynchronous calls cannot be cancelled).
+        """
+        if threading.get_ident() == self._n_tick_thread_id:
+            raise RuntimeError("propose() on the tick thread would deadlock")
+        if self._n_fatal:
+            raise NotApplied("NODE_FAILED", self._n_fatal)
+        pending = Pending()
+        self._n_apply(bytes(entry), callback=pending)  # QUEUE_FULL calls back at once, here
+        if self._n_options.profile.driven:
+            self._n_wake()
+        if not pending.event.wait(timeout):
+            raise OutcomeUnknown("TIMEOUT", f"no outcome within {timeout:.3f}s")
+        return pending.outcome()
+
+    def on_tick_thread(self, task: Callable[[], T], timeout: float) -> T:
+        """Runs ``task`` on the tick thread, between applies, and returns its result.
+
+        This is how other threads read the state machine consistently without a lock on the
+        apply path. Raises ``TimeoutError`` if the tick thread does not get to it in time.
+        """
+        future: Future[T] = Future()
+        with self._n_tick_tasks_lock:
+            self._n_tick_tasks.append((future, task))
+        self._n_wake()
+        return future.result(timeout)
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def fatal(self) -> str | None:
+        return self._n_fatal
+
+    @property
+    def seconds_since_tick(self) -> float:
+        return time.monotonic() - self._n_last_tick
+
+    def add_tick_hook(self, hook: Callable[[], None]) -> None:
+        """Runs ``hook`` on every tick (on the tick thread); keep it cheap."""
+        self._n_on_tick_hooks.append(hook)
+
+    def leader_address(self) -> str | None:
+        leader = self._getLeader()
+        return leader.address if leader is not None else None
+
+    def is_leader(self) -> bool:
+        return bool(self._isLeader())
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stops ticking and closes sockets; PySyncObj flushes the journal's mmap on destroy."""
+        if self._n_options.profile.driven:
+            self._n_stopping.set()
+            self._n_wake()
+            if self._n_thread is not None:
+                self._n_thread.join(timeout)
+        else:
+            self.destroy()
+        for fd in (self._n_wake_r, self._n_wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -- the tick loop ----------------------------------------------------------------------
+
+    def _n_drive(self) -> None:
+        """Our tick loop: group commit without waiting for ``appendEntriesPeriod``."""
+        idle = self._n_options.profile.tick_period
+        internals = self.internals
+        sent = (-1, -1)
+        while not self._n_stopping.is_set():
+            try:
+                if self._isLeader():
+                    now = (internals.raft_log[-1][1], self.raftCommitIndex)
+                    if now != sent:  # new entries or a new commit index: ship them this tick
+                        internals.force_append()
+                        sent = now
+                # Queued commands are appended at the end of a tick, after its send step: do
+                # not let the next tick sleep in poll(), so that it ships them.
+                self.doTick(0.0 if internals.queue else idle)
+            except Exception:
+                self.counters["tick_exceptions"] += 1
+                log.exception("tick failed")
+                time.sleep(idle)
+        try:
+            self._doDestroy()
+        except Exception:
+            log.exception("destroy failed")
+
+    def _n_wake(self) -> None:
+        """Makes the tick thread's poll() return now. Never blocks."""
+        if self._n_wake_pending:
+            return
+        self._n_wake_pending = True
+        try:
+            os.write(self._n_wake_w, b"w")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (a wake-up is pending) or closed (stopping)
+
+    def _n_on_wake(self, fd: int, _event: int) -> None:
+        # Drain first, then clear the flag: the other order loses wake-ups for good.
+        try:
+            while os.read(fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        self._n_wake_pending = False
+
+    def _n_on_tick(self) -> None:
+        """PySyncObj's per-tick callback, on the tick thread: bookkeeping only."""
+        self._n_tick_thread_id = threading.get_ident()
+        self._n_last_tick = time.monotonic()
+        self.counters["ticks"] += 1
+        if self._n_fsync_dir_pending:
+            self._n_fsync_dir_pending = False
+            try:
+                dump_file.fsync_directory(self._n_options.data_dir)
+            except OSError:
+                log.exception("fsync of the data directory failed")
+        with self._n_tick_tasks_lock:
+            tasks, self._n_tick_tasks = self._n_tick_tasks, []
+        for future, task in tasks:
+            try:
+                future.set_result(task())
+            except Exception as exc:
+                future.set_exception(exc)
+        for hook in self._n_on_tick_hooks:
+            hook()
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def _n_serialize(self, path: str, raft_meta: tuple[Any, Any, Any]) -> None:
+        last, prev, cluster = raft_meta
+        meta = {
+            "last": [last[0].hex(), last[1], last[2]],
+            "prev": [prev[0].hex(), prev[1], prev[2]],
+            "cluster": sorted(n.address if hasattr(n, "address") else str(n) for n in cluster),
+            "digest": self._n_sm.digest(),
+        }
+        dump_file.write(path, meta, self._n_sm.snapshot())
+        self.counters["snapshots_written"] += 1
+        self._n_fsync_dir_pending = True
+        log.info("snapshot at index %d, digest %s", last[1], meta["digest"])
+
+    def _n_deserialize(self, path: str) -> tuple[Any, Any, set[TCPNode]]:
+        """Loads a dump at start-up or from the leader. If this raises, PySyncObj only logs it
+        and carries on from the compacted journal, with a wrong state; so we record a fatal
+        error first: status reports it and propose refuses."""
+        try:
+            dump = dump_file.read(path)
+            self._n_sm.restore(dump.snapshot)
+            if self._n_sm.digest() != dump.meta["digest"]:
+                raise dump_file.DumpCorrupt("state digest differs after restore")
+        except Exception as exc:
+            self._n_fatal = f"snapshot load failed: {type(exc).__name__}: {exc}"
+            log.critical(self._n_fatal)
+            raise
+        self.counters["snapshots_loaded"] += 1
+        meta = dump.meta
+        last = (bytes.fromhex(meta["last"][0]), meta["last"][1], meta["last"][2])
+        prev = (bytes.fromhex(meta["prev"][0]), meta["prev"][1], meta["prev"][2])
+        return last, prev, {TCPNode(address) for address in meta["cluster"]}

@@ -1,0 +1,230 @@
+"""The client API of one node, over gRPC, and ``run_node``: a node process from start to stop.
+
+Any node accepts any request. A follower does not forward writes: it refuses them with
+UNAVAILABLE and the leader's API address in metadata, and the client library goes there. Why
+not forward? PySyncObj can forward a call from a follower, but that costs a second network hop
+(twice the latency, measured in shared/reference/pysyncobj-0.3.17.md), and a forwarded call that
+loses its leader comes back as "outcome unknown" where a direct refusal is "not applied". A hint
+keeps the follower out of the data path and the error precise; the client keeps talking to the
+leader afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from contextlib import contextmanager
+from typing import NoReturn
+
+import grpc
+
+from kvstore import api_errors, commands, results
+from kvstore.config import NodeConfig
+from kvstore.entry import encode_entry
+from kvstore.node import KVNode, NodeStatusView, NotApplied, OutcomeUnknown
+from kvstore.proto import api_pb2, api_pb2_grpc
+from kvstore.proto.log_pb2 import Code, Result
+from session.constants import SERIES_ID_FOR_REGISTER, SERIES_ID_FOR_UNREGISTER
+from session.session import Session
+
+log = logging.getLogger("kvstore.server")
+
+DEFAULT_PROPOSE_TIMEOUT = 5.0
+"""Longest a proposal waits on the node when the client set no deadline."""
+
+DEADLINE_MARGIN = 0.05
+"""Seconds left for the answer to travel back before the client's own deadline expires."""
+
+MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+"""Bigger than any valid request (a 4 KiB key and a 1 MiB value); larger ones are refused by gRPC."""
+
+GRPC_WORKERS = 64
+
+
+class KVService(api_pb2_grpc.KVServicer):
+    """Validates requests, turns them into log entries, and maps outcomes to gRPC statuses."""
+
+    def __init__(self, node: KVNode, config: NodeConfig) -> None:
+        self._node = node
+        self._config = config
+
+    # -- RPCs -------------------------------------------------------------------------------
+
+    def RegisterSession(self, request: api_pb2.SessionRequest, context: grpc.ServicerContext) -> Result:
+        session = self._session(request.session, context)
+        self._require(session.series_id == SERIES_ID_FOR_REGISTER and session.valid_for_session_op(
+            self._config.cluster_id), context, "RegisterSession needs a session prepared for register")
+        return self._propose(encode_entry(session), context)
+
+    def UnregisterSession(self, request: api_pb2.SessionRequest, context: grpc.ServicerContext) -> Result:
+        session = self._session(request.session, context)
+        self._require(session.series_id == SERIES_ID_FOR_UNREGISTER and session.valid_for_session_op(
+            self._config.cluster_id), context, "UnregisterSession needs a session prepared for unregister")
+        return self._propose(encode_entry(session), context)
+
+    def Propose(self, request: api_pb2.ProposeRequest, context: grpc.ServicerContext) -> Result:
+        session = self._session(request.session, context)
+        try:
+            valid = session.valid_for_proposal(self._config.cluster_id)
+        except Exception as exc:  # a broken invariant in the client's session
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self._require(valid, context, "the session is not valid for a proposal (client id 0, or a "
+                      "register/unregister series id)")
+        self._check_command(request, context)
+        return self._propose(encode_entry(session, request.command), context)
+
+    def Read(self, request: api_pb2.ReadRequest, context: grpc.ServicerContext) -> Result:
+        self._check_cluster(request.cluster_id, context)
+        self._check_command(request, context)
+        self._require(commands.is_read_only(request.command), context,
+                      "Read takes a get or range command; writes go through Propose")
+        if request.consistency == api_pb2.SERIALIZABLE:
+            return self._answer(self._node.read_local(request.command), context)
+        # A linearizable read goes through the log as a system entry (client id 0): it changes
+        # nothing, so it needs no deduplication, and it sees every write committed before it.
+        system = Session(cluster_id=self._config.cluster_id)
+        return self._propose(encode_entry(system, request.command), context)
+
+    def Status(self, request: api_pb2.StatusRequest, context: grpc.ServicerContext) -> api_pb2.NodeStatus:
+        return status_message(self._node.status(with_digest=request.with_digest), self._config)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _session(self, pb: object, context: grpc.ServicerContext) -> Session:
+        session = Session.from_pb(pb)  # type: ignore[arg-type]
+        self._check_cluster(session.cluster_id, context)
+        return session
+
+    def _check_cluster(self, cluster_id: int, context: grpc.ServicerContext) -> None:
+        if cluster_id != self._config.cluster_id:
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                   f"cluster mismatch: request for cluster {cluster_id}, this is "
+                   f"{self._config.cluster_id}")
+
+    @staticmethod
+    def _check_command(request: api_pb2.ProposeRequest | api_pb2.ReadRequest,
+                       context: grpc.ServicerContext) -> None:
+        refused = commands.static_error(request.command)
+        if refused is not None:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, refused.message,
+                   (api_errors.RESULT_METADATA_KEY, results.encode(refused)))
+
+    @staticmethod
+    def _require(condition: bool, context: grpc.ServicerContext, message: str) -> None:
+        if not condition:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, message)
+
+    def _propose(self, entry: bytes, context: grpc.ServicerContext) -> Result:
+        if not self._node.is_leader():
+            self._refuse_not_leader(context, "NOT_LEADER")
+        remaining = context.time_remaining()
+        timeout = DEFAULT_PROPOSE_TIMEOUT if remaining is None else max(remaining - DEADLINE_MARGIN, 0.0)
+        try:
+            answer = self._node.propose(entry, timeout)
+        except NotApplied as exc:
+            if exc.reason == "QUEUE_FULL":
+                _abort(context, api_errors.QUEUE_FULL_STATUS, "the proposal queue is full; retry",
+                       (api_errors.REASON_METADATA_KEY, exc.reason))
+            self._refuse_not_leader(context, exc.reason)
+        except OutcomeUnknown as exc:
+            status = (api_errors.TIMEOUT_STATUS if exc.reason == "TIMEOUT"
+                      else api_errors.UNKNOWN_OUTCOME_STATUS)
+            _abort(context, status, f"outcome unknown ({exc.reason}): retry with the same session "
+                   "and series id", (api_errors.REASON_METADATA_KEY, exc.reason))
+        return self._answer(results.decode(answer), context)
+
+    def _refuse_not_leader(self, context: grpc.ServicerContext, reason: str) -> NoReturn:
+        leader = self._config.api_address_of(self._node.leader_address() or "")
+        message = f"not the leader; the leader is {leader}" if leader else "no leader at the moment"
+        _abort(context, api_errors.NOT_APPLIED_STATUS, f"{message} (nothing was applied)",
+               (api_errors.REASON_METADATA_KEY, reason), (api_errors.LEADER_METADATA_KEY, leader))
+
+    @staticmethod
+    def _answer(result: Result, context: grpc.ServicerContext) -> Result:
+        if result.code == Code.OK:
+            return result
+        status, _ = api_errors.RESULT_ERRORS[result.code]
+        _abort(context, status, f"{Code.Name(result.code)}: {result.message}",
+               (api_errors.RESULT_METADATA_KEY, results.encode(result)))
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str,
+           *metadata: tuple[str, str | bytes]) -> NoReturn:
+    if metadata:
+        context.set_trailing_metadata(metadata)
+    context.abort(code, message)
+    raise AssertionError("unreachable: context.abort raises")  # for type checkers
+
+
+def status_message(view: NodeStatusView, config: NodeConfig) -> api_pb2.NodeStatus:
+    """The Status RPC's answer from the node's own view."""
+    return api_pb2.NodeStatus(
+        cluster_id=config.cluster_id,
+        node_id=config.node_id,
+        raft_address=config.me.raft_address,
+        api_address=config.me.api_address,
+        role=view.role,
+        leader_raft_address=view.leader or "",
+        leader_api_address=config.api_address_of(view.leader or ""),
+        term=view.term,
+        commit_index=view.commit_index,
+        applied_index=view.applied_index,
+        sessions=view.sessions,
+        keys=view.keys,
+        digest=view.digest,
+        lag=max(view.commit_index - view.applied_index, 0),
+        has_quorum=view.has_quorum,
+        pid=os.getpid(),
+        peers=[
+            api_pb2.PeerStatus(
+                raft_address=peer.raft_address,
+                api_address=peer.api_address,
+                connected=view.peers_connected.get(peer.raft_address, False),
+                match_index=view.peers_match_index.get(peer.raft_address, 0),
+            )
+            for peer in config.peers
+        ],
+        alarms=view.alarms,
+        log_length=view.log_length,
+    )
+
+
+@contextmanager
+def serving(config: NodeConfig) -> Iterator[KVNode]:
+    """A running node with its API server; both stop when the block ends."""
+    node = KVNode(config)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS, thread_name_prefix="kv-api"),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    api_pb2_grpc.add_KVServicer_to_server(KVService(node, config), server)
+    try:
+        server.add_insecure_port(config.me.api_address)
+    except RuntimeError as exc:
+        node.stop()
+        raise OSError(f"cannot listen on {config.me.api_address}: {exc}") from exc
+    server.start()
+    log.info("node %s serving clients on %s, raft on %s", config.node_id,
+             config.me.api_address, config.me.raft_address)
+    try:
+        yield node
+    finally:
+        server.stop(grace=1.0).wait()
+        node.stop()
+
+
+def run_node(config: NodeConfig) -> None:
+    """Runs a node until SIGTERM or SIGINT, then stops it cleanly."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    with serving(config):
+        stop.wait()
+    log.info("node %s stopped", config.node_id)
