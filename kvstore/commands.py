@@ -18,9 +18,9 @@ Data = dict[bytes, bytes]
 
 READ_ONLY_OPS = frozenset({"get", "range"})
 
-# A decimal int64 as incr stores it: no sign but '-', no spaces, no leading zeros, no '_'.
-# Stricter than int(), so a value means the same thing on every Python version.
-_DECIMAL_INT = re.compile(rb"-?(0|[1-9][0-9]{0,18})")
+# A decimal integer as incr writes it: no sign but '-', no spaces, no leading zeros, no '_', no
+# "-0". Stricter than int(), so a value means the same thing on every Python version.
+_DECIMAL_INT = re.compile(rb"0|-?[1-9][0-9]{0,18}")
 
 
 class _Rejected(Exception):
@@ -106,7 +106,7 @@ def _range(data: Data, cmd: Command) -> Result:
 def _incr(data: Data, cmd: Command) -> Result:
     key = cmd.key
     current = data.get(key, b"0")
-    if not _DECIMAL_INT.fullmatch(current):
+    if not _DECIMAL_INT.fullmatch(current) or not INT64_MIN <= int(current) <= INT64_MAX:
         raise _Rejected(Code.WRONG_TYPE, "the value is not a decimal int64")
     new = int(current) + cmd.delta
     if not INT64_MIN <= new <= INT64_MAX:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kvstore.proto.log_pb2 import Command, Entry
 from session.session import Session
-from session.wire import parse
+from session.wire import parse_canonical
 
 
 def encode_entry(session: Session, command: Command | None = None) -> bytes:
@@ -16,5 +16,6 @@ def encode_entry(session: Session, command: Command | None = None) -> bytes:
 
 
 def decode_entry(data: bytes) -> Entry:
-    """Parses entry bytes; raises ``session.wire.WireDecodeError`` for bytes that are not an entry."""
-    return parse(Entry, data)
+    """Parses entry bytes; raises ``session.wire.WireDecodeError`` unless they are exactly what
+    ``encode_entry`` writes (so every protobuf backend accepts the same entries)."""
+    return parse_canonical(Entry, data)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvstore.proto.log_pb2 import Code, Result
-from session.wire import parse
+from session.wire import parse_canonical
 
 
 def ok(**fields: object) -> Result:
@@ -20,7 +20,7 @@ def encode(result: Result) -> bytes:
 
 
 def decode(data: bytes) -> Result:
-    return parse(Result, data)
+    return parse_canonical(Result, data)
 
 
 def code_name(result: Result) -> str:

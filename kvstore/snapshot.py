@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from kvstore.proto.log_pb2 import CachedResponse, KeyValue, SessionRecord, Snapshot
 from kvstore.session_store import ClientSession, SessionStore
-from session.wire import WireDecodeError, parse
+from session.wire import WireDecodeError, parse_canonical
 
 FORMAT_VERSION = 1
 
@@ -57,13 +57,14 @@ def encode(state: State) -> bytes:
 def decode(data: bytes) -> State:
     """Decodes and validates a snapshot; raises ``SnapshotError``."""
     try:
-        snapshot = parse(Snapshot, data)
+        snapshot = parse_canonical(Snapshot, data)
     except WireDecodeError as exc:
         raise SnapshotError(str(exc)) from exc
     if snapshot.format_version != FORMAT_VERSION:
         raise SnapshotError(
             f"snapshot format version {snapshot.format_version}, this build reads {FORMAT_VERSION}"
         )
+    _check_sessions(snapshot)
     try:
         sessions = SessionStore(snapshot.session_capacity)
         sessions.restore(
@@ -82,3 +83,18 @@ def decode(data: bytes) -> State:
     if len(user_data) != len(snapshot.data):
         raise SnapshotError("duplicate key in snapshot")
     return State(cluster_id=snapshot.cluster_id, sessions=sessions, data=user_data)
+
+
+def _check_sessions(snapshot: Snapshot) -> None:
+    """Refuses session records our encoder never writes, so a restore is exact: re-encoding
+    the restored state gives back the same bytes."""
+    for record in snapshot.sessions:
+        if record.client_id == 0:
+            raise SnapshotError("a session with the reserved client id 0")
+        series = [c.series_id for c in record.responses]
+        if series != sorted(set(series)):
+            raise SnapshotError(f"session {record.client_id}: cached series ids not strictly ascending")
+        if series and series[0] <= record.responded_to:
+            raise SnapshotError(
+                f"session {record.client_id}: cached series {series[0]} already acknowledged"
+            )

@@ -33,8 +33,12 @@ class StateMachine:
         """Applies one committed log entry and returns the serialized ``Result``."""
         try:
             decoded = decode_entry(entry)
-        except WireDecodeError as exc:
-            return results.encode(results.error(Code.MALFORMED_ENTRY, str(exc)))
+        except WireDecodeError:
+            # A fixed message: the decoder's own words differ between protobuf backends, and
+            # every replica must return the same bytes.
+            return results.encode(
+                results.error(Code.MALFORMED_ENTRY, "not the canonical encoding of an Entry")
+            )
         if not decoded.HasField("session"):
             return results.encode(results.error(Code.MALFORMED_ENTRY, "the entry has no session"))
         if decoded.session.cluster_id != self.cluster_id:

@@ -32,8 +32,6 @@ import secrets
 from dataclasses import dataclass
 from typing import Protocol
 
-from google.protobuf import unknown_fields
-
 from session import session_pb2
 from session.constants import (
     NOOP_SERIES_ID,
@@ -50,7 +48,7 @@ from session.errors import (
     SessionStateError,
     SessionValueError,
 )
-from session.wire import WireDecodeError, parse
+from session.wire import WireDecodeError, decode_varint_fields
 
 _FIELDS = ("cluster_id", "client_id", "series_id", "responded_to")
 _SESSION_OPS = (SERIES_ID_FOR_REGISTER, SERIES_ID_FOR_UNREGISTER)
@@ -176,23 +174,17 @@ class Session:
         """Replaces this session's fields with the ones encoded in ``data``.
 
         Accepts any valid encoding: fields in any order, omitted zeros, repeated fields (the
-        last wins), unknown fields. Raises ``SessionDecodeError`` for bytes that do not decode
-        or that carry one of the four fields with the wrong wire type.
+        last wins), padded varints, unknown fields. Raises ``SessionDecodeError`` for bytes that
+        do not decode or that carry one of the four fields with the wrong wire type. Decoded by
+        hand (``session.wire.decode_varint_fields``), so every protobuf backend agrees.
         """
         try:
-            pb = parse(session_pb2.SessionPB, data)
+            fields = decode_varint_fields(data, known=range(1, len(_FIELDS) + 1))
         except WireDecodeError as exc:
-            raise SessionDecodeError(str(exc)) from exc
-        for field in unknown_fields.UnknownFieldSet(pb):
-            if 1 <= field.field_number <= len(_FIELDS):
-                raise SessionDecodeError(
-                    f"not a valid session: field {field.field_number} "
-                    f"({_FIELDS[field.field_number - 1]}) has wire type {field.wire_type}, "
-                    f"not varint"
-                )
-        decoded = Session.from_pb(pb)
-        for name in _FIELDS:
-            setattr(self, name, getattr(decoded, name))
+            raise SessionDecodeError(f"not a valid session: {exc}") from exc
+        values = {name: fields.get(number, 0) for number, name in enumerate(_FIELDS, start=1)}
+        for name, value in values.items():
+            setattr(self, name, value)
 
     def size(self) -> int:
         """Length in bytes of ``marshal()``."""

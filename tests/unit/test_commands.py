@@ -71,7 +71,8 @@ def test_incr_counts_from_zero_and_returns_the_new_value(sm: StateMachine) -> No
     assert sm.data[b"n"] == b"-2"
 
 
-@pytest.mark.parametrize("stored", [b"abc", b"1.5", b" 1", b"+1", b"01", b"1_000", b"", b"-"])
+@pytest.mark.parametrize("stored", [b"abc", b"1.5", b" 1", b"+1", b"01", b"1_000", b"", b"-", b"-0", b"9223372036854775808",
+     b"-9223372036854775809"])
 def test_incr_on_a_non_integer_is_wrong_type(sm: StateMachine, stored: bytes) -> None:
     sm.data[b"n"] = stored
     assert run(sm, ops.incr(b"n")).code == Code.WRONG_TYPE

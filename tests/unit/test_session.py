@@ -201,6 +201,9 @@ class TestEncoding:
             ("08 01 08 05", Session(5, 0, 0, 0)),  # repeated field: last wins
             ("08 01 28 07 32 01 61", Session(1, 0, 0, 0)),  # unknown fields 5, 6 skipped
             ("08 81 00", Session(1, 0, 0, 0)),  # non-minimal varint
+            ("88 00 05", Session(5, 0, 0, 0)),  # padded tag (the python backend alone misreads it)
+            ("2b 08 01 2c 08 02", Session(2, 0, 0, 0)),  # an unknown group holding a field 1
+            ("29 01 02 03 04 05 06 07 08 2d 01 02 03 04 08 03", Session(3, 0, 0, 0)),  # fixed64/32
         ],
     )
     def test_unmarshal_accepts_any_valid_encoding(self, hex_bytes: str, expected: Session) -> None:
@@ -218,6 +221,9 @@ class TestEncoding:
             "08 ff ff ff ff ff ff ff ff ff ff 01",  # varint longer than 10 bytes
             "00 01",  # field number 0
             "32 05 61",  # length past the end
+            "2b 08 01",  # unterminated group
+            "2c",  # end of a group never started
+            "80 80 80 80 10 01",  # field number 2**29, over the maximum
         ],
     )
     def test_unmarshal_rejects_garbage(self, hex_bytes: str) -> None:

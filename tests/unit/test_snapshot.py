@@ -80,3 +80,26 @@ def test_restore_refuses_duplicates_and_garbage() -> None:
         sm.restore(duplicated.SerializeToString())
     with pytest.raises(SnapshotError):
         sm.restore(b"\x0a\xff")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda s: s.sessions[0].responses.add(series_id=1, result=b""), "ascending"),
+        (lambda s: setattr(s.sessions[0], "responded_to", 1), "acknowledged"),
+        (lambda s: setattr(s.sessions[0], "client_id", 0), "reserved"),
+    ],
+)
+def test_restore_refuses_session_records_our_encoder_never_writes(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
+    """So that restore is exact: re-encoding a restored state gives back the same bytes."""
+    sm = populated()
+    snapshot = Snapshot.FromString(sm.snapshot())
+    mutate(snapshot)
+    with pytest.raises(SnapshotError, match=message):
+        sm.restore(snapshot.SerializeToString(deterministic=True))
+
+
+def test_restore_refuses_non_canonical_bytes() -> None:
+    """An unknown field appended: every protobuf backend must refuse it alike."""
+    with pytest.raises(SnapshotError, match="canonical"):
+        populated().restore(populated().snapshot() + b"\xf8\x01\x01")

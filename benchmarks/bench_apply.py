@@ -1,0 +1,193 @@
+"""What exactly-once costs on the apply path, and what a snapshot of a full store costs.
+
+Run: ``.venv/bin/python benchmarks/bench_apply.py`` (``make bench-apply``); ``--help`` lists the
+sizes. Two measurements:
+
+1. Entries per second through ``StateMachine.apply`` for session-managed proposals (a pool of
+   registered sessions, each proposing, then completing so the next proposal carries the new
+   ``responded_to``: the full rules 5-9 path) against no-op-session entries (rule 2: the same
+   command, no session work). Both apply the same puts of 100 B values. Entries are encoded
+   before the clock starts: this measures apply, not the client. The two kinds alternate, round
+   after round and in alternating order, so drift of the machine (frequency scaling, other load)
+   hits both alike; the report is the median round of each and their ratio.
+2. ``snapshot()`` time, ``restore()`` time and snapshot size for a store of 100k keys with 100 B
+   values and 4096 sessions (dragonboat's default capacity), each holding one cached response.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from google.protobuf.internal import api_implementation
+
+from kvstore import StateMachine, encode_entry, ops
+from session import NOT_SESSION_MANAGED_CLIENT_ID, Session, new_noop_session, new_session
+
+CLUSTER = 1
+
+
+@dataclass
+class Workload:
+    """Pre-encoded entries for one round, and how to get a fresh state machine for it."""
+
+    name: str
+    setup: list[bytes]  # applied before the clock starts (registering the pool)
+    entries: list[bytes]  # applied while timed
+    capacity: int
+
+
+def _key(i: int, keys: int) -> bytes:
+    return b"key-%08d" % (i % keys)
+
+
+def session_workload(entries: int, pool: int, value: bytes, keys: int) -> Workload:
+    """``pool`` registered sessions take turns; each proposal is completed before the next."""
+    rng = random.Random(1)
+    sessions = [new_session(CLUSTER, rng=rng) for _ in range(pool)]
+    setup = []
+    for s in sessions:
+        s.prepare_for_register()
+        setup.append(encode_entry(s))
+        s.prepare_for_propose()
+    timed = []
+    for i in range(entries):
+        s = sessions[i % pool]
+        timed.append(encode_entry(s, ops.put(_key(i, keys), value)))
+        s.proposal_completed()  # the answer arrived: the next proposal acknowledges it
+    return Workload("session-managed", setup, timed, capacity=max(pool, 1))
+
+
+def noop_workload(entries: int, pool: int, value: bytes, keys: int) -> Workload:
+    """The same puts from ``pool`` no-op sessions: applied every time, no dedup."""
+    rng = random.Random(2)
+    sessions = [new_noop_session(CLUSTER, rng=rng) for _ in range(pool)]
+    timed = [
+        encode_entry(sessions[i % pool], ops.put(_key(i, keys), value)) for i in range(entries)
+    ]
+    return Workload("no-op session", [], timed, capacity=max(pool, 1))
+
+
+def time_round(workload: Workload) -> float:
+    """Seconds to apply the workload's timed entries to a fresh, set-up state machine."""
+    sm = StateMachine(CLUSTER, session_capacity=workload.capacity)
+    for entry in workload.setup:
+        sm.apply(entry)
+    apply = sm.apply
+    gc.collect()  # start every round with the same garbage: none
+    start = time.perf_counter()
+    for entry in workload.entries:
+        apply(entry)
+    return time.perf_counter() - start
+
+
+def bench_apply(args: argparse.Namespace) -> list[tuple[str, str]]:
+    value = b"v" * args.value_size
+    workloads = [
+        session_workload(args.entries, args.pool, value, args.keys),
+        noop_workload(args.entries, args.pool, value, args.keys),
+    ]
+    seconds: dict[str, list[float]] = {w.name: [] for w in workloads}
+    time_round(workloads[0])  # warm-up, not counted: imports, caches, allocator
+    for r in range(args.rounds):
+        for w in workloads if r % 2 == 0 else workloads[::-1]:
+            seconds[w.name].append(time_round(w))
+    rate = {name: args.entries / statistics.median(s) for name, s in seconds.items()}
+    spread = {name: (args.entries / max(s), args.entries / min(s)) for name, s in seconds.items()}
+    session_rate, noop_rate = rate["session-managed"], rate["no-op session"]
+    overhead_us = (1 / session_rate - 1 / noop_rate) * 1e6
+    rows = [
+        (f"apply, {w.name} put ({args.value_size} B)",
+         f"{rate[w.name]:>10,.0f} entries/s   (rounds: {spread[w.name][0]:,.0f} .. "
+         f"{spread[w.name][1]:,.0f})")
+        for w in workloads
+    ]
+    rows.append(("ratio session / no-op", f"{session_rate / noop_rate:>10.2f}"))
+    rows.append(("session cost per entry", f"{overhead_us:>10.2f} us"))
+    return rows
+
+
+def build_full_store(keys: int, sessions: int, value_size: int) -> StateMachine:
+    """``keys`` keys of ``value_size`` bytes, and ``sessions`` sessions whose one proposal (a
+    get of a key) left a cached response about ``value_size`` bytes long. Built through apply,
+    so the state is exactly what a replica would hold."""
+    sm = StateMachine(CLUSTER, session_capacity=sessions)
+    system = Session(CLUSTER, NOT_SESSION_MANAGED_CLIENT_ID)
+    value = b"v" * value_size
+    for i in range(keys):
+        sm.apply(encode_entry(system, ops.put(_key(i, keys), value)))
+    rng = random.Random(3)
+    for i in range(sessions):
+        s = new_session(CLUSTER, rng=rng)
+        s.prepare_for_register()
+        sm.apply(encode_entry(s))
+        s.prepare_for_propose()
+        sm.apply(encode_entry(s, ops.get(_key(i, keys))))
+    assert len(sm.sessions) == sessions and len(sm.data) == keys
+    return sm
+
+
+def _median_seconds(action: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        start = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_snapshot(args: argparse.Namespace) -> list[tuple[str, str]]:
+    sm = build_full_store(args.snapshot_keys, args.snapshot_sessions, args.value_size)
+    image = sm.snapshot()
+
+    def restore() -> None:
+        StateMachine(CLUSTER).restore(image)
+
+    label = (f"{args.snapshot_keys:,} keys x {args.value_size} B, "
+             f"{args.snapshot_sessions:,} sessions")
+    return [
+        (f"snapshot() [{label}]", f"{_median_seconds(sm.snapshot, args.repeats) * 1e3:>10.1f} ms"),
+        ("restore()", f"{_median_seconds(restore, args.repeats) * 1e3:>10.1f} ms"),
+        ("snapshot size", f"{len(image) / 2**20:>10.2f} MiB ({len(image):,} bytes)"),
+    ]
+
+
+def print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    width = max(len(name) for name, _ in rows)
+    print(f"\n{title}")
+    print("-" * (width + 48))
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--entries", type=int, default=50_000, help="entries per round and kind")
+    parser.add_argument("--rounds", type=int, default=9, help="rounds per kind (median reported)")
+    parser.add_argument("--pool", type=int, default=64, help="sessions taking turns")
+    parser.add_argument("--keys", type=int, default=10_000, help="distinct keys the puts use")
+    parser.add_argument("--value-size", type=int, default=100, help="bytes per value")
+    parser.add_argument("--snapshot-keys", type=int, default=100_000)
+    parser.add_argument("--snapshot-sessions", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3, help="timings per snapshot measure")
+    args = parser.parse_args(argv)
+
+    print(f"python {platform.python_version()} ({platform.machine()}), "
+          f"protobuf backend {api_implementation.Type()}, "
+          f"{args.rounds} rounds x {args.entries:,} entries per kind, pool of {args.pool} sessions")
+    started = time.perf_counter()
+    print_table("apply path (median of rounds)", bench_apply(args))
+    print_table(f"snapshot (median of {args.repeats})", bench_snapshot(args))
+    print(f"\ntotal {time.perf_counter() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
