@@ -15,12 +15,14 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.message import Message
 
 from kvstore import api_errors, commands, results
 from kvstore.config import NodeConfig
@@ -30,6 +32,7 @@ from kvstore.proto import api_pb2, api_pb2_grpc
 from kvstore.proto.log_pb2 import Code, Result
 from session.constants import SERIES_ID_FOR_REGISTER, SERIES_ID_FOR_UNREGISTER
 from session.session import Session
+from session.wire import WireDecodeError, parse
 
 log = logging.getLogger("kvstore.server")
 
@@ -152,6 +155,48 @@ class KVService(api_pb2_grpc.KVServicer):
                (api_errors.RESULT_METADATA_KEY, results.encode(result)))
 
 
+class _Malformed:
+    """Stands for a request whose bytes did not decode (gRPC would answer INTERNAL)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _handlers(service: KVService) -> grpc.GenericRpcHandler:
+    """The service's handlers, built from the ``.proto`` descriptor, with one difference from
+    the generated ``add_KVServicer_to_server``: a request that does not decode is answered
+    INVALID_ARGUMENT, a caller's mistake, rather than gRPC's INTERNAL."""
+    handlers = {}
+    for method in api_pb2.DESCRIPTOR.services_by_name["KV"].methods:
+        request_type = message_factory.GetMessageClass(method.input_type)
+        response_type = message_factory.GetMessageClass(method.output_type)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _reject_malformed(getattr(service, method.name)),
+            request_deserializer=_lenient_parser(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(api_pb2.DESCRIPTOR.services_by_name["KV"].full_name,
+                                                handlers)
+
+
+def _lenient_parser(request_type: type[Message]) -> Callable[[bytes], object]:
+    def deserialize(data: bytes) -> object:
+        try:
+            return parse(request_type, data)
+        except WireDecodeError as exc:
+            return _Malformed(str(exc))
+    return deserialize
+
+
+def _reject_malformed(behavior: Callable[[Any, grpc.ServicerContext], Any]
+                      ) -> Callable[[Any, grpc.ServicerContext], Any]:
+    def checked(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, _Malformed):
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.reason}")
+        return behavior(request, context)
+    return checked
+
+
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str,
            *metadata: tuple[str, str | bytes]) -> NoReturn:
     if metadata:
@@ -204,7 +249,7 @@ def serving(config: NodeConfig) -> Iterator[KVNode]:
             ("grpc.so_reuseport", 0),
         ],
     )
-    api_pb2_grpc.add_KVServicer_to_server(KVService(node, config), server)
+    server.add_generic_rpc_handlers((_handlers(KVService(node, config)),))
     try:
         server.add_insecure_port(config.me.api_address)
     except RuntimeError as exc:
