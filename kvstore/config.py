@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from kvstore.limits import DEFAULT_SESSION_CAPACITY
+
+DEFAULT_SNAPSHOT_COUNT = 5000
 
 
 class ConfigError(ValueError):
@@ -33,8 +35,9 @@ class NodeConfig:
     """The cluster secret. PySyncObj unpickles what arrives on its port (defect D1), so every
     node encrypts and authenticates Raft traffic with it; a node never runs without one."""
     session_capacity: int = DEFAULT_SESSION_CAPACITY
-    fsync: bool = False
-    extra: dict[str, object] = field(default_factory=dict)
+    snapshot_count: int = DEFAULT_SNAPSHOT_COUNT
+    """Log entries after which the node snapshots its state and compacts its log (as etcd's
+    ``--snapshot-count``); PySyncObj also snapshots every five minutes."""
 
     def __post_init__(self) -> None:
         if not self.secret:
@@ -44,6 +47,8 @@ class NodeConfig:
                 split_address(address)
         if self.cluster_id <= 0:
             raise ConfigError("the cluster id must be a positive integer")
+        if self.snapshot_count < 1 or self.session_capacity < 1:
+            raise ConfigError("the snapshot count and the session capacity must be positive")
 
     @property
     def members(self) -> tuple[Member, ...]:

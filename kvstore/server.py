@@ -40,7 +40,8 @@ DEFAULT_PROPOSE_TIMEOUT = 5.0
 """Longest a proposal waits on the node when the client set no deadline."""
 
 DEADLINE_MARGIN = 0.05
-"""Seconds left for the answer to travel back before the client's own deadline expires."""
+"""Seconds kept for the answer to travel back before the client's own deadline expires (at
+most half of what is left, so a short deadline still gets a chance to commit)."""
 
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 """Bigger than any valid request (a 4 KiB key and a 1 MiB value); larger ones are refused by gRPC."""
@@ -125,7 +126,8 @@ class KVService(api_pb2_grpc.KVServicer):
         if not self._node.is_leader():
             self._refuse_not_leader(context, "NOT_LEADER")
         remaining = context.time_remaining()
-        timeout = DEFAULT_PROPOSE_TIMEOUT if remaining is None else max(remaining - DEADLINE_MARGIN, 0.0)
+        timeout = (DEFAULT_PROPOSE_TIMEOUT if remaining is None
+                   else max(remaining - DEADLINE_MARGIN, remaining / 2, 0.0))
         try:
             answer = self._node.propose(entry, timeout)
         except NotApplied as exc:

@@ -23,6 +23,7 @@ class KVNode:
                 peers=tuple(peer.raft_address for peer in config.peers),
                 data_dir=str(config.data_dir),
                 password=config.secret,
+                log_compaction_min_entries=config.snapshot_count,
                 **raft_overrides,  # type: ignore[arg-type]
             ),
         )
