@@ -4,16 +4,15 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test proto bench-apply clean
+.PHONY: demo test proto bench-apply bench-cluster clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/core_demo.py
+	$(BIN)/kv demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -24,6 +23,9 @@ proto: $(STAMP)
 
 bench-apply: $(STAMP)
 	$(BIN)/python benchmarks/bench_apply.py
+
+bench-cluster: $(STAMP)
+	$(BIN)/python benchmarks/bench_cluster.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

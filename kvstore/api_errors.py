@@ -24,15 +24,17 @@ REASON_METADATA_KEY: Final = "kv-reason"
 """Why the node refused or gave up (PySyncObj's FAIL_REASON name, or ours). Its presence also
 tells the client that the *node* answered, rather than the transport failing."""
 
-# Result code -> (gRPC status code, exception the client raises).
+# Result code -> (gRPC status code, exception the client raises). MALFORMED_ENTRY and
+# CLUSTER_MISMATCH are decided before the session rules, so nothing is cached and the session
+# stays where it was: their exceptions are not ``ResultError``s. The other codes are answers.
 RESULT_ERRORS: Final[dict[int, tuple[grpc.StatusCode, type[errors.KVError]]]] = {
     Code.MALFORMED_ENTRY: (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgument),
     Code.CLUSTER_MISMATCH: (grpc.StatusCode.FAILED_PRECONDITION, errors.ClusterMismatch),
     Code.SESSION_EXPIRED: (grpc.StatusCode.FAILED_PRECONDITION, errors.SessionExpired),
     Code.ALREADY_RESPONDED: (grpc.StatusCode.ALREADY_EXISTS, errors.AlreadyResponded),
-    Code.INVALID_ARGUMENT: (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgument),
-    Code.KEY_TOO_LARGE: (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgument),
-    Code.VALUE_TOO_LARGE: (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgument),
+    Code.INVALID_ARGUMENT: (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidCommand),
+    Code.KEY_TOO_LARGE: (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidCommand),
+    Code.VALUE_TOO_LARGE: (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidCommand),
     Code.WRONG_TYPE: (grpc.StatusCode.FAILED_PRECONDITION, errors.CommandFailed),
     Code.OUT_OF_RANGE: (grpc.StatusCode.OUT_OF_RANGE, errors.CommandFailed),
 }

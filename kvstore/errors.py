@@ -70,4 +70,19 @@ class AlreadyResponded(ResultError):
 
 
 class CommandFailed(ResultError):
-    """The command ran and failed deterministically (``incr`` on a non-integer, int64 overflow)."""
+    """The command ran and failed deterministically (``incr`` on a non-integer, int64 overflow).
+
+    Like every ``ResultError`` but ``SessionExpired`` and ``AlreadyResponded``, it is an
+    *answer*: the cluster cached it under the proposal's series id, so the session moves on
+    (``proposal_completed()``), and a retry of that series gets the same error.
+    """
+
+
+class InvalidCommand(CommandFailed):
+    """The state machine refused the command as invalid: an answer, cached like any other.
+
+    Most invalid commands are refused before the log (``InvalidArgument``); this one got there,
+    for example an ``append`` that would grow a value past 1 MiB.
+    """
+
+    exit_code = 3

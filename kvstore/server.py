@@ -114,8 +114,10 @@ class KVService(api_pb2_grpc.KVServicer):
                        context: grpc.ServicerContext) -> None:
         refused = commands.static_error(request.command)
         if refused is not None:
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, refused.message,
-                   (api_errors.RESULT_METADATA_KEY, results.encode(refused)))
+            # No result metadata: this refusal is not an answer of the state machine, and the
+            # session does not move on.
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                   f"{Code.Name(refused.code)}: {refused.message} (refused before the log)")
 
     @staticmethod
     def _require(condition: bool, context: grpc.ServicerContext, message: str) -> None:

@@ -1,0 +1,280 @@
+"""``kv cluster up|status|down``: a local cluster of node processes on 127.0.0.1, in one directory.
+
+``up`` is idempotent: on a new directory it creates the cluster, on an existing one it starts
+only the nodes that are not running, from their data on disk. So after a node crashed (or was
+SIGKILLed in a test), one ``kv cluster up`` brings it back.
+
+In the foreground, ``up`` owns the cluster: Ctrl-C or SIGTERM stops every node cleanly and
+exits 0. With ``--detach`` it returns as soon as a leader is elected and leaves the nodes
+running; ``kv cluster down`` stops them. Data is never deleted: remove the directory for that.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn
+
+import click
+
+from cli import processes
+from cli.cluster_dir import ClusterDir, ClusterSpec
+from cli.exits import INTERRUPTED, INVALID_INPUT, UNAVAILABLE, CliError
+from cli.node_status import cell, probe
+from cli.output import Report, emit
+from cli.settings import Settings, global_options
+from kvstore.config import DEFAULT_SNAPSHOT_COUNT
+from kvstore.limits import DEFAULT_SESSION_CAPACITY
+
+DEFAULT_NODES = 3
+
+
+@click.group()
+def cluster() -> None:
+    """A local cluster on 127.0.0.1 kept in one directory (--dir, default ./kv-cluster)."""
+
+
+@cluster.command()
+@click.option("--nodes", type=click.IntRange(min=1), metavar="N",
+              help=f"Number of nodes of a new cluster [default {DEFAULT_NODES}].")
+@click.option("--detach", is_flag=True,
+              help="Return once a leader is elected, leaving the nodes running.")
+@click.option("--session-capacity", type=click.IntRange(min=1), metavar="N",
+              help=f"Sessions each node keeps (new cluster) [default {DEFAULT_SESSION_CAPACITY}].")
+@click.option("--snapshot-count", type=click.IntRange(min=1), metavar="N",
+              help="Log entries between snapshots (new cluster) "
+                   f"[default {DEFAULT_SNAPSHOT_COUNT}].")
+@click.option("--start-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True, metavar="SECONDS", help="How long to wait for a leader.")
+@global_options
+def up(nodes: int | None, detach: bool, session_capacity: int | None,
+       snapshot_count: int | None, start_timeout: float) -> None:
+    """Creates the cluster if needed and starts every node that is not running.
+
+    The number of nodes, the session capacity and the snapshot count are chosen when the
+    cluster is created and kept in its directory; later runs reuse them.
+    """
+    settings = Settings.current()
+    cluster_dir = settings.cluster
+    wanted = {"nodes": nodes, "session_capacity": session_capacity,
+              "snapshot_count": snapshot_count}
+    if detach:
+        spec, started = _start(cluster_dir, wanted)
+        leader = _wait_ready(settings, spec, started, time.monotonic() + start_timeout)
+        _print_ready(settings, spec, leader)
+        return
+    # Signals are caught before any node starts: a Ctrl-C during the start must stop the
+    # nodes started so far, not leave them running in their own sessions.
+    with _stop_signals() as stop:
+        spec, started = _start(cluster_dir, wanted)
+        try:
+            leader = _wait_ready(settings, spec, started, time.monotonic() + start_timeout, stop)
+            _print_ready(settings, spec, leader)
+            click.echo("Running in the foreground: Ctrl-C stops the cluster.", err=True)
+            _supervise(cluster_dir, spec, started, stop)
+        finally:
+            _stop_all(cluster_dir, spec)
+            for proc in started.values():
+                proc.poll()  # reap our children
+
+
+@cluster.command()
+@global_options
+def status() -> None:
+    """One row per node: its process, and its view of Raft and of the data."""
+    settings = Settings.current()
+    cluster_dir = settings.cluster
+    spec = cluster_dir.load()
+    rows = []
+    with settings.client(spec) as client:
+        for node in spec.nodes:
+            pid = processes.running_pid(cluster_dir, node)
+            answer = probe(client, node.api, with_digest=True)
+            rows.append({"id": node.id, "endpoint": node.api, "pid": pid, "alive": pid is not None}
+                        | {k: v for k, v in answer.items() if k not in ("id", "endpoint")})
+    header = ["id", "endpoint", "pid", "alive", "role", "term", "commit", "applied", "lag",
+              "sessions", "keys", "digest", "alarms"]
+    table_rows = [
+        [cell(r, "id"), cell(r, "endpoint"), cell(r, "pid"), cell(r, "alive"), cell(r, "role"),
+         cell(r, "term"), cell(r, "commit"), cell(r, "applied"), cell(r, "lag"),
+         cell(r, "sessions"), cell(r, "keys"), cell(r, "digest")[:16],
+         cell(r, "error") or cell(r, "alarms")]
+        for r in rows
+    ]
+    emit(Report(rows, header, table_rows), settings.write_out)
+
+
+@cluster.command()
+@global_options
+def down() -> None:
+    """Stops every node (SIGTERM, then SIGKILL after a grace period); keeps the data."""
+    cluster_dir = Settings.current().cluster
+    spec = cluster_dir.load()
+    with cluster_dir.lock():
+        running = processes.running_nodes(cluster_dir, spec)
+        outcome = _stop(cluster_dir, spec, running)
+    for node in spec.nodes:
+        click.echo(f"{node.id}: {outcome.get(node.id, 'was not running')}", err=True)
+    stuck = sorted(node_id for node_id, how in outcome.items() if how == "still running")
+    if stuck:
+        raise CliError(f"could not stop {', '.join(stuck)}")
+
+
+def _load_or_create(cluster_dir: ClusterDir, wanted: dict[str, int | None]) -> ClusterSpec:
+    """The cluster in the directory, or a new one with the ``wanted`` settings (None: default).
+
+    Asking an existing cluster for other settings is an error rather than silently ignored.
+    """
+    if not cluster_dir.exists():
+        spec = cluster_dir.create(
+            wanted["nodes"] or DEFAULT_NODES,
+            session_capacity=wanted["session_capacity"] or DEFAULT_SESSION_CAPACITY,
+            snapshot_count=wanted["snapshot_count"] or DEFAULT_SNAPSHOT_COUNT,
+        )
+        click.echo(f"created cluster {spec.cluster_id} in {cluster_dir.path}", err=True)
+        return spec
+    spec = cluster_dir.load()
+    actual = {"nodes": len(spec.nodes), "session_capacity": spec.session_capacity,
+              "snapshot_count": spec.snapshot_count}
+    for name, value in wanted.items():
+        if value is not None and value != actual[name]:
+            raise CliError(
+                f"the cluster in {cluster_dir.path} has {name.replace('_', ' ')} "
+                f"{actual[name]}, not {value}: it is fixed when the cluster is created "
+                "(use another --dir)",
+                INVALID_INPUT,
+            )
+    return spec
+
+
+def _start(cluster_dir: ClusterDir, wanted: dict[str, int | None],
+           ) -> tuple[ClusterSpec, dict[str, subprocess.Popen[bytes]]]:
+    """Creates or loads the cluster and starts the nodes that are not running."""
+    with cluster_dir.lock():
+        spec = _load_or_create(cluster_dir, wanted)
+        cluster_dir.prepare_node_dirs(spec)
+        already = {r.node.id: r.pid for r in processes.running_nodes(cluster_dir, spec)}
+        started = {
+            node.id: processes.start_node(cluster_dir, spec, node)
+            for node in spec.nodes if node.id not in already
+        }
+    for node_id, pid in already.items():
+        click.echo(f"{node_id} is already running (pid {pid})", err=True)
+    for node_id, proc in started.items():
+        click.echo(f"started {node_id} (pid {proc.pid})", err=True)
+    return spec, started
+
+
+def _wait_ready(settings: Settings, spec: ClusterSpec,
+                started: dict[str, subprocess.Popen[bytes]], deadline: float,
+                stop: threading.Event | None = None) -> dict[str, object]:
+    """Polls Status until a leader is known and every node started here answers.
+
+    Returns the leader's status. A node that exits meanwhile fails the start.
+    """
+    cluster_dir = settings.cluster
+    with settings.client(spec) as client:
+        while True:
+            for node_id, proc in started.items():
+                if proc.poll() is not None:
+                    _fail_start(cluster_dir, node_id, proc.returncode)
+            answers = {node.id: probe(client, node.api, timeout=1.0) for node in spec.nodes}
+            leader = next((a for a in answers.values() if a.get("role") == "leader"), None)
+            if leader is not None and all("error" not in answers[n] for n in started):
+                return leader
+            if stop is not None and stop.is_set():
+                raise CliError("interrupted before the cluster was ready", INTERRUPTED)
+            if time.monotonic() >= deadline:
+                raise CliError(
+                    f"no leader elected in time; the nodes' logs are in "
+                    f"{cluster_dir.path}/*/node.log",
+                    UNAVAILABLE,
+                )
+            time.sleep(0.1)
+
+
+def _fail_start(cluster_dir: ClusterDir, node_id: str, returncode: int) -> NoReturn:
+    """Shows the end of the node's log (the cause is there: a port in use, a bad data dir)."""
+    log = cluster_dir.log_file(node_id)
+    for line in processes.last_start_log(log):
+        click.echo(f"  {node_id} | {line}", err=True)
+    raise CliError(f"{node_id} exited with code {returncode} while starting (log: {log}); "
+                   "fix the cause and rerun 'kv cluster up'")
+
+
+def _print_ready(settings: Settings, spec: ClusterSpec, leader: dict[str, object]) -> None:
+    """The endpoints, and how to point ``kv`` at them."""
+    cluster_dir = settings.cluster
+    pids = {node.id: processes.running_pid(cluster_dir, node) for node in spec.nodes}
+    data = {
+        "cluster_id": spec.cluster_id, "dir": str(cluster_dir.path), "leader": leader["id"],
+        "endpoints": spec.endpoints,
+        "nodes": [{"id": node.id, "endpoint": node.api, "raft": node.raft, "pid": pids[node.id]}
+                  for node in spec.nodes],
+    }
+    rows = [[node.id, node.api, node.raft, str(pids[node.id] or "")] for node in spec.nodes]
+    simple = [
+        f"cluster {spec.cluster_id} is up: {len(spec.nodes)} nodes, leader {leader['id']}",
+        *(f"  {node.id}  {node.api}  pid {pids[node.id]}" for node in spec.nodes),
+        "Point kv at it with:",
+        f"  export KV_ENDPOINTS={','.join(spec.endpoints)}",
+        f"  or: export KV_CLUSTER_DIR={cluster_dir.path}",
+    ]
+    emit(Report(data, ["id", "endpoint", "raft", "pid"], rows, simple), settings.write_out)
+
+
+@contextmanager
+def _stop_signals() -> Iterator[threading.Event]:
+    """Turns SIGINT and SIGTERM into an event, so stopping is an orderly step, not an exception
+    that may land in the middle of starting a node."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _supervise(cluster_dir: ClusterDir, spec: ClusterSpec,
+               started: dict[str, subprocess.Popen[bytes]], stop: threading.Event) -> None:
+    """Waits for a stop signal, reporting nodes that die meanwhile.
+
+    Returns early when no node is left running (for example after ``kv cluster down`` in
+    another shell).
+    """
+    alive = {r.node.id for r in processes.running_nodes(cluster_dir, spec)}
+    while not stop.wait(0.5):
+        for proc in started.values():
+            proc.poll()  # reap a child that died, so it does not linger as a zombie
+        now = {r.node.id for r in processes.running_nodes(cluster_dir, spec)}
+        for node_id in sorted(alive - now):
+            click.echo(f"{node_id} stopped running; 'kv cluster up --detach --dir "
+                       f"{cluster_dir.path}' restarts it", err=True)
+        alive = now
+        if not alive:
+            click.echo("no node is running any more", err=True)
+            return
+
+
+def _stop_all(cluster_dir: ClusterDir, spec: ClusterSpec) -> None:
+    with cluster_dir.lock():
+        outcome = _stop(cluster_dir, spec, processes.running_nodes(cluster_dir, spec))
+    if outcome:
+        click.echo("stopped: " + ", ".join(f"{i} ({how})" for i, how in sorted(outcome.items())),
+                   err=True)
+
+
+def _stop(cluster_dir: ClusterDir, spec: ClusterSpec,
+          running: list[processes.RunningNode]) -> dict[str, str]:
+    """Stops ``running`` and removes the pid file of every node that is not running after."""
+    outcome = processes.stop(cluster_dir, running)
+    for node in spec.nodes:
+        if outcome.get(node.id) != "still running":
+            cluster_dir.remove_pid(node.id)
+    return outcome

@@ -1,0 +1,221 @@
+"""A local cluster's directory: what ``kv cluster up`` creates and every other command reads.
+
+Layout::
+
+    DIR/cluster.json    the cluster id, the node settings, and per node its id, addresses and
+                    data directory
+    DIR/secret          the cluster secret, mode 0600 (Raft traffic is authenticated with it)
+    DIR/lock            locked while ``cluster up``/``cluster down`` start or stop nodes
+    DIR/<id>/data/      the node's Raft log and snapshots
+    DIR/<id>/node.log   the node's stdout and stderr, appended to on every start
+    DIR/<id>/pid        the OS pid of the running node (stale after a crash; checked before use)
+
+Paths inside ``cluster.json`` are relative to DIR, so the directory can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import secrets
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from cli.exits import INVALID_INPUT, CliError
+from cli.files import write_atomic
+from kvstore.config import DEFAULT_SNAPSHOT_COUNT
+from kvstore.limits import DEFAULT_SESSION_CAPACITY
+
+FORMAT_VERSION = 1
+HOST = "127.0.0.1"
+"""Every address is on loopback: a local cluster is for development and tests."""
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    id: str
+    raft: str
+    """``host:port`` where the other nodes reach its Raft port."""
+    api: str
+    """``host:port`` of its gRPC client API."""
+    data_dir: str
+    """Relative to the cluster directory."""
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    cluster_id: int
+    nodes: tuple[NodeSpec, ...]
+    session_capacity: int = DEFAULT_SESSION_CAPACITY
+    """Fixed for the cluster's life: every replica must evict the same session at the same
+    moment, so every node gets the same capacity."""
+    snapshot_count: int = DEFAULT_SNAPSHOT_COUNT
+    """Log entries between snapshots, the same on every node for predictable restarts."""
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [node.api for node in self.nodes]
+
+    def node(self, node_id: str) -> NodeSpec:
+        for node in self.nodes:
+            if node.id == node_id:
+                return node
+        raise KeyError(node_id)
+
+
+class ClusterDir:
+    """The files of one local cluster, rooted at an absolute path."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.absolute()
+
+    @property
+    def spec_file(self) -> Path:
+        return self.path / "cluster.json"
+
+    @property
+    def secret_file(self) -> Path:
+        return self.path / "secret"
+
+    def node_dir(self, node_id: str) -> Path:
+        return self.path / node_id
+
+    def data_dir(self, node: NodeSpec) -> Path:
+        return self.path / node.data_dir
+
+    def log_file(self, node_id: str) -> Path:
+        return self.node_dir(node_id) / "node.log"
+
+    def pid_file(self, node_id: str) -> Path:
+        return self.node_dir(node_id) / "pid"
+
+    def exists(self) -> bool:
+        return self.spec_file.is_file()
+
+    def create(self, node_count: int, *, session_capacity: int = DEFAULT_SESSION_CAPACITY,
+               snapshot_count: int = DEFAULT_SNAPSHOT_COUNT) -> ClusterSpec:
+        """Describes a new cluster of ``node_count`` nodes on free loopback ports and saves it.
+
+        The cluster id is random and odd, so it is never 0 ("no cluster") and two local
+        clusters never share one by accident: a session of one is refused by the other. The
+        secret is written before ``cluster.json``, so a directory with a description always
+        has its secret.
+        """
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ports = free_ports(2 * node_count)
+        nodes = tuple(
+            NodeSpec(
+                id=f"n{i + 1}",
+                raft=f"{HOST}:{ports[2 * i]}",
+                api=f"{HOST}:{ports[2 * i + 1]}",
+                data_dir=f"n{i + 1}/data",
+            )
+            for i in range(node_count)
+        )
+        spec = ClusterSpec(cluster_id=secrets.randbits(63) | 1, nodes=nodes,
+                           session_capacity=session_capacity, snapshot_count=snapshot_count)
+        write_atomic(self.secret_file, secrets.token_hex(32).encode() + b"\n", mode=0o600)
+        write_atomic(self.spec_file, encode_spec(spec), mode=0o644)
+        return spec
+
+    def load(self) -> ClusterSpec:
+        """The cluster described in ``cluster.json``; ``CliError`` if there is none."""
+        try:
+            data = self.spec_file.read_bytes()
+        except FileNotFoundError:
+            raise CliError(
+                f"no cluster in {self.path} (start one with: kv cluster up --dir {self.path})",
+                INVALID_INPUT,
+            ) from None
+        return decode_spec(self.spec_file, data)
+
+    def prepare_node_dirs(self, spec: ClusterSpec) -> None:
+        for node in spec.nodes:
+            self.data_dir(node).mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def read_pid(self, node_id: str) -> int | None:
+        """The pid recorded for the node, which may be stale: check it with ``processes``."""
+        try:
+            return int(self.pid_file(node_id).read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def write_pid(self, node_id: str, pid: int) -> None:
+        write_atomic(self.pid_file(node_id), f"{pid}\n".encode(), mode=0o644)
+
+    def remove_pid(self, node_id: str) -> None:
+        self.pid_file(node_id).unlink(missing_ok=True)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Excludes other ``cluster up``/``cluster down`` on this directory while held.
+
+        Without it, two ``cluster up`` run at once would both find a node stopped and both
+        start it.
+        """
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(self.path / "lock", "a") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            yield
+
+
+def encode_spec(spec: ClusterSpec) -> bytes:
+    doc = {
+        "version": FORMAT_VERSION,
+        "cluster_id": spec.cluster_id,
+        "session_capacity": spec.session_capacity,
+        "snapshot_count": spec.snapshot_count,
+        "nodes": [
+            {"id": n.id, "raft": n.raft, "api": n.api, "data_dir": n.data_dir} for n in spec.nodes
+        ],
+    }
+    return (json.dumps(doc, indent=2) + "\n").encode()
+
+
+def decode_spec(path: Path, data: bytes) -> ClusterSpec:
+    """Parses ``cluster.json``; any problem is a ``CliError`` naming the file."""
+    try:
+        doc = json.loads(data)
+        if doc["version"] != FORMAT_VERSION:
+            raise ValueError(f"format version {doc['version']}, expected {FORMAT_VERSION}")
+        cluster_id, capacity, snapshots = (
+            doc["cluster_id"], doc["session_capacity"], doc["snapshot_count"])
+        for name, value in (("cluster_id", cluster_id), ("session_capacity", capacity),
+                            ("snapshot_count", snapshots)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer")
+        nodes = tuple(
+            NodeSpec(id=str(n["id"]), raft=str(n["raft"]), api=str(n["api"]),
+                     data_dir=str(n["data_dir"]))
+            for n in doc["nodes"]
+        )
+        if not nodes:
+            raise ValueError("no nodes")
+    except KeyError as exc:
+        raise CliError(f"{path} is not a cluster description: no {exc}", INVALID_INPUT) from exc
+    except (ValueError, TypeError) as exc:
+        raise CliError(f"{path} is not a cluster description: {exc}", INVALID_INPUT) from exc
+    return ClusterSpec(cluster_id=cluster_id, nodes=nodes, session_capacity=capacity,
+                       snapshot_count=snapshots)
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports on loopback that are free right now.
+
+    All sockets are held open until every port is chosen, so the ports are distinct. Another
+    program may still take one before the node binds it; the node then fails to start and
+    ``cluster up`` shows its log.
+    """
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((HOST, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()

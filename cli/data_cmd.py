@@ -1,0 +1,246 @@
+"""The data commands: put, get, delete, incr, append, cas, and status of the endpoints in use.
+
+Keys and values are taken from the command line as the bytes the shell passed (UTF-8 on any
+sane system; ``os.fsencode`` restores undecodable bytes too). A VALUE of ``-`` is read from
+stdin, raw, so binary values and values larger than the command line allows work.
+
+Every write accepts ``--session FILE`` (see ``cli.session_file``): with it, a write whose outcome
+was unknown can be run again and is applied at most once. Without it, the client still uses a
+session of its own for its internal retries, but that session dies with the command.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from cli import session_file
+from cli.exits import ERROR, UNAVAILABLE, CliError
+from cli.node_status import cell, probe
+from cli.output import Report, emit, json_bytes, text
+from cli.settings import Settings, global_options
+from kvstore.errors import AlreadyResponded, ResultError, SessionExpired
+from kvstore.limits import INT64_MAX, INT64_MIN
+from kvstore.proto.log_pb2 import KeyValue, Result
+
+if TYPE_CHECKING:
+    from kvstore.client import Client, Consistency
+    from session import Session
+
+Write = Callable[["Client", "Session | None"], Result]
+
+session_option = click.option(
+    "--session", "session_path", type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Write with the session in FILE (kv session open): rerunning a write whose outcome "
+         "was unknown is then applied at most once.",
+)
+
+
+def write(session_path: Path | None, call: Write) -> Result:
+    """Runs one write, with the session in ``session_path`` if given, and keeps the file in step.
+
+    The file moves to the next series id only when the state machine answered: a result, or an
+    error result (a ``ResultError``: the cluster cached that answer under this series id too).
+    On any other error the outcome is unknown or the command never reached the log, and the
+    file is left unchanged, so rerunning the same command retries the same series id.
+    """
+    with Settings.current().client() as client:
+        if session_path is None:
+            return call(client, None)
+        with session_file.locked(session_path) as session:
+            try:
+                result = call(client, session)
+            except SessionExpired as exc:
+                raise CliError(
+                    f"the session in {session_path} has expired or was closed, and the outcome "
+                    f"of its last write is unknown: open a new session ({exc})"
+                ) from exc
+            except AlreadyResponded as exc:
+                raise CliError(
+                    f"the cluster already answered request {session.series_id} of this session "
+                    f"and has forgotten the answer: {session_path} is an old copy ({exc})"
+                ) from exc
+            except ResultError:
+                _completed(session_path, session)
+                raise
+            _completed(session_path, session)
+            return result
+
+
+def _completed(path: Path, session: Session) -> None:
+    session.proposal_completed()
+    session_file.write(path, session)
+
+
+def arg_bytes(arg: str) -> bytes:
+    """A command-line argument as the bytes the shell passed."""
+    return os.fsencode(arg)
+
+
+def value_bytes(arg: str) -> bytes:
+    """A VALUE argument: its bytes, or all of stdin for ``-``."""
+    return sys.stdin.buffer.read() if arg == "-" else arg_bytes(arg)
+
+
+def kvs_report(kvs: list[KeyValue], keys_only: bool) -> Report:
+    """etcdctl's get output: key line, value line; JSON ``{"count", "kvs": [{key, value}]}``."""
+    simple: list[bytes] = []
+    docs = []
+    for kv in kvs:
+        simple.append(kv.key)
+        doc = json_bytes("key", kv.key)
+        if not keys_only:
+            simple.append(kv.value)
+            doc |= json_bytes("value", kv.value)
+        docs.append(doc)
+    header = ["key"] if keys_only else ["key", "value"]
+    rows = [[text(kv.key)] if keys_only else [text(kv.key), text(kv.value)] for kv in kvs]
+    return Report({"count": len(kvs), "kvs": docs}, header, rows, simple)
+
+
+def one_value(name: str, value: object) -> Report:
+    """A report of a single value (a count, a number, a length)."""
+    return Report({name: value}, [name], [[str(value)]])
+
+
+@click.command()
+@click.argument("key")
+@click.argument("value")
+@session_option
+@global_options
+def put(key: str, value: str, session_path: Path | None) -> None:
+    """Sets KEY to VALUE (VALUE "-": read it from stdin)."""
+    k, v = arg_bytes(key), value_bytes(value)
+    write(session_path, lambda c, s: c.put(k, v, session=s))
+    emit(Report({"ok": True}, ["result"], [["OK"]]), Settings.current().write_out)
+
+
+@click.command()
+@click.argument("key")
+@click.option("--prefix", is_flag=True, help="Every key that starts with KEY (\"\": all keys).")
+@click.option("--limit", type=click.IntRange(min=0), default=0, metavar="N",
+              help="With --prefix: at most N keys (0: no limit).")
+@click.option("--keys-only", is_flag=True, help="Print keys without values.")
+@click.option("--consistency", type=click.Choice(["l", "s"]), default="l", show_default=True,
+              help="l: linearizable (through the log); s: serializable (this node's replica, "
+                   "possibly stale).")
+@global_options
+def get(key: str, prefix: bool, limit: int, keys_only: bool, consistency: str) -> None:
+    """Prints KEY and its value (exit 1 if it does not exist)."""
+    if limit and not prefix:
+        raise click.UsageError("--limit needs --prefix")
+    level: Consistency = "linearizable" if consistency == "l" else "serializable"
+    k = arg_bytes(key)
+    settings = Settings.current()
+    with settings.client() as client:
+        if prefix:
+            kvs = list(client.range(k, limit=limit, keys_only=keys_only, consistency=level).kvs)
+        else:
+            result = client.get(k, consistency=level)
+            if not result.found:
+                raise CliError(f"key not found: {key}", ERROR)
+            kvs = [KeyValue(key=k, value=result.value)]
+    emit(kvs_report(kvs, keys_only), settings.write_out)
+
+
+@click.command()
+@click.argument("key")
+@click.option("--prefix", is_flag=True, help="Delete every key that starts with KEY.")
+@session_option
+@global_options
+def delete(key: str, prefix: bool, session_path: Path | None) -> None:
+    """Deletes KEY and prints how many keys were deleted."""
+    k = arg_bytes(key)
+    result = write(session_path, lambda c, s: c.delete(k, prefix=prefix, session=s))
+    emit(one_value("deleted", result.count), Settings.current().write_out)
+
+
+@click.command(context_settings={"ignore_unknown_options": True})  # so that "-5" is a DELTA
+@click.argument("key")
+@click.argument("delta", type=click.IntRange(INT64_MIN, INT64_MAX), default=1)
+@session_option
+@global_options
+def incr(key: str, delta: int, session_path: Path | None) -> None:
+    """Adds DELTA (default 1, may be negative) to KEY's integer value; prints the new value.
+
+    An absent key counts as 0.
+    """
+    k = arg_bytes(key)
+    result = write(session_path, lambda c, s: c.incr(k, delta, session=s))
+    emit(one_value("value", result.number), Settings.current().write_out)
+
+
+@click.command()
+@click.argument("key")
+@click.argument("value")
+@session_option
+@global_options
+def append(key: str, value: str, session_path: Path | None) -> None:
+    """Appends VALUE to KEY's value (VALUE "-": stdin); prints the new length."""
+    k, v = arg_bytes(key), value_bytes(value)
+    result = write(session_path, lambda c, s: c.append(k, v, session=s))
+    emit(one_value("length", result.length), Settings.current().write_out)
+
+
+@click.command()
+@click.argument("key")
+@click.argument("value")
+@click.option("--expect", metavar="OLD", help="Swap only if KEY holds OLD.")
+@click.option("--expect-absent", is_flag=True, help="Swap only if KEY does not exist.")
+@session_option
+@global_options
+def cas(key: str, value: str, expect: str | None, expect_absent: bool,
+        session_path: Path | None) -> None:
+    """Compare-and-swap: sets KEY to VALUE if it holds OLD (or is absent).
+
+    Prints whether it swapped and the value KEY now holds; exits 1 if it did not swap.
+    """
+    if (expect is None) == (not expect_absent):
+        raise click.UsageError("give exactly one of --expect OLD or --expect-absent")
+    k, v = arg_bytes(key), value_bytes(value)
+    expected = None if expect_absent else arg_bytes(expect or "")
+    result = write(session_path, lambda c, s: c.cas(k, v, expected=expected, session=s))
+    emit(cas_report(result), Settings.current().write_out)
+    if not result.swapped:
+        raise CliError(f"compare failed: {key} " + (
+            "exists" if expect_absent else "does not hold the expected value"))
+
+
+def cas_report(result: Result) -> Report:
+    verdict = "swapped" if result.swapped else "not swapped"
+    data: dict[str, object] = {"swapped": result.swapped, "found": result.found}
+    if result.found:
+        data |= json_bytes("value", result.value)
+        simple: list[str | bytes] = [verdict, result.value]
+    else:
+        simple = [f"{verdict}: key absent"]
+    row = [verdict, text(result.value) if result.found else "(absent)"]
+    return Report(data, ["result", "value"], [row], simple)
+
+
+@click.command()
+@global_options
+def status() -> None:
+    """The status of each endpoint in use (exit 2 if none answers)."""
+    settings = Settings.current()
+    endpoints, _ = settings.target()
+    with settings.client() as client:
+        rows = [probe(client, endpoint) for endpoint in endpoints]
+    header = ["endpoint", "id", "role", "term", "commit", "applied", "lag", "error"]
+    table_rows = [
+        [cell(r, "endpoint"), cell(r, "id"), cell(r, "role"), cell(r, "term"), cell(r, "commit"),
+         cell(r, "applied"), cell(r, "lag"), cell(r, "error") or cell(r, "alarms")]
+        for r in rows
+    ]
+    emit(Report(rows, header, table_rows), settings.write_out)
+    if all("error" in r for r in rows):
+        raise CliError("no endpoint answered", UNAVAILABLE)
+
+
+COMMANDS = (put, get, delete, incr, append, cas, status)

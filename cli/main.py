@@ -1,0 +1,82 @@
+"""The ``kv`` command: its root group, and the one place that turns failures into exit codes.
+
+Every error is one line on stderr, ``Error: ...``, with an exit code that says what to do about
+it (see ``cli.exits``). A traceback means a bug in this program, and is shown only with
+``--debug`` or ``KV_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+import click
+
+from cli import cluster_cmd, data_cmd, demo, exits, node_cmd, session_cmd
+from cli.settings import Settings, root_options
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@root_options
+def kv() -> None:
+    """A replicated key-value store that applies every write exactly once.
+
+    \b
+    Start a local three-node cluster, then use it:
+      kv cluster up --detach
+      kv put greeting hello
+      kv get greeting
+
+    The options below may also follow the subcommand (kv get k -w json).
+
+    Exit codes: 0 ok, 1 error (also: key not found, compare failed), 2 unavailable,
+    3 invalid input, 4 outcome unknown (retry with the same --session), 5 interrupted,
+    128 bad arguments.
+    """
+
+
+for command in (*data_cmd.COMMANDS, session_cmd.session, cluster_cmd.cluster, node_cmd.node,
+                demo.demo):
+    kv.add_command(command)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point of the ``kv`` console script and of ``python -m cli``."""
+    sys.exit(run(sys.argv[1:] if argv is None else list(argv)))
+
+
+def run(args: list[str]) -> int:
+    """Runs one command line and returns its exit code; prints at most one error line."""
+    ctx: click.Context | None = None
+    try:
+        ctx = kv.make_context("kv", args)
+        with ctx:
+            kv.invoke(ctx)
+        return exits.OK
+    except click.exceptions.Exit as exc:  # --help, or a command's deliberate exit
+        return exc.exit_code
+    except BrokenPipeError:
+        # The reader went away (`kv get --prefix "" | head -1`): not worth a message.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return exits.ERROR
+    except (Exception, KeyboardInterrupt) as exc:  # the top level: every failure ends here
+        described = exits.describe(exc)
+        if described is None:
+            if _debug(ctx):
+                raise
+            code, message = exits.ERROR, (
+                f"internal error: {type(exc).__name__}: {exc} "
+                "(rerun with --debug or KV_DEBUG=1 for the traceback)"
+            )
+        else:
+            code, message = described
+        click.echo(f"Error: {exits.one_line(message)}", err=True)
+        return code
+
+
+def _debug(ctx: click.Context | None) -> bool:
+    if ctx is not None and isinstance(ctx.obj, Settings):
+        return ctx.obj.debug
+    return os.environ.get("KV_DEBUG", "") not in ("", "0")

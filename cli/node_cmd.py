@@ -1,0 +1,119 @@
+"""``kv node run``: one node of a cluster, in the foreground (``kv cluster up`` runs these).
+
+The node refuses to start without a cluster secret. PySyncObj unpickles whatever arrives on the
+Raft port, so anyone who can reach that port could run code in the node; the secret makes the
+nodes encrypt and authenticate their traffic. The secret comes from a file or from the
+environment, never from the command line, where ``ps`` shows it to every user.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import click
+
+from kvstore.config import (
+    DEFAULT_SNAPSHOT_COUNT,
+    ConfigError,
+    Member,
+    NodeConfig,
+    is_loopback,
+    split_address,
+)
+from kvstore.limits import DEFAULT_SESSION_CAPACITY
+
+
+def parse_peer(ctx: click.Context, param: click.Parameter,
+               values: tuple[str, ...]) -> tuple[Member, ...]:
+    """``RAFT=API`` pairs as members."""
+    members = []
+    for value in values:
+        raft, sep, api = value.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{value!r} is not RAFT_HOST:PORT=API_HOST:PORT", ctx, param)
+        try:
+            split_address(raft)
+            split_address(api)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from exc
+        members.append(Member(raft_address=raft, api_address=api))
+    return tuple(members)
+
+
+def read_secret(secret_file: Path | None) -> str:
+    """The secret in ``--secret-file`` (without surrounding whitespace), else in ``KV_SECRET``."""
+    if secret_file is None:
+        return os.environ.get("KV_SECRET", "").strip()
+    try:
+        return secret_file.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{secret_file}: a cluster secret must be UTF-8 text") from exc
+
+
+def check_exposure(secret: str, addresses: list[str]) -> None:
+    """Refuses to run without a secret, and says so loudly if an address is not loopback."""
+    if secret:
+        return
+    exposed = [a for a in addresses if not is_loopback(a)]
+    if exposed:
+        raise ConfigError(
+            f"refusing to listen on {exposed[0]} without a cluster secret: the Raft port must "
+            "never be exposed without one (pass --secret-file FILE or set KV_SECRET)"
+        )
+    raise ConfigError(
+        "a cluster secret is required, even on loopback (pass --secret-file FILE or set "
+        "KV_SECRET): PySyncObj unpickles what peers send"
+    )
+
+
+@click.group()
+def node() -> None:
+    """Run a node (kv cluster up does this for you)."""
+
+
+@node.command()
+@click.option("--id", "node_id", required=True, help="This node's name, e.g. n1.")
+@click.option("--cluster-id", type=click.IntRange(min=1), required=True,
+              help="The cluster's id; every node of a cluster has the same.")
+@click.option("--raft", required=True, metavar="HOST:PORT", help="Raft address of this node.")
+@click.option("--api", required=True, metavar="HOST:PORT", help="Client API address of this node.")
+@click.option("--peer", "peers", multiple=True, callback=parse_peer, metavar="RAFT=API",
+              help="Another node's Raft and API addresses (repeat for each).")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where the node keeps its log and snapshots.")
+@click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="File holding the cluster secret [else env KV_SECRET].")
+@click.option("--session-capacity", type=click.IntRange(min=1), default=DEFAULT_SESSION_CAPACITY,
+              show_default=True, help="Client sessions kept before the least recently used "
+              "is evicted; must be the same on every node.")
+@click.option("--snapshot-count", type=click.IntRange(min=1), default=DEFAULT_SNAPSHOT_COUNT,
+              show_default=True, help="Log entries after which the node snapshots its state "
+              "and compacts its log.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="info", show_default=True)
+def run(node_id: str, cluster_id: int, raft: str, api: str, peers: tuple[Member, ...],
+        data_dir: Path, secret_file: Path | None, session_capacity: int, snapshot_count: int,
+        log_level: str) -> None:
+    """Runs one node until SIGTERM or Ctrl-C, then stops it cleanly."""
+    secret = read_secret(secret_file)
+    peer_addresses = [a for p in peers for a in (p.raft_address, p.api_address)]
+    check_exposure(secret, [raft, api, *peer_addresses])
+    config = NodeConfig(
+        cluster_id=cluster_id,
+        node_id=node_id,
+        me=Member(raft_address=raft, api_address=api),
+        peers=peers,
+        data_dir=data_dir.absolute(),
+        secret=secret,
+        session_capacity=session_capacity,
+        snapshot_count=snapshot_count,
+    )
+    logging.basicConfig(
+        level=log_level.upper(),
+        format=f"%(asctime)s {node_id} %(levelname)s %(name)s: %(message)s",
+    )
+    from kvstore.server import run_node  # imports PySyncObj: only the node process needs it
+
+    run_node(config)

@@ -1,0 +1,145 @@
+"""The global options, accepted before the subcommand and after it, as etcdctl allows.
+
+``kv -w json get k`` and ``kv get k -w json`` mean the same. The root group declares each option
+with its environment variable and default; every subcommand declares it again *without* them,
+and overrides the root's value only when the option is on its own command line. (Declaring the
+env var twice would let ``KV_WRITE_OUT`` on the subcommand beat ``-w`` typed before it.)
+
+Endpoints come from ``--endpoints``, else ``KV_ENDPOINTS``, else the API addresses of the local
+cluster in ``--dir`` (``KV_CLUSTER_DIR``, else ``./kv-cluster``), so after ``kv cluster up``
+every command finds the cluster without configuration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+
+import click
+from click.core import ParameterSource
+
+from cli.cluster_dir import ClusterDir, ClusterSpec
+from cli.exits import UNAVAILABLE, CliError
+from cli.output import FORMATS
+
+if TYPE_CHECKING:
+    from kvstore.client import Client
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class Settings:
+    endpoints: list[str] = field(default_factory=list)
+    """Explicit endpoints (``--endpoints`` or ``KV_ENDPOINTS``); empty: the cluster dir's."""
+    write_out: str = "simple"
+    timeout: float = 5.0
+    dial_timeout: float = 2.0
+    dir: Path = Path("kv-cluster")
+    debug: bool = False
+
+    @staticmethod
+    def current() -> Settings:
+        return click.get_current_context().ensure_object(Settings)
+
+    @property
+    def cluster(self) -> ClusterDir:
+        return ClusterDir(self.dir)
+
+    def target(self) -> tuple[list[str], int | None]:
+        """The endpoints to use and, when they come from the cluster dir, its cluster id.
+
+        Passing the known cluster id to the client makes it refuse a node of another cluster
+        that happens to listen on a recorded port.
+        """
+        if self.endpoints:
+            return self.endpoints, None
+        cluster = self.cluster
+        if not cluster.exists():
+            raise CliError(
+                f"no endpoints: pass --endpoints, set KV_ENDPOINTS, or start a cluster with "
+                f"'kv cluster up' (no cluster in {cluster.path})",
+                UNAVAILABLE,
+            )
+        spec: ClusterSpec = cluster.load()
+        return spec.endpoints, spec.cluster_id
+
+    def client(self, spec: ClusterSpec | None = None) -> Client:
+        """A client with the command's timeouts, for the endpoints in use or for ``spec``'s nodes
+        (the cluster commands always mean the local cluster, whatever ``--endpoints`` says)."""
+        from kvstore.client import Client  # grpc is slow to import; `kv --help` does not need it
+
+        if spec is None:
+            endpoints, cluster_id = self.target()
+        else:
+            endpoints, cluster_id = spec.endpoints, spec.cluster_id
+        return Client(endpoints, timeout=self.timeout, dial_timeout=self.dial_timeout,
+                      cluster_id=cluster_id)
+
+
+class _GlobalOption(NamedTuple):
+    names: tuple[str, ...]
+    attr: str
+    """The ``Settings`` field it sets (its default is the option's default)."""
+    envvar: str
+    click_settings: dict[str, Any]
+
+
+_OPTIONS = [
+    _GlobalOption(("--endpoints",), "endpoints", "KV_ENDPOINTS", {
+        "metavar": "HOST:PORT,...", "help": "Comma-separated API endpoints [env KV_ENDPOINTS]."}),
+    _GlobalOption(("-w", "--write-out"), "write_out", "KV_WRITE_OUT", {
+        "type": click.Choice(FORMATS),
+        "help": "Output format [env KV_WRITE_OUT; default simple]."}),
+    _GlobalOption(("--timeout", "--command-timeout"), "timeout", "KV_COMMAND_TIMEOUT", {
+        "type": click.FloatRange(min=0, min_open=True), "metavar": "SECONDS",
+        "help": "Time limit of the whole command [env KV_COMMAND_TIMEOUT; default 5]."}),
+    _GlobalOption(("--dial-timeout",), "dial_timeout", "KV_DIAL_TIMEOUT", {
+        "type": click.FloatRange(min=0, min_open=True), "metavar": "SECONDS",
+        "help": "Time limit to connect to an endpoint [env KV_DIAL_TIMEOUT; default 2]."}),
+    _GlobalOption(("--dir",), "dir", "KV_CLUSTER_DIR", {
+        "type": click.Path(file_okay=False, path_type=Path),
+        "help": "Local cluster directory [env KV_CLUSTER_DIR; default ./kv-cluster]."}),
+    _GlobalOption(("--debug",), "debug", "KV_DEBUG", {
+        "is_flag": True, "help": "Show tracebacks of internal errors [env KV_DEBUG=1]."}),
+]
+
+
+def _store(attr: str, only_if_given: bool) -> Callable[[click.Context, click.Parameter, Any], None]:
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        given = ctx.get_parameter_source(param.name or "") == ParameterSource.COMMANDLINE
+        if only_if_given and not given:
+            return
+        if attr == "endpoints":
+            value = [e.strip() for e in (value or "").split(",") if e.strip()]
+        setattr(ctx.ensure_object(Settings), attr, value)
+    return callback
+
+
+def _decorate(f: F, *, root: bool) -> F:
+    defaults = Settings()
+    for option in reversed(_OPTIONS):
+        extra = dict(option.click_settings)
+        if root:
+            # Endpoints are a list in Settings but a comma-separated string here; none by default.
+            default = None if option.attr == "endpoints" else getattr(defaults, option.attr)
+            extra.update(envvar=option.envvar, default=default)
+        else:
+            extra["hidden"] = True  # documented once, on `kv --help`
+            if not extra.get("is_flag"):
+                extra["default"] = None
+        f = click.option(*option.names, option.attr + "_", expose_value=False,
+                         callback=_store(option.attr, only_if_given=not root), **extra)(f)
+    return f
+
+
+def root_options(f: F) -> F:
+    """The global options on the root group: env vars and defaults apply here."""
+    return _decorate(f, root=True)
+
+
+def global_options(f: F) -> F:
+    """The same options on a subcommand: they override the root's when given."""
+    return _decorate(f, root=False)
