@@ -73,9 +73,11 @@ def test_a_crafted_pickle_sent_to_the_raft_port_is_not_executed(cluster: Cluster
     for node in cluster.spec.nodes:
         attack(int(node.raft.rsplit(":", 1)[1]), marker)
     assert not marker.exists(), "a node unpickled bytes from an unauthenticated peer"
-    with Client(cluster.endpoints) as client:
-        for endpoint in cluster.endpoints:
-            assert client.status(endpoint).role in ("leader", "follower")
+    with Client(cluster.endpoints, timeout=10) as client:
+        # Every node still serves: roles settle (an election may be under way) and writes commit.
+        cluster.wait_for(
+            lambda: sorted(client.status(e).role for e in cluster.endpoints)
+            == ["follower", "follower", "leader"], 20, "a leader and two followers")
         assert client.put(b"security/after-attack", b"fine").code == 0
 
 
