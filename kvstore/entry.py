@@ -12,6 +12,10 @@ def encode_entry(session: Session, command: Command | None = None) -> bytes:
     entry = Entry(session=session.to_pb())
     if command is not None:
         entry.command.CopyFrom(command)
+    # A command decoded from a client's request may carry fields this version does not know;
+    # they are dropped here, as protobuf readers do, so the log only holds canonical entries
+    # (``decode_entry`` refuses anything else).
+    entry.DiscardUnknownFields()
     return entry.SerializeToString(deterministic=True)
 
 

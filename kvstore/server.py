@@ -86,6 +86,8 @@ class KVService(api_pb2_grpc.KVServicer):
         self._check_command(request, context)
         self._require(commands.is_read_only(request.command), context,
                       "Read takes a get or range command; writes go through Propose")
+        self._require(request.consistency in (api_pb2.LINEARIZABLE, api_pb2.SERIALIZABLE), context,
+                      f"unknown consistency {request.consistency}")
         if request.consistency == api_pb2.SERIALIZABLE:
             return self._answer(self._node.read_local(request.command), context)
         # A linearizable read goes through the log as a system entry (client id 0): it changes
