@@ -42,6 +42,23 @@ def parse_peer(ctx: click.Context, param: click.Parameter,
     return tuple(members)
 
 
+def parse_dial_via(ctx: click.Context, param: click.Parameter,
+                   values: tuple[str, ...]) -> dict[str, str]:
+    """``RAFT=HOST:PORT`` pairs: dial the peer known as RAFT at HOST:PORT (a fault proxy)."""
+    dial_via: dict[str, str] = {}
+    for value in values:
+        raft, sep, via = value.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{value!r} is not RAFT_HOST:PORT=HOST:PORT", ctx, param)
+        try:
+            split_address(raft)
+            split_address(via)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from exc
+        dial_via[raft] = via
+    return dial_via
+
+
 def read_secret(secret_file: Path | None) -> str:
     """The secret in ``--secret-file`` (without surrounding whitespace), else in ``KV_SECRET``."""
     if secret_file is None:
@@ -93,9 +110,12 @@ def node() -> None:
               "and compacts its log.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
+@click.option("--dial-via", "dial_via", multiple=True, callback=parse_dial_via, hidden=True,
+              metavar="RAFT=HOST:PORT", help="Connect to the peer RAFT at HOST:PORT instead: for "
+              "the fault-injection harness (kvstore.check.proxy), which puts a proxy on each link.")
 def run(node_id: str, cluster_id: int, raft: str, api: str, peers: tuple[Member, ...],
         data_dir: Path, secret_file: Path | None, session_capacity: int, snapshot_count: int,
-        log_level: str) -> None:
+        log_level: str, dial_via: dict[str, str]) -> None:
     """Runs one node until SIGTERM or Ctrl-C, then stops it cleanly."""
     secret = read_secret(secret_file)
     peer_addresses = [a for p in peers for a in (p.raft_address, p.api_address)]
@@ -109,6 +129,7 @@ def run(node_id: str, cluster_id: int, raft: str, api: str, peers: tuple[Member,
         secret=secret,
         session_capacity=session_capacity,
         snapshot_count=snapshot_count,
+        dial_via=dial_via,
     )
     logging.basicConfig(
         level=log_level.upper(),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvstore.limits import DEFAULT_SESSION_CAPACITY
@@ -38,6 +39,9 @@ class NodeConfig:
     snapshot_count: int = DEFAULT_SNAPSHOT_COUNT
     """Log entries after which the node snapshots its state and compacts its log (as etcd's
     ``--snapshot-count``); PySyncObj also snapshots every five minutes."""
+    dial_via: Mapping[str, str] = field(default_factory=dict)
+    """Peer raft address -> host:port to connect to instead. For fault-injection tests only, which
+    route each link through a proxy they can cut (``kvstore.check.proxy``); empty in real use."""
 
     def __post_init__(self) -> None:
         if not self.secret:
@@ -45,6 +49,11 @@ class NodeConfig:
         for member in (self.me, *self.peers):
             for address in (member.raft_address, member.api_address):
                 split_address(address)
+        peer_addresses = {peer.raft_address for peer in self.peers}
+        for peer, via in self.dial_via.items():
+            if peer not in peer_addresses:
+                raise ConfigError(f"dial-via names {peer!r}, which is not a peer's raft address")
+            split_address(via)
         if self.cluster_id <= 0:
             raise ConfigError("the cluster id must be a positive integer")
         if self.snapshot_count < 1 or self.session_capacity < 1:

@@ -24,6 +24,7 @@ class KVNode:
                 data_dir=str(config.data_dir),
                 password=config.secret,
                 log_compaction_min_entries=config.snapshot_count,
+                dial_via=config.dial_via,
                 **raft_overrides,  # type: ignore[arg-type]
             ),
         )

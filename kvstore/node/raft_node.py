@@ -25,16 +25,16 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.node import TCPNode
 from pysyncobj.poller import POLL_EVENT_TYPE
 
-from kvstore.node import d6_fence, dump_file
+from kvstore.node import d6_fence, dial, dump_file
 from kvstore.node.internals import Internals
 from kvstore.node.outcomes import NotApplied, OutcomeUnknown, Pending
 from kvstore.node.timers import SHIPPED, TimerProfile
@@ -64,6 +64,8 @@ class RaftOptions:
     log_compaction_min_entries: int = 5000
     log_compaction_min_time: float = 300.0
     d6_fence: bool = True
+    dial_via: Mapping[str, str] = field(default_factory=dict)
+    """Peer raft address -> host:port to connect to instead (a fault proxy: ``kvstore.node.dial``)."""
 
 
 class RaftNode(SyncObj):
@@ -108,6 +110,7 @@ class RaftNode(SyncObj):
             raftMinTimeout=profile.raft_min_timeout,
             raftMaxTimeout=profile.raft_max_timeout,
             leaderFallbackTimeout=profile.leader_fallback_timeout,
+            connectionRetryTime=profile.connection_retry_time,
             logCompactionMinEntries=options.log_compaction_min_entries,
             logCompactionMinTime=options.log_compaction_min_time,
             # Without autoTick, binding happens in __init__, retrying forever when the port is
@@ -115,7 +118,8 @@ class RaftNode(SyncObj):
             maxBindRetries=5 if profile.driven else 0,
             dynamicMembershipChange=False,
         )
-        super().__init__(options.self_address, [p for p in options.peers if p != options.self_address], conf)
+        peers = dial.peer_nodes([p for p in options.peers if p != options.self_address], options.dial_via)
+        super().__init__(options.self_address, peers, conf)
         # After SyncObj.__init__: wiring only, no new attributes.
         self.internals = Internals(self)
         self._poller.subscribe(self._n_wake_r, self._n_on_wake, POLL_EVENT_TYPE.READ)

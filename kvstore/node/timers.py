@@ -36,6 +36,9 @@ class TimerProfile:
     """How long a leader cut off from the majority still believes it leads (PySyncObj: 30 s)."""
     driven: bool = False
     """Run the tick loop on our own thread and wake it when work arrives."""
+    connection_retry_time: float = 5.0
+    """How often a node redials a peer it lost (PySyncObj: 5 s, which keeps a healed link
+    down for up to that long)."""
 
 
 PROFILES: dict[str, TimerProfile] = {
@@ -44,7 +47,7 @@ PROFILES: dict[str, TimerProfile] = {
     "nobatch": TimerProfile("nobatch", tick_period=0.005, append_entries_period=0.05,
                             append_entries_use_batch=False, leader_fallback_timeout=2.0),
     "driven": TimerProfile("driven", tick_period=0.01, append_entries_period=0.05,
-                           leader_fallback_timeout=2.0, driven=True),
+                           leader_fallback_timeout=2.0, driven=True, connection_retry_time=0.5),
 }
 
 SHIPPED = PROFILES["driven"]

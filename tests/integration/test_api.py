@@ -45,6 +45,8 @@ def call_error(call, request) -> grpc.RpcError:  # type: ignore[no-untyped-def]
 def test_a_follower_refuses_a_write_and_names_the_leader(cluster: Cluster, client: Client) -> None:
     leader = leader_endpoint(cluster, client)
     follower = next(e for e in cluster.endpoints if e != leader)
+    cluster.wait_for(lambda: client.status(follower).leader_api_address == leader, 10,
+                     "the follower to know the leader")
     noop = client.get_noop_session()
     error = call_error(stub(follower).Propose,
                        api_pb2.ProposeRequest(session=noop.to_pb(), command=ops.put(b"api/f", b"v")))
