@@ -113,9 +113,12 @@ def node() -> None:
 @click.option("--dial-via", "dial_via", multiple=True, callback=parse_dial_via, hidden=True,
               metavar="RAFT=HOST:PORT", help="Connect to the peer RAFT at HOST:PORT instead: for "
               "the fault-injection harness (kvstore.check.proxy), which puts a proxy on each link.")
+@click.option("--planted-bug", type=click.Choice(["no-dedup"]), hidden=True,
+              help="Run a state machine with a known bug (kvstore.check.planted): for showing "
+              "that kv check catches it. Never in production.")
 def run(node_id: str, cluster_id: int, raft: str, api: str, peers: tuple[Member, ...],
         data_dir: Path, secret_file: Path | None, session_capacity: int, snapshot_count: int,
-        log_level: str, dial_via: dict[str, str]) -> None:
+        log_level: str, dial_via: dict[str, str], planted_bug: str | None) -> None:
     """Runs one node until SIGTERM or Ctrl-C, then stops it cleanly."""
     secret = read_secret(secret_file)
     peer_addresses = [a for p in peers for a in (p.raft_address, p.api_address)]
@@ -135,6 +138,8 @@ def run(node_id: str, cluster_id: int, raft: str, api: str, peers: tuple[Member,
         level=log_level.upper(),
         format=f"%(asctime)s {node_id} %(levelname)s %(name)s: %(message)s",
     )
+    from kvstore.check.planted import PLANTED_BUGS
     from kvstore.server import run_node  # imports PySyncObj: only the node process needs it
+    from kvstore.state_machine import StateMachine
 
-    run_node(config)
+    run_node(config, PLANTED_BUGS[planted_bug] if planted_bug else StateMachine)

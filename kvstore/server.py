@@ -30,6 +30,7 @@ from kvstore.entry import encode_entry
 from kvstore.node import KVNode, NodeStatusView, NotApplied, OutcomeUnknown
 from kvstore.proto import api_pb2, api_pb2_grpc
 from kvstore.proto.log_pb2 import Code, Result
+from kvstore.state_machine import StateMachine
 from session.constants import SERIES_ID_FOR_REGISTER, SERIES_ID_FOR_UNREGISTER
 from session.session import Session
 from session.wire import WireDecodeError, parse
@@ -245,9 +246,10 @@ def status_message(view: NodeStatusView, config: NodeConfig) -> api_pb2.NodeStat
 
 
 @contextmanager
-def serving(config: NodeConfig) -> Iterator[KVNode]:
+def serving(config: NodeConfig,
+            state_machine_type: type[StateMachine] = StateMachine) -> Iterator[KVNode]:
     """A running node with its API server; both stop when the block ends."""
-    node = KVNode(config)
+    node = KVNode(config, state_machine_type)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS, thread_name_prefix="kv-api"),
         options=[
@@ -271,11 +273,11 @@ def serving(config: NodeConfig) -> Iterator[KVNode]:
         node.stop()
 
 
-def run_node(config: NodeConfig) -> None:
+def run_node(config: NodeConfig, state_machine_type: type[StateMachine] = StateMachine) -> None:
     """Runs a node until SIGTERM or SIGINT, then stops it cleanly."""
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    with serving(config):
+    with serving(config, state_machine_type):
         stop.wait()
     log.info("node %s stopped", config.node_id)

@@ -13,9 +13,10 @@ TICK_TASK_TIMEOUT = 2.0
 
 
 class KVNode:
-    def __init__(self, config: NodeConfig, **raft_overrides: object) -> None:
+    def __init__(self, config: NodeConfig,
+                 state_machine_type: type[StateMachine] = StateMachine) -> None:
         self.config = config
-        self.state_machine = StateMachine(config.cluster_id, config.session_capacity)
+        self.state_machine = state_machine_type(config.cluster_id, config.session_capacity)
         self.raft = RaftNode(
             self.state_machine,
             RaftOptions(
@@ -25,7 +26,6 @@ class KVNode:
                 password=config.secret,
                 log_compaction_min_entries=config.snapshot_count,
                 dial_via=config.dial_via,
-                **raft_overrides,  # type: ignore[arg-type]
             ),
         )
         self.health = Health(self.raft)
