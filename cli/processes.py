@@ -28,7 +28,8 @@ STOP_GRACE = 10.0
 """Seconds a node gets to stop after SIGTERM before it is killed."""
 
 
-def node_argv(cluster: ClusterDir, spec: ClusterSpec, node: NodeSpec) -> list[str]:
+def node_argv(cluster: ClusterDir, spec: ClusterSpec, node: NodeSpec,
+              extra_args: Sequence[str] = ()) -> list[str]:
     """The command that runs ``node``: ``python -m cli node run ...``.
 
     The secret is passed as a file name, never on the command line, where every user of the
@@ -47,10 +48,13 @@ def node_argv(cluster: ClusterDir, spec: ClusterSpec, node: NodeSpec) -> list[st
         if peer.id != node.id:
             argv += ["--peer", f"{peer.raft}={peer.api}"]
     argv += ["--data-dir", str(cluster.data_dir(node)), "--secret-file", str(cluster.secret_file)]
-    return argv
+    if spec.fsync:
+        argv.append("--fsync")
+    return argv + list(extra_args)
 
 
-def start_node(cluster: ClusterDir, spec: ClusterSpec, node: NodeSpec) -> subprocess.Popen[bytes]:
+def start_node(cluster: ClusterDir, spec: ClusterSpec, node: NodeSpec,
+               extra_args: Sequence[str] = ()) -> subprocess.Popen[bytes]:
     """Starts ``node`` in the background and records its pid.
 
     The node gets a session of its own (``start_new_session``), so a Ctrl-C typed at the
@@ -61,7 +65,7 @@ def start_node(cluster: ClusterDir, spec: ClusterSpec, node: NodeSpec) -> subpro
         log.write(f"{START_MARKER} {node.id} at {time.ctime()}\n".encode())
         log.flush()
         proc = subprocess.Popen(
-            node_argv(cluster, spec, node),
+            node_argv(cluster, spec, node, extra_args),
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )

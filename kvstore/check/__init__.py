@@ -1,5 +1,6 @@
-"""Checkers for histories recorded by the Jepsen-style harness: pure functions, no I/O, no clocks.
+"""The Jepsen-style harness behind ``kv check``: record a history under faults, then judge it.
 
-``history`` defines the record (``Op``) and how it is written, read and taken; ``linearizable``,
-``list_append`` and ``counter`` judge a history; ``verdict`` holds what they return.
+The checkers are pure functions (no I/O, no clocks): ``history`` defines the record (``Op``),
+how it is written, read and taken; ``linearizable``, ``list_append`` and ``counter`` judge a
+history; ``verdict`` holds what they return, and the replica convergence check.
 """

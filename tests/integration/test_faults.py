@@ -7,6 +7,8 @@ lost, and a retried proposal is applied once, whatever happens to the nodes in b
 from __future__ import annotations
 
 import copy
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -124,3 +126,34 @@ def test_restart_from_disk_after_sigkill_of_every_node(fresh_cluster: Cluster) -
         # ...and it carries on with its next series id.
         assert client.sync_propose(session, ops.incr(b"disk/once")).number == 2
         wait_converged(cluster, client)
+
+
+def test_a_stuck_follower_is_flagged_by_the_leader_and_cleared_when_it_recovers(cluster: Cluster) -> None:
+    """SIGSTOP a follower: the leader's status raises an alarm for it (after the 5 s the alarm
+    must hold), and `kv cluster status` shows it; SIGCONT clears it."""
+    import signal
+
+    with Client(cluster.endpoints, timeout=10) as client:
+        leader = cluster.wait_for(cluster.leader_id, 20, "a leader")
+        follower = next(n for n in cluster.node_ids if n != leader)
+        follower_raft = cluster.spec.node(follower).raft
+        pid = cluster.pid(follower)
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for i in range(20):
+                client.put(f"stuck/{i}".encode(), b"v")
+
+            def flagged() -> bool:
+                alarms = client.status(cluster.endpoint(leader)).alarms
+                return any(follower_raft in alarm for alarm in alarms)
+
+            cluster.wait_for(flagged, 20, f"the leader to flag {follower}")
+            rows = {row["id"]: row for row in cluster.status() if "id" in row}
+            assert any(follower_raft in alarm for alarm in rows[leader]["alarms"]), rows[leader]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        cluster.wait_for(lambda: not client.status(cluster.endpoint(leader)).alarms, 30,
+                         "the alarm to clear")
+        wait_converged(cluster, client)
+

@@ -1,0 +1,115 @@
+"""``kv check``: prove the promise. Runs a cluster under faults, records every operation, and
+checks the history: linearizable registers, list-appends with no duplicate and no loss, a
+counter within its acknowledged bounds, and every replica converged to the same state.
+
+Exit code 0 only for a valid history.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cli.check_run import CheckOptions, run_check
+from cli.exits import ERROR, CliError
+from cli.nemesis import FAULT_KINDS
+from cli.output import Report, emit
+from cli.settings import Settings, global_options
+from kvstore.check.workloads import WORKLOADS
+
+PLANTED_BUGS = ("no-dedup",)
+
+
+def _duration(_ctx: click.Context, _param: click.Parameter, text: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(s|m|h)?", text.strip())
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a duration like 30s, 10m or 1h")
+    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
+
+
+def _names(choices: tuple[str, ...], allow_none: bool) -> click.ParamType:
+    class Names(click.ParamType):
+        name = "list"
+
+        def convert(self, value: object, param: click.Parameter | None,
+                    ctx: click.Context | None) -> list[str]:
+            if isinstance(value, list):
+                return value
+            text = str(value).strip()
+            if text == "all":
+                return list(choices)
+            if allow_none and text in ("", "none"):
+                return []
+            names = [n.strip() for n in text.split(",") if n.strip()]
+            unknown = [n for n in names if n not in choices]
+            if unknown or not names:
+                self.fail(f"choose from {', '.join(choices)} (comma-separated, or 'all')", param, ctx)
+            return names
+
+    return Names()
+
+
+@click.command()
+@click.option("--workload", "workloads", type=_names(tuple(WORKLOADS), False), default="all",
+              show_default=True, help=f"Comma list of {', '.join(WORKLOADS)}, or all.")
+@click.option("--faults", type=_names(FAULT_KINDS, True), default="all", show_default=True,
+              help=f"Comma list of {', '.join(FAULT_KINDS)}, all, or none.")
+@click.option("--duration", type=click.UNPROCESSED, callback=_duration, default="60s",
+              show_default=True, help="How long the workload runs (30s, 10m, ...).")
+@click.option("--seed", type=int, help="Seed of the operations and faults [default: random].")
+@click.option("--clients", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Concurrent clients per workload.")
+@click.option("--nodes", type=click.IntRange(3, 7), default=3, show_default=True)
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("kv-check-report"), show_default=True,
+              help="Directory for history.jsonl, faults.json, verdict.json, report.html.")
+@click.option("--planted-bug", type=click.Choice(PLANTED_BUGS), hidden=True,
+              help="Run nodes with a known bug, to show the checkers catch it.")
+@global_options
+def check(workloads: list[str], faults: list[str], duration: float, seed: int | None,
+          clients: int, nodes: int, report_dir: Path, planted_bug: str | None) -> None:
+    """Runs workloads against a local cluster under faults and checks the history."""
+    settings = Settings.current()
+    seed = secrets.randbelow(2**31) if seed is None else seed
+    options = CheckOptions(workloads=workloads, faults=faults, duration=duration, seed=seed,
+                           clients=clients, nodes=nodes, planted_bug=planted_bug,
+                           report_dir=report_dir)
+    tty = sys.stderr.isatty()
+    click.echo(f"kv check: seed {seed}, workloads {','.join(workloads)}, faults "
+               f"{','.join(faults) or 'none'}, {duration:.0f} s", err=True)
+
+    def progress(line: str) -> None:
+        click.echo(("\r" + line) if tty else line, err=True, nl=not tty)
+
+    try:
+        outcome = run_check(options, progress)
+    except TimeoutError as exc:
+        raise CliError(f"the cluster under test did not come up: {exc}") from exc
+    if tty:
+        click.echo(err=True)
+    summary = {**outcome.summary, "report": str(outcome.report) if outcome.report else None}
+    lines = _verdict_lines(summary, outcome.violations)
+    emit(Report(data=summary, header=("field", "value"),
+                rows=[(k, str(v)) for k, v in summary.items()], simple=lines), settings.write_out)
+    if not outcome.valid:
+        raise CliError(f"the history is not valid (seed {seed}); see {outcome.report}", ERROR)
+
+
+def _verdict_lines(s: dict[str, Any], violations: list[Any]) -> list[str]:
+    lines = [
+        f"verdict: {s['verdict']} (seed {s['seed']})",
+        f"ops: ok {s['ops_ok']}, failed {s['ops_failed']}, unknown {s['ops_unknown']}",
+        "faults: " + (", ".join(f"{k} {v}" for k, v in sorted(s["faults_injected"].items()))
+                      or "none"),
+        "violations: " + ", ".join(f"{k} {v}" for k, v in s["violations"].items()),
+    ]
+    lines += [f"  - {v.kind} on {v.key}: {v.message}" for v in violations[:10]]
+    lines += [f"  nemesis: {error}" for error in s["nemesis_errors"]]
+    if s["report"]:
+        lines.append(f"report: {s['report']}")
+    return lines

@@ -1,0 +1,198 @@
+"""One ``kv check`` run: a cluster, workloads, a nemesis, then the verdict.
+
+1. Start the nodes (their Raft links through fault proxies) and wait for a leader.
+2. Run the workloads' clients for the duration while the nemesis injects faults.
+3. Stop the faults, heal everything, wait until every replica has applied the same index and
+   reports the same state digest.
+4. Read the final values, run each workload's checker and the convergence check.
+
+Everything is seeded (``--seed``): the choice of operations and of faults. Timing is not, so two
+runs with one seed are alike, not identical.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cli.check_cluster import CheckCluster
+from cli.nemesis import Nemesis
+from kvstore import errors
+from kvstore.check import history as history_io
+from kvstore.check.history import Op, Recorder
+from kvstore.check.verdict import check_convergence
+from kvstore.check.report import write_report
+from kvstore.check.workloads import OP_DEADLINE, WORKLOADS, Worker, run_workers
+from kvstore.client import Client
+
+CONVERGE_TIMEOUT = 60.0
+LEADER_TIMEOUT = 30.0
+FINAL_PROCESS = 10_000
+"""Process id of the reader that takes the final values after healing."""
+
+
+@dataclass
+class CheckOptions:
+    workloads: list[str]
+    faults: list[str]
+    duration: float
+    seed: int
+    clients: int = 4
+    nodes: int = 3
+    keys: int = 4
+    snapshot_count: int = 500
+    planted_bug: str | None = None
+    report_dir: Path | None = None
+
+
+@dataclass
+class CheckOutcome:
+    valid: bool
+    summary: dict[str, Any]
+    violations: list[Any] = field(default_factory=list)
+    report: Path | None = None
+
+
+def run_check(options: CheckOptions, progress: Callable[[str], None]) -> CheckOutcome:
+    with tempfile.TemporaryDirectory(prefix="kv-check-") as tmp:
+        cluster = CheckCluster(Path(tmp) / "cluster", options.nodes,
+                               snapshot_count=options.snapshot_count,
+                               planted_bug=options.planted_bug)
+        clients: list[Client] = []
+        try:
+            cluster.start_all()
+            admin = Client(cluster.endpoints, timeout=10)
+            clients.append(admin)
+            _wait(lambda: cluster.leader_id(admin), LEADER_TIMEOUT, "a leader")
+            return _run(options, cluster, admin, clients, progress)
+        finally:
+            for client in clients:
+                client.close()
+            cluster.close()
+
+
+def _run(options: CheckOptions, cluster: CheckCluster, admin: Client, clients: list[Client],
+         progress: Callable[[str], None]) -> CheckOutcome:
+    recorder = Recorder()
+    workloads = [WORKLOADS[name](options.keys) for name in options.workloads]
+    stop = threading.Event()
+    threads = []
+    for number, workload in enumerate(workloads):
+        mine = [Client(cluster.endpoints, timeout=5) for _ in range(options.clients)]
+        clients += mine
+        threads += run_workers(workload, mine, recorder, options.seed, stop,
+                               first_process=number * options.clients)
+    nemesis = Nemesis(cluster, options.faults, random.Random(f"{options.seed}/nemesis"),
+                      lambda: cluster.leader_id(admin))
+    if options.faults:
+        nemesis.start()
+    started = time.monotonic()
+    while (elapsed := time.monotonic() - started) < options.duration:
+        time.sleep(min(1.0, options.duration - elapsed))
+        progress(_progress_line(elapsed, options.duration, recorder.history(), nemesis))
+    if options.faults:
+        nemesis.stop()
+    stop.set()
+    for thread in threads:
+        thread.join(OP_DEADLINE + 5)
+
+    cluster.heal()
+    digests = _converged_digests(cluster, admin)
+    finals = Worker(FINAL_PROCESS, admin, recorder, random.Random(0))
+    for workload in workloads:
+        workload.final_reads(finals)
+
+    ops = recorder.history()
+    results = {w.name: w.check([op for op in ops if op.key.startswith(w.name + "/")])
+               for w in workloads}
+    results["convergence"] = check_convergence(digests)
+    violations = [v for result in results.values() for v in result.violations]
+    valid = all(result.valid for result in results.values())
+    summary = _summary(options, ops, nemesis, results, valid)
+    report = _write(options, ops, nemesis, violations, summary)
+    return CheckOutcome(valid=valid, summary=summary, violations=violations, report=report)
+
+
+def _converged_digests(cluster: CheckCluster, admin: Client) -> dict[str, str]:
+    """Each node's digest once all report the same applied index (or whatever they say at the
+    deadline, which the convergence check then judges)."""
+    latest: dict[str, str] = {}
+
+    def converged() -> bool:
+        statuses = {}
+        for node in cluster.spec.nodes:
+            try:
+                statuses[node.id] = admin.status(node.api, with_digest=True, timeout=5)
+            except errors.Unavailable:
+                return False
+        latest.clear()
+        latest.update({node_id: s.digest for node_id, s in statuses.items()})
+        leaders = [s for s in statuses.values() if s.role == "leader"]
+        applied = {s.applied_index for s in statuses.values()}
+        return len(leaders) == 1 and len(applied) == 1 and len(set(latest.values())) == 1
+
+    try:
+        _wait(converged, CONVERGE_TIMEOUT, "the replicas to converge")
+    except TimeoutError:
+        pass
+    return dict(latest)
+
+
+def _summary(options: CheckOptions, ops: list[Op], nemesis: Nemesis, results: dict[str, Any],
+             valid: bool) -> dict[str, Any]:
+    statuses = Counter(op.status for op in ops)
+    return {
+        "verdict": "valid" if valid else "INVALID",
+        "seed": options.seed,
+        "workloads": ",".join(options.workloads),
+        "faults": ",".join(options.faults) or "none",
+        "duration_s": options.duration,
+        "clients_per_workload": options.clients,
+        "nodes": options.nodes,
+        "planted_bug": options.planted_bug or "none",
+        "ops_ok": statuses["ok"],
+        "ops_failed": statuses["fail"],
+        "ops_unknown": statuses["unknown"],
+        "faults_injected": dict(Counter(f.kind for f in nemesis.faults)),
+        "nemesis_errors": nemesis.errors,
+        "violations": {name: len(r.violations) for name, r in results.items()},
+    }
+
+
+def _write(options: CheckOptions, ops: list[Op], nemesis: Nemesis, violations: list[Any],
+           summary: dict[str, Any]) -> Path | None:
+    if options.report_dir is None:
+        return None
+    options.report_dir.mkdir(parents=True, exist_ok=True)
+    history_io.dump(ops, options.report_dir / "history.jsonl")
+    (options.report_dir / "faults.json").write_text(
+        json.dumps([f.to_dict() for f in nemesis.faults], indent=2))
+    (options.report_dir / "verdict.json").write_text(json.dumps(summary, indent=2, default=str))
+    return write_report(options.report_dir / "report.html", ops,
+                        [f.to_dict() for f in nemesis.faults], violations, summary)
+
+
+def _progress_line(elapsed: float, duration: float, ops: list[Op], nemesis: Nemesis) -> str:
+    statuses = Counter(op.status for op in ops if op.return_ns is not None)
+    current = next((f for f in reversed(nemesis.faults) if f.end_ns is None), None)
+    fault = f"{current.kind} {current.target}" if current else "none"
+    return (f"[{elapsed:5.1f}/{duration:.0f}s] ok {statuses['ok']} failed {statuses['fail']} "
+            f"unknown {statuses['unknown']} | faults {len(nemesis.faults)} (now: {fault})")
+
+
+def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")

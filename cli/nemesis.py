@@ -1,0 +1,88 @@
+"""The nemesis of ``kv check``: faults injected at random moments, each held for a while, then
+healed. Everything is bounded: one fault at a time, each held a few seconds, none after ``stop``.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from cli.check_cluster import CheckCluster
+
+FAULT_KINDS = ("kill", "pause", "partition")
+QUIET = (0.5, 2.0)
+"""Seconds between faults (uniform)."""
+HOLD = (0.5, 2.5)
+"""Seconds a fault is held (uniform)."""
+
+
+@dataclass
+class Fault:
+    kind: str
+    target: str
+    start_ns: int
+    end_ns: int | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class Nemesis(threading.Thread):
+    def __init__(self, cluster: CheckCluster, kinds: list[str], rng: random.Random,
+                 leader: Callable[[], str | None]) -> None:
+        super().__init__(name="nemesis", daemon=True)
+        self.cluster, self.kinds, self.rng, self.leader = cluster, kinds, rng, leader
+        self.stop_event = threading.Event()
+        self.faults: list[Fault] = []
+        self.errors: list[str] = []
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.rng.uniform(*QUIET)):
+            kind = self.rng.choice(self.kinds)
+            try:
+                getattr(self, f"_{kind}")()
+            except Exception as exc:  # noqa: BLE001 - recorded and reported, the run goes on
+                self.errors.append(f"{kind}: {type(exc).__name__}: {exc}")
+                self.cluster.heal()
+
+    def _pick_target(self) -> str:
+        """Half the time the leader (the interesting victim), else any node."""
+        leader = self.leader() if self.rng.random() < 0.5 else None
+        return leader or self.rng.choice(self.cluster.node_ids)
+
+    def _hold(self, fault: Fault, heal: Callable[[], None]) -> None:
+        self.faults.append(fault)
+        self.stop_event.wait(self.rng.uniform(*HOLD))
+        heal()
+        fault.end_ns = time.monotonic_ns()
+
+    def _kill(self) -> None:
+        target = self._pick_target()
+        self.cluster.kill(target)
+        self._hold(Fault("kill", target, time.monotonic_ns()), lambda: self.cluster.start(target))
+
+    def _pause(self) -> None:
+        target = self._pick_target()
+        self.cluster.pause(target)
+        self._hold(Fault("pause", target, time.monotonic_ns()), lambda: self.cluster.resume(target))
+
+    def _partition(self) -> None:
+        nodes = [n.raft for n in self.cluster.spec.nodes]
+        names = {n.raft: n.id for n in self.cluster.spec.nodes}
+        if self.rng.random() < 0.5:
+            victim = self.cluster.node(self._pick_target()).raft
+            groups = [{victim}, set(nodes) - {victim}]
+        else:
+            shuffled = self.rng.sample(nodes, len(nodes))
+            cut = self.rng.randint(1, len(nodes) - 1)
+            groups = [set(shuffled[:cut]), set(shuffled[cut:])]
+        self.cluster.network.partition(groups)
+        label = " | ".join("{" + ",".join(sorted(names[a] for a in g)) + "}" for g in groups)
+        self._hold(Fault("partition", label, time.monotonic_ns()), self.cluster.network.heal)
