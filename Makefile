@@ -19,7 +19,7 @@ test: $(STAMP)
 
 # Regenerate the committed protobuf code (tests/unit/test_generated_code.py fails when it is stale).
 proto: $(STAMP)
-	$(BIN)/python -m kvstore.protogen
+	$(BIN)/python kvstore/protogen.py
 
 bench-apply: $(STAMP)
 	$(BIN)/python benchmarks/bench_apply.py

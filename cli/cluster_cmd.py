@@ -48,11 +48,14 @@ def cluster() -> None:
 @click.option("--snapshot-count", type=click.IntRange(min=1), metavar="N",
               help="Log entries between snapshots (new cluster) "
                    f"[default {DEFAULT_SNAPSHOT_COUNT}].")
+@click.option("--fsync/--no-fsync", default=None,
+              help="Durable mode (new cluster): nodes fsync their journal before acknowledging "
+                   "entries, so acknowledged writes survive power loss [default: off].")
 @click.option("--start-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
               show_default=True, metavar="SECONDS", help="How long to wait for a leader.")
 @global_options
 def up(nodes: int | None, detach: bool, session_capacity: int | None,
-       snapshot_count: int | None, start_timeout: float) -> None:
+       snapshot_count: int | None, fsync: bool | None, start_timeout: float) -> None:
     """Creates the cluster if needed and starts every node that is not running.
 
     The number of nodes, the session capacity and the snapshot count are chosen when the
@@ -61,7 +64,7 @@ def up(nodes: int | None, detach: bool, session_capacity: int | None,
     settings = Settings.current()
     cluster_dir = settings.cluster
     wanted = {"nodes": nodes, "session_capacity": session_capacity,
-              "snapshot_count": snapshot_count}
+              "snapshot_count": snapshot_count, "fsync": fsync}
     if detach:
         spec, started = _start(cluster_dir, wanted)
         leader = _wait_ready(settings, spec, started, time.monotonic() + start_timeout)
@@ -124,7 +127,7 @@ def down() -> None:
         raise CliError(f"could not stop {', '.join(stuck)}")
 
 
-def _load_or_create(cluster_dir: ClusterDir, wanted: dict[str, int | None]) -> ClusterSpec:
+def _load_or_create(cluster_dir: ClusterDir, wanted: dict[str, int | bool | None]) -> ClusterSpec:
     """The cluster in the directory, or a new one with the ``wanted`` settings (None: default).
 
     Asking an existing cluster for other settings is an error rather than silently ignored.
@@ -134,12 +137,13 @@ def _load_or_create(cluster_dir: ClusterDir, wanted: dict[str, int | None]) -> C
             wanted["nodes"] or DEFAULT_NODES,
             session_capacity=wanted["session_capacity"] or DEFAULT_SESSION_CAPACITY,
             snapshot_count=wanted["snapshot_count"] or DEFAULT_SNAPSHOT_COUNT,
+            fsync=bool(wanted["fsync"]),
         )
         click.echo(f"created cluster {spec.cluster_id} in {cluster_dir.path}", err=True)
         return spec
     spec = cluster_dir.load()
     actual = {"nodes": len(spec.nodes), "session_capacity": spec.session_capacity,
-              "snapshot_count": spec.snapshot_count}
+              "snapshot_count": spec.snapshot_count, "fsync": spec.fsync}
     for name, value in wanted.items():
         if value is not None and value != actual[name]:
             raise CliError(

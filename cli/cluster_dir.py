@@ -54,6 +54,8 @@ class ClusterSpec:
     moment, so every node gets the same capacity."""
     snapshot_count: int = DEFAULT_SNAPSHOT_COUNT
     """Log entries between snapshots, the same on every node for predictable restarts."""
+    fsync: bool = False
+    """Durable mode on every node (``kv cluster up --fsync``)."""
 
     @property
     def endpoints(self) -> list[str]:
@@ -96,7 +98,7 @@ class ClusterDir:
         return self.spec_file.is_file()
 
     def create(self, node_count: int, *, session_capacity: int = DEFAULT_SESSION_CAPACITY,
-               snapshot_count: int = DEFAULT_SNAPSHOT_COUNT) -> ClusterSpec:
+               snapshot_count: int = DEFAULT_SNAPSHOT_COUNT, fsync: bool = False) -> ClusterSpec:
         """Describes a new cluster of ``node_count`` nodes on free loopback ports and saves it.
 
         The cluster id is random and odd, so it is never 0 ("no cluster") and two local
@@ -116,7 +118,8 @@ class ClusterDir:
             for i in range(node_count)
         )
         spec = ClusterSpec(cluster_id=secrets.randbits(63) | 1, nodes=nodes,
-                           session_capacity=session_capacity, snapshot_count=snapshot_count)
+                           session_capacity=session_capacity, snapshot_count=snapshot_count,
+                           fsync=fsync)
         write_atomic(self.secret_file, secrets.token_hex(32).encode() + b"\n", mode=0o600)
         write_atomic(self.spec_file, encode_spec(spec), mode=0o644)
         return spec
@@ -168,6 +171,7 @@ def encode_spec(spec: ClusterSpec) -> bytes:
         "cluster_id": spec.cluster_id,
         "session_capacity": spec.session_capacity,
         "snapshot_count": spec.snapshot_count,
+        "fsync": spec.fsync,
         "nodes": [
             {"id": n.id, "raft": n.raft, "api": n.api, "data_dir": n.data_dir} for n in spec.nodes
         ],
@@ -194,12 +198,15 @@ def decode_spec(path: Path, data: bytes) -> ClusterSpec:
         )
         if not nodes:
             raise ValueError("no nodes")
+        fsync = doc.get("fsync", False)  # absent in files written before the durable mode
+        if not isinstance(fsync, bool):
+            raise ValueError("fsync must be true or false")
     except KeyError as exc:
         raise CliError(f"{path} is not a cluster description: no {exc}", INVALID_INPUT) from exc
     except (ValueError, TypeError) as exc:
         raise CliError(f"{path} is not a cluster description: {exc}", INVALID_INPUT) from exc
     return ClusterSpec(cluster_id=cluster_id, nodes=nodes, session_capacity=capacity,
-                       snapshot_count=snapshots)
+                       snapshot_count=snapshots, fsync=fsync)
 
 
 def free_ports(count: int) -> list[int]:

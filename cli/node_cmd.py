@@ -108,6 +108,9 @@ def node() -> None:
 @click.option("--snapshot-count", type=click.IntRange(min=1), default=DEFAULT_SNAPSHOT_COUNT,
               show_default=True, help="Log entries after which the node snapshots its state "
               "and compacts its log.")
+@click.option("--fsync", is_flag=True,
+              help="Durable mode: fsync the journal before acknowledging entries, so "
+                   "acknowledged writes survive power loss (costs a disk flush per batch).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 @click.option("--dial-via", "dial_via", multiple=True, callback=parse_dial_via, hidden=True,
@@ -118,7 +121,7 @@ def node() -> None:
               "that kv check catches it. Never in production.")
 def run(node_id: str, cluster_id: int, raft: str, api: str, peers: tuple[Member, ...],
         data_dir: Path, secret_file: Path | None, session_capacity: int, snapshot_count: int,
-        log_level: str, dial_via: dict[str, str], planted_bug: str | None) -> None:
+        fsync: bool, log_level: str, dial_via: dict[str, str], planted_bug: str | None) -> None:
     """Runs one node until SIGTERM or Ctrl-C, then stops it cleanly."""
     secret = read_secret(secret_file)
     peer_addresses = [a for p in peers for a in (p.raft_address, p.api_address)]
@@ -132,6 +135,7 @@ def run(node_id: str, cluster_id: int, raft: str, api: str, peers: tuple[Member,
         secret=secret,
         session_capacity=session_capacity,
         snapshot_count=snapshot_count,
+        fsync=fsync,
         dial_via=dial_via,
     )
     logging.basicConfig(

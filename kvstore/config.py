@@ -36,6 +36,8 @@ class NodeConfig:
     """The cluster secret. PySyncObj unpickles what arrives on its port (defect D1), so every
     node encrypts and authenticates Raft traffic with it; a node never runs without one."""
     session_capacity: int = DEFAULT_SESSION_CAPACITY
+    fsync: bool = False
+    """Durable mode: fsync the journal before acknowledging entries (``kvstore.node.durable``)."""
     snapshot_count: int = DEFAULT_SNAPSHOT_COUNT
     """Log entries after which the node snapshots its state and compacts its log (as etcd's
     ``--snapshot-count``); PySyncObj also snapshots every five minutes."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from kvstore.proto.log_pb2 import Command, Entry
+from collections.abc import Sequence
+
+from kvstore.proto.log_pb2 import Command, Entry, EntryBatch
 from session.session import Session
 from session.wire import parse_canonical
 
@@ -23,3 +25,13 @@ def decode_entry(data: bytes) -> Entry:
     """Parses entry bytes; raises ``session.wire.WireDecodeError`` unless they are exactly what
     ``encode_entry`` writes (so every protobuf backend accepts the same entries)."""
     return parse_canonical(Entry, data)
+
+
+def encode_batch(entries: Sequence[bytes]) -> bytes:
+    """One replicated Raft entry holding several log entries (group commit)."""
+    return EntryBatch(entries=entries).SerializeToString(deterministic=True)
+
+
+def decode_batch(data: bytes) -> list[bytes]:
+    """The entries of a batch; raises ``WireDecodeError`` for bytes ``encode_batch`` did not write."""
+    return list(parse_canonical(EntryBatch, data).entries)

@@ -1,4 +1,7 @@
-"""Regenerates the committed protobuf and gRPC code: ``make proto`` (or ``python -m kvstore.protogen``).
+"""Regenerates the committed protobuf and gRPC code: ``make proto`` (``python kvstore/protogen.py``).
+
+Run as a script, not with ``-m``: importing the ``kvstore`` package needs the generated code
+that this is about to write.
 
 The generated modules are committed so that a user needs no code generator to run the project.
 ``tests/unit/test_generated_code.py`` regenerates into a temporary directory and fails when the

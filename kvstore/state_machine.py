@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 
 from kvstore import commands, dedup, results, snapshot
-from kvstore.entry import decode_entry
+from kvstore.entry import decode_batch, decode_entry
 from kvstore.limits import DEFAULT_SESSION_CAPACITY
 from kvstore.proto.log_pb2 import Code, Command, Result
 from kvstore.session_store import SessionStore
@@ -53,6 +53,19 @@ class StateMachine:
             decoded.session,
             lambda: results.encode(commands.execute(self.data, decoded.command)),
         )
+
+    def apply_batch(self, batch: bytes) -> list[bytes]:
+        """Applies every entry of a batch (``kvstore.entry.encode_batch``), in order.
+
+        A batch that does not decode yields no results: every replica decodes the same bytes
+        the same way, so they all skip it alike, and its proposers learn nothing (outcome
+        unknown). Our own node never writes such a batch.
+        """
+        try:
+            entries = decode_batch(batch)
+        except WireDecodeError:
+            return []
+        return [self.apply(entry) for entry in entries]
 
     def query(self, command: Command) -> Result:
         """Answers a read-only command from local state, outside the log (a serializable read).

@@ -26,6 +26,7 @@ class KVNode:
                 password=config.secret,
                 log_compaction_min_entries=config.snapshot_count,
                 dial_via=config.dial_via,
+                fsync=config.fsync,
             ),
         )
         self.health = Health(self.raft)

@@ -66,3 +66,25 @@ class Pending:
         if self.error in DEFINITELY_NOT_APPLIED:
             raise NotApplied(name)
         raise OutcomeUnknown(name)
+
+
+class BatchCallback:
+    """The callback of one replicated batch: hands each proposer its own entry's result."""
+
+    __slots__ = ("waiters",)
+
+    def __init__(self, waiters: list[Pending]) -> None:
+        self.waiters = waiters
+
+    def __call__(self, results: Any, error: int) -> None:
+        if error != FAIL_REASON.SUCCESS:
+            for pending in self.waiters:
+                pending(None, error)
+        elif not isinstance(results, list) or len(results) != len(self.waiters):
+            # A batch that did not decode on apply: nothing was applied, but say "unknown"
+            # rather than guess (our node never sends such a batch).
+            for pending in self.waiters:
+                pending(None, FAIL_REASON.UNKNOWN_OUTCOME)
+        else:
+            for pending, result in zip(self.waiters, results, strict=True):
+                pending(result, FAIL_REASON.SUCCESS)

@@ -24,22 +24,27 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.node import TCPNode
 from pysyncobj.poller import POLL_EVENT_TYPE
 
-from kvstore.node import d6_fence, dial, dump_file
+from kvstore.entry import encode_batch
+from kvstore.node import d6_fence, dial, dump_file, durable
 from kvstore.node.internals import Internals
-from kvstore.node.outcomes import NotApplied, OutcomeUnknown, Pending
+from kvstore.node.outcomes import BatchCallback, NotApplied, OutcomeUnknown, Pending
 from kvstore.node.timers import SHIPPED, TimerProfile
 
 log = logging.getLogger("kvstore.node")
+
+MAX_BATCH_ENTRIES = 1024
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+"""Limits of one replicated batch; what does not fit goes out in the next one, same tick."""
 
 T = TypeVar("T")
 
@@ -47,7 +52,7 @@ T = TypeVar("T")
 class Replicated(Protocol):
     """What the node needs of the state machine (``kvstore.StateMachine`` fits)."""
 
-    def apply(self, entry: bytes) -> bytes: ...
+    def apply_batch(self, batch: bytes) -> list[bytes]: ...
     def snapshot(self) -> bytes: ...
     def restore(self, data: bytes) -> None: ...
     def digest(self) -> str: ...
@@ -66,6 +71,8 @@ class RaftOptions:
     d6_fence: bool = True
     dial_via: Mapping[str, str] = field(default_factory=dict)
     """Peer raft address -> host:port to connect to instead (a fault proxy: ``kvstore.node.dial``)."""
+    fsync: bool = False
+    """Make the journal durable before acknowledging or sending entries (``kvstore.node.durable``)."""
 
 
 class RaftNode(SyncObj):
@@ -94,6 +101,8 @@ class RaftNode(SyncObj):
         os.set_blocking(self._n_wake_w, False)
         self._n_wake_pending = False
         self._n_fsync_dir_pending = False
+        self._n_waiting: deque[tuple[bytes, Pending]] = deque()
+        self._n_flush_journal: Callable[[], None] | None = None
         self.counters: Counter[str] = Counter()
         self._n_on_tick_hooks: list[Callable[[], None]] = []
         conf = SyncObjConf(
@@ -126,6 +135,8 @@ class RaftNode(SyncObj):
         self.addOnTickCallback(self._n_on_tick)
         if options.d6_fence:
             d6_fence.install(self, self.internals, self.counters)
+        if options.fsync:
+            self._n_flush_journal = durable.install(self.internals, self.counters)
         if profile.driven:
             self._n_thread = threading.Thread(target=self._n_drive, daemon=True,
                                               name=f"raft-tick-{options.self_address}")
@@ -134,10 +145,10 @@ class RaftNode(SyncObj):
     # -- the one replicated method --------------------------------------------------------
 
     @replicated
-    def _n_apply(self, entry: bytes) -> bytes:
-        """Runs on every replica, in log order, on the tick thread."""
+    def _n_apply_batch(self, batch: bytes) -> list[bytes]:
+        """Runs on every replica, in log order, on the tick thread: one batch of entries."""
         try:
-            return self._n_sm.apply(entry)
+            return self._n_sm.apply_batch(batch)
         except BaseException as exc:
             # D5: raising wedges PySyncObj on this entry for good, and returning something
             # else could make this replica differ (the failure may be local, a MemoryError).
@@ -154,18 +165,43 @@ class RaftNode(SyncObj):
 
         Raises ``NotApplied`` (safe to retry) or ``OutcomeUnknown`` (may be applied; includes
         our own deadline, since PySyncObj's asynchronous calls cannot be cancelled).
+
+        With the driven tick loop, the entry waits for the next tick, which sends everything
+        that is waiting as one replicated batch (group commit): the per-entry costs of
+        PySyncObj (a command, a callback, a log record) are paid once per batch.
         """
         if threading.get_ident() == self._n_tick_thread_id:
             raise RuntimeError("propose() on the tick thread would deadlock")
         if self._n_fatal:
             raise NotApplied("NODE_FAILED", self._n_fatal)
         pending = Pending()
-        self._n_apply(bytes(entry), callback=pending)  # QUEUE_FULL calls back at once, here
         if self._n_options.profile.driven:
+            self._n_waiting.append((bytes(entry), pending))
             self._n_wake()
+        else:
+            self._n_apply_batch(encode_batch([bytes(entry)]), callback=BatchCallback([pending]))
         if not pending.event.wait(timeout):
             raise OutcomeUnknown("TIMEOUT", f"no outcome within {timeout:.3f}s")
         return pending.outcome()
+
+    def _n_send_waiting(self) -> None:
+        """On the tick thread: turns the waiting proposals into replicated batches."""
+        while self._n_waiting:
+            entries: list[bytes] = []
+            waiters: list[Pending] = []
+            size = 0
+            while self._n_waiting and len(entries) < MAX_BATCH_ENTRIES and size < MAX_BATCH_BYTES:
+                entry, pending = self._n_waiting.popleft()
+                entries.append(entry)
+                waiters.append(pending)
+                size += len(entry)
+            if not self._isLeader():
+                for pending in waiters:  # never appended anywhere: certainly not applied
+                    pending(None, FAIL_REASON.NOT_LEADER)
+                continue
+            self._n_apply_batch(encode_batch(entries), callback=BatchCallback(waiters))
+            self.counters["batches"] += 1
+            self.counters["batched_entries"] += len(entries)
 
     def on_tick_thread(self, task: Callable[[], T], timeout: float) -> T:
         """Runs ``task`` on the tick thread, between applies, and returns its result.
@@ -224,6 +260,7 @@ class RaftNode(SyncObj):
         sent = (-1, -1)
         while not self._n_stopping.is_set():
             try:
+                self._n_send_waiting()
                 if self._isLeader():
                     now = (internals.raft_log[-1][1], self.raftCommitIndex)
                     if now != sent:  # new entries or a new commit index: ship them this tick
@@ -232,6 +269,8 @@ class RaftNode(SyncObj):
                 # Queued commands are appended at the end of a tick, after its send step: do
                 # not let the next tick sleep in poll(), so that it ships them.
                 self.doTick(0.0 if internals.queue else idle)
+                if self._n_flush_journal is not None:
+                    self._n_flush_journal()
             except Exception:
                 self.counters["tick_exceptions"] += 1
                 log.exception("tick failed")

@@ -263,12 +263,13 @@ def lead_with_pipelined_appends(h: Harness) -> int:
     """Makes the node leader with entries 3..7 appended after its no-op at index 2 and sent to
     the peer (nextIndex 8) but not yet acknowledged (matchIndex 0). Returns the last index, 7."""
     h.lead()
-    for _ in range(5):
+    last = 7
+    for index in range(3, last + 1):
         # Queued on the leader; with its only peer silent nothing commits, so no outcome comes.
+        # One at a time: proposals waiting together would go out as one batch (one entry).
         with pytest.raises(OutcomeUnknown):
             h.node.propose(b"entry", timeout=0.0)
-    last = 7
-    wait_for(lambda: h.log()[-1][0] == last, f"the leader to append up to {last}")
+        wait_for(lambda i=index: h.log()[-1][0] == i, f"the leader to append entry {index}")
     wait_for(lambda: h.leader_indexes() == (last + 1, 0), "the leader to send up to its last entry")
     return last
 
