@@ -37,6 +37,11 @@ Consistency = Literal["linearizable", "serializable"]
 DEFAULT_TIMEOUT = 5.0
 RETRY_BACKOFF = (0.01, 0.2)
 """First and longest pause between attempts when no leader is known (an election is on)."""
+ATTEMPT_SHARE = 0.25
+MIN_ATTEMPT = 0.5
+"""When a retry is safe, one attempt gets at most a quarter of the deadline (and at least
+0.5 s), so a node that hangs (paused, partitioned) cannot use up the whole deadline: the next
+attempt goes to another node."""
 
 _CONSISTENCY = {"linearizable": api_pb2.LINEARIZABLE, "serializable": api_pb2.SERIALIZABLE}
 _NEVER_SENT = ("failed to connect", "connection refused", "dns resolution failed", "name resolution")
@@ -280,7 +285,9 @@ class Client:
         a session, or for a read). Errors that the state machine or the request itself caused
         are raised at once.
         """
-        deadline = time.monotonic() + (timeout or self.timeout)
+        total = timeout or self.timeout
+        deadline = time.monotonic() + total
+        attempt_cap = max(MIN_ATTEMPT, total * ATTEMPT_SHARE) if retry_unknown else total
         maybe_applied = False
         last_error = "no attempt made"
         backoff = RETRY_BACKOFF[0]
@@ -290,7 +297,7 @@ class Client:
                 if remaining <= 0:
                     break
                 try:
-                    answer = rpc(self._stub(endpoint), remaining)
+                    answer = rpc(self._stub(endpoint), min(remaining, attempt_cap))
                 except grpc.RpcError as exc:
                     failure = _classify(exc)
                     last_error = f"{endpoint}: {_details(exc)}"
