@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 
 from cli import processes
 from cli.cluster_dir import ClusterDir, ClusterSpec
+from tests import support
 
 CLI = [sys.executable, "-m", "cli"]
 COMMAND_DEADLINE = 60.0
@@ -119,14 +119,7 @@ class Cluster:
     @staticmethod
     def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
         """Polls ``predicate`` until it returns something truthy, which is returned."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-            time.sleep(0.05)
+        return support.wait_for(predicate, timeout, what)
 
 
 def bring_down(cluster: Cluster) -> None:

@@ -7,7 +7,6 @@ for entries (``kvstore.node.durable``).
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -21,17 +20,13 @@ from kvstore.client import Client
 from kvstore.config import Member, NodeConfig
 from kvstore.node import KVNode
 from kvstore.server import serving
+from tests.support import free_port
 
 pytestmark = pytest.mark.integration
 
 WRITERS = 16
 WRITES_EACH = 25
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start(tmp_path: Path, *, fsync: bool) -> Iterator[list[KVNode]]:

@@ -19,7 +19,7 @@ import socketserver
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from itertools import combinations
@@ -36,6 +36,7 @@ from kvstore.node import KVNode, NotApplied, OutcomeUnknown
 from kvstore.proto.log_pb2 import Code
 from kvstore.server import serving
 from session import new_noop_session
+from tests.support import free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -50,22 +51,6 @@ LINK_DELAY = 0.2
 """Below the election timeout (0.4 s), so a delayed cluster keeps its leader."""
 
 
-def wait_for(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    """Polls ``predicate`` until it returns something truthy, which is returned."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- the proxy on its own, in front of an echo server ---------------------------------------------

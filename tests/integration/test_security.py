@@ -20,6 +20,7 @@ from pysyncobj import SyncObj, SyncObjConf
 
 from kvstore.client import Client
 from tests.integration.conftest import Cluster
+from tests.support import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -48,11 +49,6 @@ def attack(port: int, marker: Path) -> None:
             except (ConnectionResetError, TimeoutError, socket.timeout):
                 pass
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_control_a_bare_pysyncobj_runs_the_payload(tmp_path: Path) -> None:

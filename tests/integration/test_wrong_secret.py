@@ -45,6 +45,7 @@ from kvstore.client import Client
 from kvstore.proto import api_pb2
 from session import Session
 from tests.integration.conftest import Cluster
+from tests.support import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -58,11 +59,6 @@ STATUS_EVERY = 0.2
 FORGED_KEY = b"wrong-secret/forged"
 _REGULAR_COMMAND = 0  # pysyncobj.syncobj._COMMAND_TYPE.REGULAR
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RecordingTransport(TCPTransport):

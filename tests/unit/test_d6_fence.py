@@ -25,8 +25,6 @@ failure to look at. Genuine conflicts and rejections must behave the same on bot
 
 from __future__ import annotations
 
-import socket
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +37,8 @@ from kvstore.node import OutcomeUnknown
 from kvstore.node.raft_node import RaftNode, RaftOptions
 from kvstore.node.timers import TimerProfile
 from kvstore.state_machine import StateMachine
+from tests import support
+from tests.support import free_port
 
 T = TypeVar("T")
 
@@ -76,23 +76,11 @@ PLAIN_HAS_D6 = pytest.param(False, id="plain", marks=pytest.mark.xfail(
     reason="D6 is present in plain PySyncObj 0.3.17: it breaks the Raft rule asserted here"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def wait_for(predicate: Callable[[], T], what: str) -> T:
     """Polls ``predicate`` until it returns something truthy. Raises ``TimeoutError`` (not an
     ``AssertionError``: a set-up failure must not pass for the expected D6 failure)."""
-    deadline = time.monotonic() + SETUP_DEADLINE
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {SETUP_DEADLINE} s waiting for {what}")
-        time.sleep(0.01)
+    return support.wait_for(predicate, SETUP_DEADLINE, what, error=TimeoutError, poll=0.01)
 
 
 class Harness:
