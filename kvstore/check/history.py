@@ -229,7 +229,10 @@ def dump(ops: Iterable[Op], path: str | os.PathLike[str]) -> None:
     """Writes ``ops`` to ``path`` as JSON lines: one object per op, with ``Op``'s field names."""
     with open(path, "w", encoding="utf-8") as f:
         for op in ops:
-            f.write(json.dumps(dataclasses.asdict(op), ensure_ascii=False) + "\n")
+            # Field by field: dataclasses.asdict deep-copies every value, which takes minutes
+            # for a long run whose reads return whole lists.
+            f.write(json.dumps({name: getattr(op, name) for name in _FIELDS},
+                               ensure_ascii=False) + "\n")
 
 
 def load(path: str | os.PathLike[str]) -> list[Op]:

@@ -155,20 +155,41 @@ class RegisterWorkload(Workload):
 
 
 class ListAppendWorkload(Workload):
-    """Appends of unique values and reads of whole lists: catches a retry applied twice."""
+    """Appends of unique values and reads of whole lists: catches a retry applied twice.
+
+    A key takes at most ``APPENDS_PER_KEY`` appends and is then replaced by a fresh one (as
+    Jepsen does), so reads stay short however long the run: a read returns the whole list.
+    """
 
     name = "list-append"
+    APPENDS_PER_KEY = 300
+
+    def __init__(self, keys: int) -> None:
+        super().__init__(keys)
+        self._lock = threading.Lock()
+        self._appends: dict[str, int] = {}
+        self._retired: list[str] = []
+        self._next_key = len(self.keys)
 
     def step(self, worker: Worker) -> Op:
-        key = worker.rng.choice(self.keys)
-        if worker.rng.random() < 0.3:
+        with self._lock:
+            slot = worker.rng.randrange(len(self.keys))
+            key = self.keys[slot]
+            reading = worker.rng.random() < 0.3
+            if not reading:
+                self._appends[key] = self._appends.get(key, 0) + 1
+                if self._appends[key] >= self.APPENDS_PER_KEY:
+                    self._retired.append(key)
+                    self.keys[slot] = f"{self.name}/{self._next_key}"
+                    self._next_key += 1
+        if reading:
             return worker.read("read", key, _as_list)
         value = worker.unique_value()
         return worker.write("append", key, value,
                             ops.append(key.encode(), (value + SEPARATOR).encode()), lambda r: None)
 
     def final_reads(self, worker: Worker) -> list[Op]:
-        return [worker.read("read", key, _as_list) for key in self.keys]
+        return [worker.read("read", key, _as_list) for key in self._retired + self.keys]
 
     def check(self, history: list[Op]) -> Any:
         return check_list_append(history)
