@@ -14,7 +14,7 @@ from typing import NoReturn
 
 import click
 
-from cli import check_cmd, cluster_cmd, data_cmd, demo, exits, node_cmd, session_cmd
+from cli import bench_cmd, check_cmd, cluster_cmd, data_cmd, demo, exits, node_cmd, session_cmd
 from cli.settings import Settings, root_options
 
 
@@ -38,7 +38,7 @@ def kv() -> None:
 
 
 for command in (*data_cmd.COMMANDS, session_cmd.session, cluster_cmd.cluster, node_cmd.node,
-                demo.demo, check_cmd.check):
+                demo.demo, check_cmd.check, bench_cmd.bench):
     kv.add_command(command)
 
 

@@ -1,0 +1,131 @@
+"""``kv bench``: closed-loop load on a local cluster, optionally against etcd or raw PySyncObj.
+
+The machinery is in ``cli/bench/``; this module is the command line. Everything runs on
+127.0.0.1, every run is bounded in time, and nothing is left running: the targets are stopped
+in ``finally`` (also on Ctrl-C, SIGTERM and errors) and leftovers are looked for with pgrep.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+from typing import Any
+
+import click
+
+from cli.bench.load import default_workers
+from cli.bench.runner import COMPARABLE, BenchOptions, Display, run_bench, text_report
+from cli.exits import BAD_ARGUMENTS, ERROR, CliError
+from cli.settings import Settings, global_options
+
+
+def _duration(_ctx: click.Context, _param: click.Parameter, text: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m)?", str(text).strip())
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a duration like 500ms, 10s or 2m")
+    return float(match.group(1)) * {"ms": 0.001, "s": 1, "m": 60, None: 1}[match.group(2)]
+
+
+def _client_counts(_ctx: click.Context, _param: click.Parameter, text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if not counts or any(n < 1 or n > 1024 for n in counts):
+        raise click.BadParameter(f"{text!r} is not a comma list of client counts (1 to 1024)")
+    return counts
+
+
+def _compare(_ctx: click.Context, _param: click.Parameter, text: str) -> list[str]:
+    names = [n.strip() for n in str(text).split(",") if n.strip() and n.strip() != "none"]
+    unknown = [n for n in names if n not in COMPARABLE]
+    if unknown:
+        raise click.BadParameter(f"choose from {', '.join(COMPARABLE)} (comma list) or none")
+    return list(dict.fromkeys(names))
+
+
+@click.command()
+@click.option("--clients", default="1,16,64", show_default=True, callback=_client_counts,
+              metavar="N,N,...", help="Concurrent clients; one run per count.")
+@click.option("--duration", default="10s", show_default=True, callback=_duration,
+              metavar="TIME", help="Measured time per run (10s, 500ms, 2m).")
+@click.option("--warmup", default="2s", show_default=True, callback=_duration, metavar="TIME",
+              help="Unmeasured load before each run's measurement.")
+@click.option("--rounds", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Rounds of every run; the report shows medians.")
+@click.option("--value-size", type=click.IntRange(0, 1 << 20), default=100, show_default=True,
+              metavar="BYTES", help="Size of each written value.")
+@click.option("--read-ratio", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of reads (gets of the client's own keys); the rest are puts.")
+@click.option("--consistency", type=click.Choice(["l", "s"]), default="l", show_default=True,
+              help="Reads: l linearizable (through the log), s serializable (one replica).")
+@click.option("--sessions", type=click.Choice(["on", "off"]), default="on", show_default=True,
+              help="Ours: each client with its own session (on) or no-op sessions (off).")
+@click.option("--nodes", type=click.IntRange(1, 7), default=3, show_default=True,
+              help="Nodes of each cluster started (ours, etcd members, raw).")
+@click.option("--fsync", is_flag=True,
+              help="Start our nodes with --fsync (an error if this build's nodes lack it).")
+@click.option("--compare", default="none", show_default=True, callback=_compare,
+              metavar="etcd,raw,noop", help="Also run the same load, alternating, against etcd "
+              "(the etcd binary, Debian etcd-server), a plain PySyncObj dict (raw), and/or our "
+              "cluster with no-op sessions (noop: what exactly-once costs).")
+@click.option("--workers", type=click.IntRange(1, 256), default=default_workers(),
+              show_default=True, help="Client worker processes (threads inside).")
+@global_options
+def bench(clients: list[int], duration: float, warmup: float, rounds: int, value_size: int,
+          read_ratio: float, consistency: str, sessions: str, nodes: int, fsync: bool,
+          compare: list[str], workers: int) -> None:
+    """Closed-loop load: ops/s, latency percentiles, errors, client and node CPU per op.
+
+    \b
+    Starts a fresh local cluster in a temporary directory (kv cluster up --detach), or uses
+    --endpoints. Each client has one operation in flight; clients run in worker processes.
+    --timeout is the per-operation time limit. Progress goes to stderr; the table (or -w json)
+    to stdout.
+    \b
+      kv bench --clients 1,16,64 --duration 10s --rounds 3 --compare etcd
+      kv bench --compare raw --duration 2s --rounds 1 -w json
+    """
+    settings = Settings.current()
+    if "noop" in compare and sessions == "off":
+        raise CliError("--compare noop compares sessions with no-op sessions: it needs "
+                       "--sessions on", BAD_ARGUMENTS)
+    if duration <= 0:
+        raise CliError("--duration must be positive", BAD_ARGUMENTS)
+    if fsync:
+        if settings.endpoints:
+            raise CliError("--fsync applies to the cluster kv bench starts, not to --endpoints",
+                           BAD_ARGUMENTS)
+        from cli.bench.ours import fsync_supported
+
+        if not fsync_supported():
+            raise CliError("--fsync is not supported by this build ('kv cluster up' has no "
+                           "--fsync option)", ERROR)
+    options = BenchOptions(
+        clients=clients, duration=duration, warmup=warmup, rounds=rounds,
+        value_size=value_size, read_ratio=read_ratio, consistency=consistency,
+        sessions=sessions == "on", nodes=nodes, fsync=fsync, compare=compare,
+        endpoints=list(settings.endpoints), op_timeout=settings.timeout,
+        dial_timeout=settings.dial_timeout, workers=workers)
+
+    def interrupted(*_: Any) -> None:
+        raise KeyboardInterrupt  # unwinds through every finally: targets stopped
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        doc = run_bench(options, Display())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if settings.write_out == "json":
+        click.echo(json.dumps(doc))
+    else:
+        for line in text_report(doc):
+            click.echo(line)
+    if doc["leftover_processes"]:
+        raise CliError(f"{len(doc['leftover_processes'])} process(es) were still running after "
+                       "the benchmark and were killed", ERROR)
+    empty = [f"{r['target']} with {r['clients']} clients (round {r['round']})"
+             for r in doc["runs"] if r["ops"] == 0]
+    if empty:
+        raise CliError(f"no operation completed: {empty[0]}", ERROR)
