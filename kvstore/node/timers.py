@@ -40,6 +40,18 @@ class TimerProfile:
     """How often a node redials a peer it lost (PySyncObj: 5 s, which keeps a healed link
     down for up to that long)."""
 
+    def syncobj_settings(self) -> dict[str, float | bool]:
+        """The profile as ``SyncObjConf`` keyword arguments (the one place that maps them)."""
+        return {
+            "autoTickPeriod": self.tick_period,
+            "appendEntriesPeriod": self.append_entries_period,
+            "appendEntriesUseBatch": self.append_entries_use_batch,
+            "raftMinTimeout": self.raft_min_timeout,
+            "raftMaxTimeout": self.raft_max_timeout,
+            "leaderFallbackTimeout": self.leader_fallback_timeout,
+            "connectionRetryTime": self.connection_retry_time,
+        }
+
 
 PROFILES: dict[str, TimerProfile] = {
     "default": TimerProfile("default"),
