@@ -26,11 +26,6 @@ class Unavailable(KVError):
 
     exit_code = 2
 
-    def __init__(self, message: str, leader_hint: str = "") -> None:
-        super().__init__(message)
-        self.leader_hint = leader_hint
-        """The API address of the leader, when the node that refused knew it."""
-
 
 class OutcomeUnknown(KVError):
     """May or may not have been applied; retry with the same session and series id."""

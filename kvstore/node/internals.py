@@ -32,7 +32,3 @@ class Internals:
     def force_append(self) -> None:
         """Makes the next tick send append_entries instead of waiting for the period."""
         self._syncobj._SyncObj__newAppendEntriesTime = 0.0
-
-    def first_last(self) -> tuple[int, int]:
-        """Indexes of the first and last entries of the (possibly compacted) log."""
-        return self.raft_log[0][1], self.raft_log[-1][1]

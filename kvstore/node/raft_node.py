@@ -91,7 +91,6 @@ class RaftNode(SyncObj):
         self._n_options = options
         self._n_fatal: str | None = None
         self._n_tick_thread_id: int | None = None
-        self._n_last_tick = time.monotonic()
         self._n_stopping = threading.Event()
         self._n_thread: threading.Thread | None = None
         self._n_tick_tasks: list[tuple[Future[Any], Callable[[], Any]]] = []
@@ -215,10 +214,6 @@ class RaftNode(SyncObj):
     def fatal(self) -> str | None:
         return self._n_fatal
 
-    @property
-    def seconds_since_tick(self) -> float:
-        return time.monotonic() - self._n_last_tick
-
     def add_tick_hook(self, hook: Callable[[], None]) -> None:
         """Runs ``hook`` on every tick (on the tick thread); keep it cheap."""
         self._n_on_tick_hooks.append(hook)
@@ -296,7 +291,6 @@ class RaftNode(SyncObj):
     def _n_on_tick(self) -> None:
         """PySyncObj's per-tick callback, on the tick thread: bookkeeping only."""
         self._n_tick_thread_id = threading.get_ident()
-        self._n_last_tick = time.monotonic()
         self.counters["ticks"] += 1
         if self._n_fsync_dir_pending:
             self._n_fsync_dir_pending = False
