@@ -25,38 +25,34 @@ from kvstore.config import (
 from kvstore.limits import DEFAULT_SESSION_CAPACITY
 
 
+def address_pairs(ctx: click.Context, param: click.Parameter, values: tuple[str, ...],
+                  right: str) -> list[tuple[str, str]]:
+    """``LEFT=RIGHT`` options, both sides ``host:port``; a usage error names the bad one."""
+    pairs = []
+    for value in values:
+        left, sep, right_address = value.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{value!r} is not RAFT_HOST:PORT={right}", ctx, param)
+        try:
+            split_address(left)
+            split_address(right_address)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from exc
+        pairs.append((left, right_address))
+    return pairs
+
+
 def parse_peer(ctx: click.Context, param: click.Parameter,
                values: tuple[str, ...]) -> tuple[Member, ...]:
     """``RAFT=API`` pairs as members."""
-    members = []
-    for value in values:
-        raft, sep, api = value.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{value!r} is not RAFT_HOST:PORT=API_HOST:PORT", ctx, param)
-        try:
-            split_address(raft)
-            split_address(api)
-        except ConfigError as exc:
-            raise click.BadParameter(str(exc), ctx, param) from exc
-        members.append(Member(raft_address=raft, api_address=api))
-    return tuple(members)
+    return tuple(Member(raft_address=raft, api_address=api)
+                 for raft, api in address_pairs(ctx, param, values, "API_HOST:PORT"))
 
 
 def parse_dial_via(ctx: click.Context, param: click.Parameter,
                    values: tuple[str, ...]) -> dict[str, str]:
     """``RAFT=HOST:PORT`` pairs: dial the peer known as RAFT at HOST:PORT (a fault proxy)."""
-    dial_via: dict[str, str] = {}
-    for value in values:
-        raft, sep, via = value.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{value!r} is not RAFT_HOST:PORT=HOST:PORT", ctx, param)
-        try:
-            split_address(raft)
-            split_address(via)
-        except ConfigError as exc:
-            raise click.BadParameter(str(exc), ctx, param) from exc
-        dial_via[raft] = via
-    return dial_via
+    return dict(address_pairs(ctx, param, values, "HOST:PORT"))
 
 
 def read_secret(secret_file: Path | None) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvstore.check.history import Op
 from kvstore.check.report import (
     PLOT_LEFT,
     PLOT_WIDTH,
@@ -25,19 +26,6 @@ from kvstore.check.report import (
 SVG = "{http://www.w3.org/2000/svg}"
 MS = 1_000_000
 T0 = 5_000 * MS  # histories start at an arbitrary monotonic time, not at 0
-
-
-@dataclass
-class Op:
-    index: int
-    process: int
-    kind: str
-    key: str
-    value: Any
-    call_ns: int
-    return_ns: int | None
-    status: str
-    result: Any
 
 
 @dataclass
