@@ -1,7 +1,8 @@
 """An impostor on the Raft port without the cluster secret gets nothing done, and learns nothing.
 
 The attacker knows everything but the secret: the members' Raft addresses, the cluster id, the
-current term and commit index (all public through Status), and PySyncObj's wire format. It
+current term and commit index (all public through Status), and the wire format (PySyncObj's
+frames, sealed as ``kvstore.node.wire_crypto`` seals them). It
 
 * runs a real PySyncObj ``SyncObj`` (password "wrong") that claims to *be* a member (the highest
   Raft address, so PySyncObj dials every other member) and lists the members as its peers, with
@@ -23,6 +24,7 @@ exchange gets an answer, so the detectors above can see a connection when there 
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import socket
@@ -36,12 +38,12 @@ from typing import Any
 
 import pytest
 from pysyncobj import SyncObj, SyncObjConf, replicated
-from pysyncobj.encryptor import getEncryptor
 from pysyncobj.transport import TCPTransport
 
 from cli.cluster_dir import ClusterDir
 from kvstore import encode_entry, errors, ops
 from kvstore.client import Client
+from kvstore.node.wire_crypto import WireCrypto
 from kvstore.proto import api_pb2
 from session import Session
 from tests.integration.conftest import Cluster
@@ -91,6 +93,7 @@ class Impostor(SyncObj):
 
     def __init__(self, claimed: str, members: list[str], password: str) -> None:
         self.applied: list[tuple[bytes, bytes]] = []
+        self.crypto = WireCrypto(password)
         conf = SyncObjConf(
             password=password,
             bindAddress=f"127.0.0.1:{free_port()}",  # the claimed port is the real member's
@@ -100,6 +103,11 @@ class Impostor(SyncObj):
             dynamicMembershipChange=False,
         )
         super().__init__(claimed, members, conf, transportClass=RecordingTransport)
+
+    @property
+    def encryptor(self) -> WireCrypto:
+        """Seals frames the way our nodes do (as ``RaftNode.encryptor``)."""
+        return self.crypto
 
     @replicated
     def set(self, key: bytes, value: bytes) -> None:
@@ -156,11 +164,17 @@ def drive(impostor: Impostor, seconds: float, every: Callable[[], bool | None] |
 # --------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def sealer(password: str) -> WireCrypto:
+    """One per password, like one sending process: its counter keeps increasing."""
+    return WireCrypto(password)
+
+
 def frame(password: str, message: object, rand_key: bytes | None = None) -> bytes:
     if rand_key is not None:
         message = (rand_key, message)
     data = zlib.compress(pickle.dumps(message), 3)
-    data = getEncryptor(password).encrypt_at_time(data, int(time.monotonic()))
+    data = sealer(password).encrypt_at_time(data, int(time.monotonic()))
     return struct.pack("i", len(data)) + data
 
 
