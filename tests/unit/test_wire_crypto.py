@@ -10,7 +10,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvstore.node.wire_crypto import HEADER_BYTES, PEER_KEYS_KEPT, SALT_BYTES, WireCrypto, WireDecryptError
+from kvstore.node.wire_crypto import (
+    HEADER_BYTES,
+    PEER_KEYS_KEPT,
+    SALT_BYTES,
+    WireCrypto,
+    WireDecryptError,
+)
 
 SECRET = "unit-test-secret"
 
