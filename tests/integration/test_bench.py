@@ -158,3 +158,17 @@ def test_compare_noop_needs_sessions_on() -> None:
     outcome = CliRunner().invoke(bench, ["--compare", "noop", "--sessions", "off"])
     assert outcome.exit_code != 0
     assert "needs --sessions on" in str(outcome.exception)
+
+
+@pytest.mark.parametrize("server", ["sync", "aio"])
+def test_the_grpc_ceiling_benchmark_runs_both_servers_with_a_handoff(server: str) -> None:
+    """``benchmarks/grpc_ceiling.py``, the bound the README's performance section cites."""
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "grpc_ceiling.py")
+    done = subprocess.run([sys.executable, script, "--clients", "2", "--workers", "1",
+                           "--duration", "0.5", "--warmup", "0.2", "--server", server,
+                           "--handoff", "0.001", "--json"],
+                          capture_output=True, text=True, timeout=RUN_DEADLINE, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    assert [(row["server"], row["clients"], row["errors"]) for row in rows] == [(server, 2, 0)]
+    assert rows[0]["ops_per_s"] > 0
