@@ -47,6 +47,8 @@ def main() -> None:
             client.put(b"greeting", b"hello from an embedded cluster")
             print(client.get(b"greeting").value.decode())
             print("visits:", client.incr(b"visits").number)
+            # Followers may show one entry less: they learn that the last entry committed from
+            # the leader's next append or heartbeat (at most 50 ms later).
             for m in members:
                 status = client.status(m.api_address)
                 print(f"  {status.node_id}: {status.role:9} applied {status.applied_index}")

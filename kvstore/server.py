@@ -7,18 +7,24 @@ not forward? PySyncObj can forward a call from a follower, but that costs a seco
 loses its leader comes back as "outcome unknown" where a direct refusal is "not applied". A hint
 keeps the follower out of the data path and the error precise; the client keeps talking to the
 leader afterwards.
+
+The server is ``grpc.aio`` on one event loop in its own thread, not a pool of threads that each
+block until their proposal commits: a batch's answers reach the loop together, and the leader's
+GIL is shared by two busy threads (the loop and the Raft tick) instead of dozens
+(``benchmarks/grpc_ceiling.py --handoff`` measures the difference).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
-from concurrent import futures
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 from google.protobuf import message_factory
@@ -28,7 +34,7 @@ from kvstore import api_errors, commands, results
 from kvstore.config import NodeConfig
 from kvstore.entry import encode_entry
 from kvstore.node import KVNode, NodeStatusView, NotApplied, OutcomeUnknown
-from kvstore.proto import api_pb2, api_pb2_grpc
+from kvstore.proto import api_pb2
 from kvstore.proto.log_pb2 import Code, Result
 from kvstore.state_machine import StateMachine
 from session.constants import SERIES_ID_FOR_REGISTER, SERIES_ID_FOR_UNREGISTER
@@ -47,10 +53,21 @@ most half of what is left, so a short deadline still gets a chance to commit).""
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 """Bigger than any valid request (a 4 KiB key and a 1 MiB value); larger ones are refused by gRPC."""
 
-GRPC_WORKERS = 64
+STOP_GRACE = 1.0
+"""Seconds in-flight RPCs get to finish when the server stops."""
 
 
-class KVService(api_pb2_grpc.KVServicer):
+class Refused(Exception):
+    """A request answered with an error status (raised by the checks, sent by ``_guarded``)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, *metadata: tuple[str, str | bytes]) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.metadata = metadata
+
+
+class KVService:
     """Validates requests, turns them into log entries, and maps outcomes to gRPC statuses."""
 
     def __init__(self, node: KVNode, config: NodeConfig) -> None:
@@ -59,107 +76,111 @@ class KVService(api_pb2_grpc.KVServicer):
 
     # -- RPCs -------------------------------------------------------------------------------
 
-    def RegisterSession(self, request: api_pb2.SessionRequest, context: grpc.ServicerContext) -> Result:
-        session = self._session(request.session, context)
-        self._require(session.series_id == SERIES_ID_FOR_REGISTER and session.valid_for_session_op(
-            self._config.cluster_id), context, "RegisterSession needs a session prepared for register")
-        return self._propose(encode_entry(session), context)
+    async def RegisterSession(self, request: api_pb2.SessionRequest,
+                              context: grpc.aio.ServicerContext) -> Result:
+        session = self._session(request.session)
+        _require(session.series_id == SERIES_ID_FOR_REGISTER and session.valid_for_session_op(
+            self._config.cluster_id), "RegisterSession needs a session prepared for register")
+        return await self._propose(encode_entry(session), context)
 
-    def UnregisterSession(self, request: api_pb2.SessionRequest, context: grpc.ServicerContext) -> Result:
-        session = self._session(request.session, context)
-        self._require(session.series_id == SERIES_ID_FOR_UNREGISTER and session.valid_for_session_op(
-            self._config.cluster_id), context, "UnregisterSession needs a session prepared for unregister")
-        return self._propose(encode_entry(session), context)
+    async def UnregisterSession(self, request: api_pb2.SessionRequest,
+                                context: grpc.aio.ServicerContext) -> Result:
+        session = self._session(request.session)
+        _require(session.series_id == SERIES_ID_FOR_UNREGISTER and session.valid_for_session_op(
+            self._config.cluster_id), "UnregisterSession needs a session prepared for unregister")
+        return await self._propose(encode_entry(session), context)
 
-    def Propose(self, request: api_pb2.ProposeRequest, context: grpc.ServicerContext) -> Result:
-        session = self._session(request.session, context)
+    async def Propose(self, request: api_pb2.ProposeRequest, context: grpc.aio.ServicerContext) -> Result:
+        session = self._session(request.session)
         try:
             valid = session.valid_for_proposal(self._config.cluster_id)
         except Exception as exc:  # a broken invariant in the client's session
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        self._require(valid, context, "the session is not valid for a proposal (client id 0, or a "
-                      "register/unregister series id)")
-        self._check_command(request, context)
-        return self._propose(encode_entry(session, request.command), context)
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        _require(valid, "the session is not valid for a proposal (client id 0, or a "
+                 "register/unregister series id)")
+        _check_command(request)
+        return await self._propose(encode_entry(session, request.command), context)
 
-    def Read(self, request: api_pb2.ReadRequest, context: grpc.ServicerContext) -> Result:
-        self._check_cluster(request.cluster_id, context)
-        self._check_command(request, context)
-        self._require(commands.is_read_only(request.command), context,
-                      "Read takes a get or range command; writes go through Propose")
-        self._require(request.consistency in (api_pb2.LINEARIZABLE, api_pb2.SERIALIZABLE), context,
-                      f"unknown consistency {request.consistency}")
+    async def Read(self, request: api_pb2.ReadRequest, context: grpc.aio.ServicerContext) -> Result:
+        self._check_cluster(request.cluster_id)
+        _check_command(request)
+        _require(commands.is_read_only(request.command),
+                 "Read takes a get or range command; writes go through Propose")
+        _require(request.consistency in (api_pb2.LINEARIZABLE, api_pb2.SERIALIZABLE),
+                 f"unknown consistency {request.consistency}")
         if request.consistency == api_pb2.SERIALIZABLE:
-            return self._answer(self._node.read_local(request.command), context)
+            # Waits for the tick thread: in a worker thread, so the event loop goes on.
+            return _answer(await asyncio.to_thread(self._node.read_local, request.command))
         # A linearizable read goes through the log as a system entry (client id 0): it changes
         # nothing, so it needs no deduplication, and it sees every write committed before it.
         system = Session(cluster_id=self._config.cluster_id)
-        return self._propose(encode_entry(system, request.command), context)
+        return await self._propose(encode_entry(system, request.command), context)
 
-    def Status(self, request: api_pb2.StatusRequest, context: grpc.ServicerContext) -> api_pb2.NodeStatus:
-        return status_message(self._node.status(with_digest=request.with_digest), self._config)
+    async def Status(self, request: api_pb2.StatusRequest,
+                     context: grpc.aio.ServicerContext) -> api_pb2.NodeStatus:
+        view = await asyncio.to_thread(self._node.status, with_digest=request.with_digest)
+        return status_message(view, self._config)
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _session(self, pb: object, context: grpc.ServicerContext) -> Session:
+    def _session(self, pb: object) -> Session:
         session = Session.from_pb(pb)  # type: ignore[arg-type]
-        self._check_cluster(session.cluster_id, context)
+        self._check_cluster(session.cluster_id)
         return session
 
-    def _check_cluster(self, cluster_id: int, context: grpc.ServicerContext) -> None:
+    def _check_cluster(self, cluster_id: int) -> None:
         if cluster_id != self._config.cluster_id:
-            _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                   f"cluster mismatch: request for cluster {cluster_id}, this is "
-                   f"{self._config.cluster_id}")
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"cluster mismatch: request for cluster {cluster_id}, this is "
+                          f"{self._config.cluster_id}")
 
-    @staticmethod
-    def _check_command(request: api_pb2.ProposeRequest | api_pb2.ReadRequest,
-                       context: grpc.ServicerContext) -> None:
-        refused = commands.static_error(request.command)
-        if refused is not None:
-            # No result metadata: this refusal is not an answer of the state machine, and the
-            # session does not move on.
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                   f"{Code.Name(refused.code)}: {refused.message} (refused before the log)")
-
-    @staticmethod
-    def _require(condition: bool, context: grpc.ServicerContext, message: str) -> None:
-        if not condition:
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, message)
-
-    def _propose(self, entry: bytes, context: grpc.ServicerContext) -> Result:
+    async def _propose(self, entry: bytes, context: grpc.aio.ServicerContext) -> Result:
         if not self._node.is_leader():
-            self._refuse_not_leader(context, "NOT_LEADER")
+            raise self._not_leader("NOT_LEADER")
         remaining = context.time_remaining()
         timeout = (DEFAULT_PROPOSE_TIMEOUT if remaining is None
                    else max(remaining - DEADLINE_MARGIN, remaining / 2, 0.0))
         try:
-            answer = self._node.propose(entry, timeout)
+            answer = await self._node.propose_async(entry, timeout)
         except NotApplied as exc:
             if exc.reason == "QUEUE_FULL":
-                _abort(context, api_errors.QUEUE_FULL_STATUS, "the proposal queue is full; retry",
-                       (api_errors.REASON_METADATA_KEY, exc.reason))
-            self._refuse_not_leader(context, exc.reason)
+                raise Refused(api_errors.QUEUE_FULL_STATUS, "the proposal queue is full; retry",
+                              (api_errors.REASON_METADATA_KEY, exc.reason)) from exc
+            raise self._not_leader(exc.reason) from exc
         except OutcomeUnknown as exc:
             status = (api_errors.TIMEOUT_STATUS if exc.reason == "TIMEOUT"
                       else api_errors.UNKNOWN_OUTCOME_STATUS)
-            _abort(context, status, f"outcome unknown ({exc.reason}): retry with the same session "
-                   "and series id", (api_errors.REASON_METADATA_KEY, exc.reason))
-        return self._answer(results.decode(answer), context)
+            raise Refused(status, f"outcome unknown ({exc.reason}): retry with the same session "
+                          "and series id", (api_errors.REASON_METADATA_KEY, exc.reason)) from exc
+        return _answer(results.decode(answer))
 
-    def _refuse_not_leader(self, context: grpc.ServicerContext, reason: str) -> NoReturn:
+    def _not_leader(self, reason: str) -> Refused:
         leader = self._config.api_address_of(self._node.leader_address() or "")
         message = f"not the leader; the leader is {leader}" if leader else "no leader at the moment"
-        _abort(context, api_errors.NOT_APPLIED_STATUS, f"{message} (nothing was applied)",
-               (api_errors.REASON_METADATA_KEY, reason), (api_errors.LEADER_METADATA_KEY, leader))
+        return Refused(api_errors.NOT_APPLIED_STATUS, f"{message} (nothing was applied)",
+                       (api_errors.REASON_METADATA_KEY, reason), (api_errors.LEADER_METADATA_KEY, leader))
 
-    @staticmethod
-    def _answer(result: Result, context: grpc.ServicerContext) -> Result:
-        if result.code == Code.OK:
-            return result
-        status, _ = api_errors.RESULT_ERRORS[result.code]
-        _abort(context, status, f"{Code.Name(result.code)}: {result.message}",
-               (api_errors.RESULT_METADATA_KEY, results.encode(result)))
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _check_command(request: api_pb2.ProposeRequest | api_pb2.ReadRequest) -> None:
+    refused = commands.static_error(request.command)
+    if refused is not None:
+        # No result metadata: this refusal is not an answer of the state machine, and the
+        # session does not move on.
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"{Code.Name(refused.code)}: {refused.message} (refused before the log)")
+
+
+def _answer(result: Result) -> Result:
+    if result.code == Code.OK:
+        return result
+    status, _ = api_errors.RESULT_ERRORS[result.code]
+    raise Refused(status, f"{Code.Name(result.code)}: {result.message}",
+                  (api_errors.RESULT_METADATA_KEY, results.encode(result)))
 
 
 class _Malformed:
@@ -178,7 +199,7 @@ def _handlers(service: KVService) -> grpc.GenericRpcHandler:
         request_type = message_factory.GetMessageClass(method.input_type)
         response_type = message_factory.GetMessageClass(method.output_type)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _reject_malformed(getattr(service, method.name)),
+            _guarded(getattr(service, method.name)),
             request_deserializer=_lenient_parser(request_type),
             response_serializer=response_type.SerializeToString,
         )
@@ -195,21 +216,17 @@ def _lenient_parser(request_type: type[Message]) -> Callable[[bytes], object]:
     return deserialize
 
 
-def _reject_malformed(behavior: Callable[[Any, grpc.ServicerContext], Any]
-                      ) -> Callable[[Any, grpc.ServicerContext], Any]:
-    def checked(request: Any, context: grpc.ServicerContext) -> Any:
-        if isinstance(request, _Malformed):
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.reason}")
-        return behavior(request, context)
-    return checked
-
-
-def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str,
-           *metadata: tuple[str, str | bytes]) -> NoReturn:
-    if metadata:
-        context.set_trailing_metadata(metadata)
-    context.abort(code, message)
-    raise AssertionError("unreachable: context.abort raises")  # for type checkers
+def _guarded(behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+             ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    """Refuses malformed requests and sends every ``Refused`` as its status."""
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            if isinstance(request, _Malformed):
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.reason}")
+            return await behavior(request, context)
+        except Refused as refusal:
+            await context.abort(refusal.code, refusal.message, trailing_metadata=refusal.metadata)
+    return handle
 
 
 def status_message(view: NodeStatusView, config: NodeConfig) -> api_pb2.NodeStatus:
@@ -245,31 +262,74 @@ def status_message(view: NodeStatusView, config: NodeConfig) -> api_pb2.NodeStat
     )
 
 
+class ApiServer:
+    """The gRPC API of one node: a ``grpc.aio`` server on an event loop in its own thread."""
+
+    def __init__(self, node: KVNode, config: NodeConfig) -> None:
+        self._node = node
+        self._config = config
+        self._started: Future[None] = Future()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"kv-api-{config.node_id}")
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Returns once the server listens; raises ``OSError`` if it cannot."""
+        self._thread.start()
+        self._started.result(timeout)
+
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        if self._loop is not None and self._stop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:
+                pass  # the loop is already gone
+        self._thread.join(grace + 5.0)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:
+            log.exception("the API server failed")
+            if not self._started.done():
+                self._started.set_exception(exc)
+
+    async def _serve(self) -> None:
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ])
+        server.add_generic_rpc_handlers((_handlers(KVService(self._node, self._config)),))
+        try:
+            server.add_insecure_port(self._config.me.api_address)
+        except RuntimeError as exc:
+            self._started.set_exception(
+                OSError(f"cannot listen on {self._config.me.api_address}: {exc}"))
+            return
+        await server.start()
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        self._started.set_result(None)
+        await self._stop.wait()
+        await server.stop(STOP_GRACE)
+
+
 @contextmanager
 def serving(config: NodeConfig,
             state_machine_type: type[StateMachine] = StateMachine) -> Iterator[KVNode]:
     """A running node with its API server; both stop when the block ends."""
     node = KVNode(config, state_machine_type)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS, thread_name_prefix="kv-api"),
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
-    server.add_generic_rpc_handlers((_handlers(KVService(node, config)),))
+    api = ApiServer(node, config)
     try:
-        server.add_insecure_port(config.me.api_address)
-    except RuntimeError as exc:
+        api.start()
+    except BaseException:
         node.stop()
-        raise OSError(f"cannot listen on {config.me.api_address}: {exc}") from exc
-    server.start()
+        raise
     log.info("node %s serving clients on %s, raft on %s", config.node_id,
              config.me.api_address, config.me.raft_address)
     try:
         yield node
     finally:
-        server.stop(grace=1.0).wait()
+        api.stop()
         node.stop()
 
 

@@ -34,6 +34,9 @@ class KVNode:
     def propose(self, entry: bytes, timeout: float) -> bytes:
         return self.raft.propose(entry, timeout)
 
+    async def propose_async(self, entry: bytes, timeout: float) -> bytes:
+        return await self.raft.propose_async(entry, timeout)
+
     def is_leader(self) -> bool:
         return self.raft.is_leader()
 

@@ -22,6 +22,7 @@ entries, never pickled Python objects of ours.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -39,7 +40,15 @@ from pysyncobj.poller import POLL_EVENT_TYPE
 from kvstore.entry import encode_batch
 from kvstore.node import d6_fence, dial, dump_file, durable
 from kvstore.node.internals import Internals
-from kvstore.node.outcomes import BatchCallback, NotApplied, OutcomeUnknown, Pending
+from kvstore.node.outcomes import (
+    BatchCallback,
+    LoopWaiter,
+    NotApplied,
+    OutcomeUnknown,
+    Pending,
+    Waiter,
+    outcome,
+)
 from kvstore.node.timers import SHIPPED, TimerProfile
 from kvstore.node.wire_crypto import WireCrypto
 
@@ -103,7 +112,7 @@ class RaftNode(SyncObj):
         os.set_blocking(self._n_wake_w, False)
         self._n_wake_pending = False
         self._n_fsync_dir_pending = False
-        self._n_waiting: deque[tuple[bytes, Pending]] = deque()
+        self._n_waiting: deque[tuple[bytes, Waiter]] = deque()
         self._n_flush_journal: Callable[[], None] | None = None
         self.counters: Counter[str] = Counter()
         self._n_on_tick_hooks: list[Callable[[], None]] = []
@@ -162,35 +171,59 @@ class RaftNode(SyncObj):
 
     # -- proposing ------------------------------------------------------------------------
 
+    def submit(self, entry: bytes, waiter: Waiter) -> None:
+        """Queues ``entry`` for replication; ``waiter(result, fail_reason)`` is called once, on
+        the tick thread, when its fate is known (``outcomes.outcome`` turns that into bytes or
+        an exception). Never blocks.
+
+        With the driven tick loop, the entry waits for the next pass of the loop, which sends
+        everything that is waiting as one replicated batch (group commit): the per-entry costs
+        of PySyncObj (a command, a callback, a log record) are paid once per batch.
+        """
+        if self._n_fatal:
+            raise NotApplied("NODE_FAILED", self._n_fatal)
+        if self._n_options.profile.driven:
+            self._n_waiting.append((bytes(entry), waiter))
+            self._n_wake()
+        else:
+            self._n_apply_batch(encode_batch([bytes(entry)]), callback=BatchCallback([waiter]))
+
     def propose(self, entry: bytes, timeout: float) -> bytes:
-        """Replicates ``entry`` and returns the state machine's result.
+        """Replicates ``entry`` and returns the state machine's result, blocking this thread.
 
         Raises ``NotApplied`` (safe to retry) or ``OutcomeUnknown`` (may be applied; includes
         our own deadline, since PySyncObj's asynchronous calls cannot be cancelled).
-
-        With the driven tick loop, the entry waits for the next tick, which sends everything
-        that is waiting as one replicated batch (group commit): the per-entry costs of
-        PySyncObj (a command, a callback, a log record) are paid once per batch.
         """
         if threading.get_ident() == self._n_tick_thread_id:
             raise RuntimeError("propose() on the tick thread would deadlock")
-        if self._n_fatal:
-            raise NotApplied("NODE_FAILED", self._n_fatal)
         pending = Pending()
-        if self._n_options.profile.driven:
-            self._n_waiting.append((bytes(entry), pending))
-            self._n_wake()
-        else:
-            self._n_apply_batch(encode_batch([bytes(entry)]), callback=BatchCallback([pending]))
+        self.submit(entry, pending)
         if not pending.event.wait(timeout):
             raise OutcomeUnknown("TIMEOUT", f"no outcome within {timeout:.3f}s")
         return pending.outcome()
+
+    async def propose_async(self, entry: bytes, timeout: float) -> bytes:
+        """``propose`` for an asyncio task: waits without holding a thread."""
+        loop = asyncio.get_running_loop()
+        waiter = LoopWaiter(loop)
+        self.submit(entry, waiter)
+        # Our deadline: a timer that cancels the future (lighter than asyncio.wait_for).
+        expiry = loop.call_later(timeout, waiter.future.cancel)
+        try:
+            result, error = await waiter.future
+        except asyncio.CancelledError:
+            if expiry.when() <= loop.time():  # our deadline, not a cancelled RPC
+                raise OutcomeUnknown("TIMEOUT", f"no outcome within {timeout:.3f}s") from None
+            raise
+        finally:
+            expiry.cancel()
+        return outcome(result, error)
 
     def _n_send_waiting(self) -> None:
         """On the tick thread: turns the waiting proposals into replicated batches."""
         while self._n_waiting:
             entries: list[bytes] = []
-            waiters: list[Pending] = []
+            waiters: list[Waiter] = []
             size = 0
             while self._n_waiting and len(entries) < MAX_BATCH_ENTRIES and size < MAX_BATCH_BYTES:
                 entry, pending = self._n_waiting.popleft()
