@@ -78,17 +78,11 @@ class KVService:
 
     async def RegisterSession(self, request: api_pb2.SessionRequest,
                               context: grpc.aio.ServicerContext) -> Result:
-        session = self._session(request.session)
-        _require(session.series_id == SERIES_ID_FOR_REGISTER and session.valid_for_session_op(
-            self._config.cluster_id), "RegisterSession needs a session prepared for register")
-        return await self._propose(encode_entry(session), context)
+        return await self._session_op(request, context, SERIES_ID_FOR_REGISTER, "register")
 
     async def UnregisterSession(self, request: api_pb2.SessionRequest,
                                 context: grpc.aio.ServicerContext) -> Result:
-        session = self._session(request.session)
-        _require(session.series_id == SERIES_ID_FOR_UNREGISTER and session.valid_for_session_op(
-            self._config.cluster_id), "UnregisterSession needs a session prepared for unregister")
-        return await self._propose(encode_entry(session), context)
+        return await self._session_op(request, context, SERIES_ID_FOR_UNREGISTER, "unregister")
 
     async def Propose(self, request: api_pb2.ProposeRequest, context: grpc.aio.ServicerContext) -> Result:
         session = self._session(request.session)
@@ -122,6 +116,13 @@ class KVService:
         return status_message(view, self._config)
 
     # -- helpers ----------------------------------------------------------------------------
+
+    async def _session_op(self, request: api_pb2.SessionRequest, context: grpc.aio.ServicerContext,
+                          series_id: int, op: str) -> Result:
+        session = self._session(request.session)
+        _require(session.series_id == series_id and session.valid_for_session_op(
+            self._config.cluster_id), f"{op.capitalize()}Session needs a session prepared for {op}")
+        return await self._propose(encode_entry(session), context)
 
     def _session(self, pb: object) -> Session:
         session = Session.from_pb(pb)  # type: ignore[arg-type]
