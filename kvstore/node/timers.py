@@ -4,8 +4,9 @@ PySyncObj does everything on one tick thread that sleeps in ``poll()`` between t
 appends every ``appendEntriesPeriod``. At its defaults one synchronous client waits ~100 ms per
 write. Shrinking the periods helps a little and burns CPU. What we ship instead ("driven"): we run
 the tick loop ourselves, wake it through a pipe when a proposal arrives, and send an append as
-soon as the log or the commit index moved. Everything that arrived meanwhile goes out in that
-one append (group commit), and ``appendEntriesPeriod`` only paces heartbeats.
+soon as the log grew (a new commit index rides on the next append or heartbeat). Everything
+that arrived meanwhile goes out in that one append (group commit), and ``appendEntriesPeriod``
+only paces heartbeats.
 
 Measured by the prototype (3 processes, in-process clients, 10 B values, medians of 2 rounds):
 
