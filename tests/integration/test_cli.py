@@ -6,6 +6,7 @@ The tests share one cluster (module scope), so each uses keys of its own.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -192,14 +193,22 @@ def test_an_outcome_unknown_leaves_the_session_file_for_a_safe_retry(
     path = tmp_path / "s.json"
     cluster.run("session", "open", "--session", str(path), check=True)
     before = path.read_bytes()
-    # Straight to the leader, so that no follower refuses it (exit 2, "not applied"): the
-    # request times out on its way to the leader or while the leader applies it. The client
-    # cannot tell which, and that is the case a session exists for.
-    leader = cluster.endpoint(cluster.wait_for(cluster.leader_id, 10, "a leader"))
-    timed_out = cluster.run("incr", "retried", "--session", str(path),
-                            "--endpoints", leader, "--timeout", "0.001")
-    if timed_out.returncode == 0:
-        pytest.skip("the cluster answered within 1 ms: there was nothing to retry")
+    # Straight to the leader, so that no follower refuses it (exit 2, "not applied"), while both
+    # followers are paused: the leader appends the entry but cannot commit it in time. Whether
+    # it will be applied depends on what the followers do next, so the client cannot tell; that
+    # is the case a session exists for. (The pause stays under the leader's 2 s fallback.)
+    leader_id = cluster.wait_for(cluster.leader_id, 10, "a leader")
+    followers = [pid for node in cluster.spec.nodes if node.id != leader_id
+                 and (pid := cluster.pid(node.id)) is not None]
+    assert len(followers) == 2
+    for pid in followers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        timed_out = cluster.run("incr", "retried", "--session", str(path),
+                                "--endpoints", cluster.endpoint(leader_id), "--timeout", "0.3")
+    finally:
+        for pid in followers:
+            os.kill(pid, signal.SIGCONT)
     assert timed_out.returncode == exits.OUTCOME_UNKNOWN, timed_out.stderr
     assert "may have been applied" in one_error_line(timed_out)
     assert path.read_bytes() == before  # so that the rerun is the same request
