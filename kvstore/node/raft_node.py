@@ -113,7 +113,6 @@ class RaftNode(SyncObj):
         self._n_wake_pending = False
         self._n_fsync_dir_pending = False
         self._n_waiting: deque[tuple[bytes, Waiter]] = deque()
-        self._n_flush_journal: Callable[[], None] | None = None
         self.counters: Counter[str] = Counter()
         self._n_on_tick_hooks: list[Callable[[], None]] = []
         self._n_crypto = WireCrypto(options.password)
@@ -142,7 +141,8 @@ class RaftNode(SyncObj):
         if options.d6_fence:
             d6_fence.install(self, self.internals, self.counters)
         if options.fsync:
-            self._n_flush_journal = durable.install(self.internals, self.counters)
+            alone = not [p for p in options.peers if p != options.self_address]
+            self.add_tick_hook(durable.install(self, self.internals, self.counters, alone=alone))
         if profile.driven:
             self._n_thread = threading.Thread(target=self._n_drive, daemon=True,
                                               name=f"raft-tick-{options.self_address}")
@@ -310,8 +310,6 @@ class RaftNode(SyncObj):
                 # A command still queued inside PySyncObj is appended at the end of the tick:
                 # do not let the next tick sleep in poll() before shipping it.
                 self.doTick(0.0 if internals.queue else idle)
-                if self._n_flush_journal is not None:
-                    self._n_flush_journal()
             except Exception:
                 self.counters["tick_exceptions"] += 1
                 log.exception("tick failed")

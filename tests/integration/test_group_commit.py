@@ -79,5 +79,7 @@ def test_concurrent_proposals_share_batches_and_each_gets_its_own_answer(nodes: 
                     node.raft.counters["journal_fsyncs"] for node in nodes):
                 time.sleep(0.05)
             assert all(node.raft.counters["journal_fsyncs"] > 0 for node in nodes)
+            # The leader's copy was on disk before any commit counted it (kvstore.node.durable).
+            assert [node.raft.counters["commit_before_flush"] for node in nodes] == [0, 0, 0]
         else:
             assert all(node.raft.counters["journal_fsyncs"] == 0 for node in nodes)
