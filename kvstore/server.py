@@ -279,13 +279,14 @@ class ApiServer:
         self._thread.start()
         self._started.result(timeout)
 
-    def stop(self, grace: float = STOP_GRACE) -> None:
+    def stop(self) -> None:
+        """Lets in-flight RPCs finish for up to STOP_GRACE seconds, then returns."""
         if self._loop is not None and self._stop is not None:
             try:
                 self._loop.call_soon_threadsafe(self._stop.set)
             except RuntimeError:
                 pass  # the loop is already gone
-        self._thread.join(grace + 5.0)
+        self._thread.join(STOP_GRACE + 5.0)
 
     def _run(self) -> None:
         try:

@@ -132,7 +132,8 @@ class RaftNode(SyncObj):
             maxBindRetries=5 if profile.driven else 0,
             dynamicMembershipChange=False,
         )
-        peers = dial.peer_nodes([p for p in options.peers if p != options.self_address], options.dial_via)
+        others = [p for p in options.peers if p != options.self_address]
+        peers = dial.peer_nodes(others, options.dial_via)
         super().__init__(options.self_address, peers, conf)
         # After SyncObj.__init__: wiring only, no new attributes.
         self.internals = Internals(self)
@@ -141,8 +142,7 @@ class RaftNode(SyncObj):
         if options.d6_fence:
             d6_fence.install(self, self.internals, self.counters)
         if options.fsync:
-            alone = not [p for p in options.peers if p != options.self_address]
-            self.add_tick_hook(durable.install(self, self.internals, self.counters, alone=alone))
+            self.add_tick_hook(durable.install(self, self.internals, self.counters, alone=not others))
         if profile.driven:
             self._n_thread = threading.Thread(target=self._n_drive, daemon=True,
                                               name=f"raft-tick-{options.self_address}")
@@ -231,8 +231,8 @@ class RaftNode(SyncObj):
                 waiters.append(pending)
                 size += len(entry)
             if not self._isLeader():
-                for pending in waiters:  # never appended anywhere: certainly not applied
-                    pending(None, FAIL_REASON.NOT_LEADER)
+                # Never appended anywhere: certainly not applied (one wake-up per event loop).
+                BatchCallback(waiters)(None, FAIL_REASON.NOT_LEADER)
                 continue
             self._n_apply_batch(encode_batch(entries), callback=BatchCallback(waiters))
             self.counters["batches"] += 1
