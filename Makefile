@@ -11,6 +11,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The virtual environment alone (the examples' headers start with it).
+.PHONY: venv
+venv: $(STAMP)
+
 demo: $(STAMP)
 	$(BIN)/kv demo
 

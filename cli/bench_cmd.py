@@ -8,7 +8,6 @@ in ``finally`` (also on Ctrl-C, SIGTERM and errors) and leftovers are looked for
 from __future__ import annotations
 
 import json
-import re
 import signal
 from typing import Any
 
@@ -17,14 +16,9 @@ import click
 from cli.bench.load import default_workers
 from cli.bench.runner import COMPARABLE, BenchOptions, Display, run_bench, text_report
 from cli.exits import BAD_ARGUMENTS, ERROR, CliError
+from cli.kv_click import KvCommand
+from cli.params import Duration, Integer
 from cli.settings import Settings, global_options
-
-
-def _duration(_ctx: click.Context, _param: click.Parameter, text: str) -> float:
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m)?", str(text).strip())
-    if not match:
-        raise click.BadParameter(f"{text!r} is not a duration like 500ms, 10s or 2m")
-    return float(match.group(1)) * {"ms": 0.001, "s": 1, "m": 60, None: 1}[match.group(2)]
 
 
 def _client_counts(_ctx: click.Context, _param: click.Parameter, text: str) -> list[int]:
@@ -45,16 +39,16 @@ def _compare(_ctx: click.Context, _param: click.Parameter, text: str) -> list[st
     return list(dict.fromkeys(names))
 
 
-@click.command()
+@click.command(cls=KvCommand)
 @click.option("--clients", default="1,16,64", show_default=True, callback=_client_counts,
               metavar="N,N,...", help="Concurrent clients; one run per count.")
-@click.option("--duration", default="10s", show_default=True, callback=_duration,
-              metavar="TIME", help="Measured time per run (10s, 500ms, 2m).")
-@click.option("--warmup", default="2s", show_default=True, callback=_duration, metavar="TIME",
-              help="Unmeasured load before each run's measurement.")
-@click.option("--rounds", type=click.IntRange(1, 100), default=3, show_default=True,
+@click.option("--duration", default="10s", show_default=True, type=Duration(),
+              metavar="DURATION", help="Measured time per run (10s, 500ms, 2m).")
+@click.option("--warmup", default="2s", show_default=True, type=Duration(positive=False),
+              metavar="DURATION", help="Unmeasured load before each run's measurement.")
+@click.option("--rounds", type=Integer(1, 100), default=3, show_default=True,
               help="Rounds of every run; the report shows medians.")
-@click.option("--value-size", type=click.IntRange(0, 1 << 20), default=100, show_default=True,
+@click.option("--value-size", type=Integer(0, 1 << 20), default=100, show_default=True,
               metavar="BYTES", help="Size of each written value.")
 @click.option("--read-ratio", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Share of reads (gets of the client's own keys); the rest are puts.")
@@ -62,7 +56,7 @@ def _compare(_ctx: click.Context, _param: click.Parameter, text: str) -> list[st
               help="Reads: l linearizable (through the log), s serializable (one replica).")
 @click.option("--sessions", type=click.Choice(["on", "off"]), default="on", show_default=True,
               help="Ours: each client with its own session (on) or no-op sessions (off).")
-@click.option("--nodes", type=click.IntRange(1, 7), default=3, show_default=True,
+@click.option("--nodes", type=Integer(1, 7), default=3, show_default=True,
               help="Nodes of each cluster started (ours, etcd members, raw).")
 @click.option("--fsync", is_flag=True,
               help="Start our nodes with --fsync (an error if this build's nodes lack it).")
@@ -70,7 +64,7 @@ def _compare(_ctx: click.Context, _param: click.Parameter, text: str) -> list[st
               metavar="etcd,raw,noop", help="Also run the same load, alternating, against etcd "
               "(the etcd binary, Debian etcd-server), a plain PySyncObj dict (raw), and/or our "
               "cluster with no-op sessions (noop: what exactly-once costs).")
-@click.option("--workers", type=click.IntRange(1, 256), default=default_workers(),
+@click.option("--workers", type=Integer(1, 256), default=default_workers(),
               show_default=True, help="Client worker processes (threads inside).")
 @global_options
 def bench(clients: list[int], duration: float, warmup: float, rounds: int, value_size: int,
@@ -91,8 +85,6 @@ def bench(clients: list[int], duration: float, warmup: float, rounds: int, value
     if "noop" in compare and sessions == "off":
         raise CliError("--compare noop compares sessions with no-op sessions: it needs "
                        "--sessions on", BAD_ARGUMENTS)
-    if duration <= 0:
-        raise CliError("--duration must be positive", BAD_ARGUMENTS)
     if fsync:
         if settings.endpoints:
             raise CliError("--fsync applies to the cluster kv bench starts, not to --endpoints",

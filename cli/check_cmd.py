@@ -7,7 +7,6 @@ Exit code 0 only for a valid history.
 
 from __future__ import annotations
 
-import re
 import secrets
 import sys
 from pathlib import Path
@@ -17,19 +16,14 @@ import click
 
 from cli.check_run import CheckOptions, run_check
 from cli.exits import ERROR, CliError
+from cli.kv_click import KvCommand
 from cli.nemesis import FAULT_KINDS
 from cli.output import Report, emit
+from cli.params import Duration, Integer
 from cli.settings import Settings, global_options
 from kvstore.check.workloads import WORKLOADS
 
 PLANTED_BUGS = ("no-dedup",)
-
-
-def _duration(_ctx: click.Context, _param: click.Parameter, text: str) -> float:
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)(s|m|h)?", text.strip())
-    if not match:
-        raise click.BadParameter(f"{text!r} is not a duration like 30s, 10m or 1h")
-    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
 
 
 def _names(choices: tuple[str, ...], allow_none: bool) -> click.ParamType:
@@ -54,17 +48,17 @@ def _names(choices: tuple[str, ...], allow_none: bool) -> click.ParamType:
     return Names()
 
 
-@click.command()
+@click.command(cls=KvCommand)
 @click.option("--workload", "workloads", type=_names(tuple(WORKLOADS), False), default="all",
               show_default=True, help=f"Comma list of {', '.join(WORKLOADS)}, or all.")
 @click.option("--faults", type=_names(FAULT_KINDS, True), default="all", show_default=True,
               help=f"Comma list of {', '.join(FAULT_KINDS)}, all, or none.")
-@click.option("--duration", type=click.UNPROCESSED, callback=_duration, default="60s",
-              show_default=True, help="How long the workload runs (30s, 10m, ...).")
-@click.option("--seed", type=int, help="Seed of the operations and faults [default: random].")
-@click.option("--clients", type=click.IntRange(1, 64), default=4, show_default=True,
+@click.option("--duration", type=Duration(), default="60s", show_default=True,
+              help="How long the workload runs (30s, 10m, ...).")
+@click.option("--seed", type=Integer(), help="Seed of the operations and faults [default: random].")
+@click.option("--clients", type=Integer(1, 64), default=4, show_default=True,
               help="Concurrent clients per workload.")
-@click.option("--nodes", type=click.IntRange(3, 7), default=3, show_default=True)
+@click.option("--nodes", type=Integer(3, 7), default=3, show_default=True)
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("kv-check-report"), show_default=True,
               help="Directory for history.jsonl, faults.json, verdict.json, report.html.")

@@ -37,6 +37,29 @@ CONVERGE_TIMEOUT = 60.0
 LEADER_TIMEOUT = 30.0
 FINAL_PROCESS = 10_000
 """Process id of the reader that takes the final values after healing."""
+FINAL_LABEL = "final reads"
+FINAL_NOTE = (f"The last lane, p{FINAL_PROCESS} {FINAL_LABEL}, is the reader that takes every "
+              "workload's final values after the faults healed: the checkers judge the end "
+              "state by these reads.")
+
+SUMMARY_LABELS = {
+    "verdict": "Verdict",
+    "seed": "Seed (--seed repeats the choices)",
+    "workloads": "Workloads",
+    "faults": "Faults chosen",
+    "duration_s": "Duration (s)",
+    "clients_per_workload": "Clients per workload",
+    "nodes": "Nodes",
+    "planted_bug": "Planted bug",
+    "ops_ok": "Operations ok",
+    "ops_failed": "Operations failed (certainly not applied)",
+    "ops_unknown": "Operations with an unknown outcome",
+    "faults_injected": "Faults injected",
+    "nemesis_errors": "Errors injecting faults",
+    "violations": "Violations, per checker",
+    "report": "Report",
+}
+"""The summary's keys in words, for the HTML report (verdict.json keeps the names)."""
 
 
 @dataclass
@@ -85,11 +108,13 @@ def _run(options: CheckOptions, cluster: CheckCluster, admin: Client, clients: l
     workloads = [WORKLOADS[name](options.keys) for name in options.workloads]
     stop = threading.Event()
     threads = []
+    labels: dict[int, str] = {FINAL_PROCESS: FINAL_LABEL}
     for number, workload in enumerate(workloads):
         mine = [Client(cluster.endpoints, timeout=5) for _ in range(options.clients)]
         clients += mine
-        threads += run_workers(workload, mine, recorder, options.seed, stop,
-                               first_process=number * options.clients)
+        first = number * options.clients
+        threads += run_workers(workload, mine, recorder, options.seed, stop, first_process=first)
+        labels |= {first + i: workload.name for i in range(options.clients)}
     nemesis = Nemesis(cluster, options.faults, random.Random(f"{options.seed}/nemesis"),
                       lambda: cluster.leader_id(admin))
     if options.faults:
@@ -117,7 +142,7 @@ def _run(options: CheckOptions, cluster: CheckCluster, admin: Client, clients: l
     violations = [v for result in results.values() for v in result.violations]
     valid = all(result.valid for result in results.values())
     summary = _summary(options, ops, nemesis, results, valid)
-    report = _write(options, ops, nemesis, violations, summary)
+    report = _write(options, ops, nemesis, violations, summary, labels)
     return CheckOutcome(valid=valid, summary=summary, violations=violations, report=report)
 
 
@@ -168,7 +193,7 @@ def _summary(options: CheckOptions, ops: list[Op], nemesis: Nemesis, results: di
 
 
 def _write(options: CheckOptions, ops: list[Op], nemesis: Nemesis, violations: list[Any],
-           summary: dict[str, Any]) -> Path | None:
+           summary: dict[str, Any], labels: dict[int, str]) -> Path | None:
     if options.report_dir is None:
         return None
     options.report_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +202,9 @@ def _write(options: CheckOptions, ops: list[Op], nemesis: Nemesis, violations: l
         json.dumps([f.to_dict() for f in nemesis.faults], indent=2))
     (options.report_dir / "verdict.json").write_text(json.dumps(summary, indent=2, default=str))
     return write_report(options.report_dir / "report.html", ops,
-                        [f.to_dict() for f in nemesis.faults], violations, summary)
+                        [f.to_dict() for f in nemesis.faults], violations, summary,
+                        process_labels=labels, summary_labels=SUMMARY_LABELS,
+                        timeline_note=FINAL_NOTE)
 
 
 def _progress_line(elapsed: float, duration: float, ops: list[Op], nemesis: Nemesis) -> str:

@@ -2,11 +2,12 @@
 
 ``up`` is idempotent: on a new directory it creates the cluster, on an existing one it starts
 only the nodes that are not running, from their data on disk. So after a node crashed (or was
-SIGKILLed in a test), one ``kv cluster up`` brings it back.
+SIGKILLed in a test), one ``kv cluster up --detach`` brings it back.
 
-In the foreground, ``up`` owns the cluster: Ctrl-C or SIGTERM stops every node cleanly and
-exits 0. With ``--detach`` it returns as soon as a leader is elected and leaves the nodes
-running; ``kv cluster down`` stops them. Data is never deleted: remove the directory for that.
+In the foreground, ``up`` owns the nodes it started: Ctrl-C or SIGTERM stops them cleanly and
+exits 0, and nodes that were already running (started by another ``up``) keep running. With
+``--detach`` it returns as soon as a leader is elected and leaves the nodes running;
+``kv cluster down`` stops them. Data is never deleted: remove the directory for that.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from typing import NoReturn
 
 import click
 
-from cli import processes
-from cli.cluster_dir import ClusterDir, ClusterSpec
+from cli import node_status, processes
+from cli.cluster_dir import ClusterDir, ClusterSpec, NodeSpec
 from cli.exits import INTERRUPTED, INVALID_INPUT, UNAVAILABLE, CliError
-from cli.node_status import cell, probe
+from cli.kv_click import KvGroup
+from cli.node_status import Target
 from cli.output import Report, emit
+from cli.params import Duration, Integer
 from cli.settings import Settings, global_options
 from kvstore.config import DEFAULT_SNAPSHOT_COUNT
 from kvstore.limits import DEFAULT_SESSION_CAPACITY
@@ -33,33 +36,34 @@ from kvstore.limits import DEFAULT_SESSION_CAPACITY
 DEFAULT_NODES = 3
 
 
-@click.group()
+@click.group(cls=KvGroup)
 def cluster() -> None:
     """A local cluster on 127.0.0.1 kept in one directory (--dir, default ./kv-cluster)."""
 
 
 @cluster.command()
-@click.option("--nodes", type=click.IntRange(min=1), metavar="N",
+@click.option("--nodes", type=Integer(min=1), metavar="N",
               help=f"Number of nodes of a new cluster [default {DEFAULT_NODES}].")
 @click.option("--detach", is_flag=True,
               help="Return once a leader is elected, leaving the nodes running.")
-@click.option("--session-capacity", type=click.IntRange(min=1), metavar="N",
+@click.option("--session-capacity", type=Integer(min=1), metavar="N",
               help=f"Sessions each node keeps (new cluster) [default {DEFAULT_SESSION_CAPACITY}].")
-@click.option("--snapshot-count", type=click.IntRange(min=1), metavar="N",
+@click.option("--snapshot-count", type=Integer(min=1), metavar="N",
               help="Log entries between snapshots (new cluster) "
                    f"[default {DEFAULT_SNAPSHOT_COUNT}].")
 @click.option("--fsync/--no-fsync", default=None,
               help="Durable mode (new cluster): nodes fsync their journal before acknowledging "
                    "entries, so acknowledged writes survive power loss [default: off].")
-@click.option("--start-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
-              show_default=True, metavar="SECONDS", help="How long to wait for a leader.")
+@click.option("--start-timeout", type=Duration(), default="30s", show_default=True,
+              metavar="DURATION", help="How long to wait for a leader.")
 @global_options
 def up(nodes: int | None, detach: bool, session_capacity: int | None,
        snapshot_count: int | None, fsync: bool | None, start_timeout: float) -> None:
     """Creates the cluster if needed and starts every node that is not running.
 
     The number of nodes, the session capacity and the snapshot count are chosen when the
-    cluster is created and kept in its directory; later runs reuse them.
+    cluster is created and kept in its directory; later runs reuse them. In the foreground,
+    Ctrl-C stops the nodes this command started (and only those).
     """
     settings = Settings.current()
     cluster_dir = settings.cluster
@@ -77,38 +81,39 @@ def up(nodes: int | None, detach: bool, session_capacity: int | None,
         try:
             leader = _wait_ready(settings, spec, started, time.monotonic() + start_timeout, stop)
             _print_ready(settings, spec, leader)
-            click.echo("Running in the foreground: Ctrl-C stops the cluster.", err=True)
-            _supervise(cluster_dir, spec, started, stop)
+            click.echo(_foreground_note(spec, started), err=True)
+            if started:
+                _supervise(cluster_dir, spec, started, stop)
         finally:
-            _stop_all(cluster_dir, spec)
+            _stop_started(cluster_dir, spec, started)
             for proc in started.values():
                 proc.poll()  # reap our children
 
 
 @cluster.command()
+@click.option("--digest/--no-digest", default=True, show_default=True,
+              help="Ask each node for its state digest (it hashes the whole state: skip it on "
+                   "large stores).")
 @global_options
-def status() -> None:
-    """One row per node: its process, and its view of Raft and of the data."""
+def status(digest: bool) -> None:
+    """One row per node: its process, and its view of Raft and of the data.
+
+    The columns of kv status, plus each node's pid; a table in a terminal (-w to choose).
+    Exit 2 if no node answers.
+    """
     settings = Settings.current()
     cluster_dir = settings.cluster
     spec = cluster_dir.load()
-    rows = []
     with settings.client(spec) as client:
-        for node in spec.nodes:
-            pid = processes.running_pid(cluster_dir, node)
-            answer = probe(client, node.api, with_digest=True)
-            rows.append({"id": node.id, "endpoint": node.api, "pid": pid, "alive": pid is not None}
-                        | {k: v for k, v in answer.items() if k not in ("id", "endpoint")})
-    header = ["id", "endpoint", "pid", "alive", "role", "term", "commit", "applied", "lag",
-              "sessions", "keys", "digest", "alarms"]
-    table_rows = [
-        [cell(r, "id"), cell(r, "endpoint"), cell(r, "pid"), cell(r, "alive"), cell(r, "role"),
-         cell(r, "term"), cell(r, "commit"), cell(r, "applied"), cell(r, "lag"),
-         cell(r, "sessions"), cell(r, "keys"), cell(r, "digest")[:16],
-         cell(r, "error") or cell(r, "alarms")]
-        for r in rows
-    ]
-    emit(Report(rows, header, table_rows), settings.write_out)
+        rows = [node_status.probe(client, _target(cluster_dir, node), cluster_id=spec.cluster_id,
+                                  with_digest=digest)
+                for node in spec.nodes]
+    emit(node_status.report(rows, local=True), settings.output_format(terminal="table"))
+    node_status.require_an_answer(rows, f"kv cluster up --detach --dir {cluster_dir.path}")
+
+
+def _target(cluster_dir: ClusterDir, node: NodeSpec) -> Target:
+    return Target(node.api, node.id, processes.running_pid(cluster_dir, node), local=True)
 
 
 @cluster.command()
@@ -120,8 +125,13 @@ def down() -> None:
     with cluster_dir.lock():
         running = processes.running_nodes(cluster_dir, spec)
         outcome = _stop(cluster_dir, spec, running)
-    for node in spec.nodes:
-        click.echo(f"{node.id}: {outcome.get(node.id, 'was not running')}", err=True)
+    ended = {node.id: outcome.get(node.id, "was not running") for node in spec.nodes}
+    for node_id, how in ended.items():
+        click.echo(f"{node_id}: {how}", err=True)
+    # The lines above are progress on stderr; stdout carries the result in -w json or table.
+    emit(Report({"nodes": [{"id": i, "outcome": how} for i, how in ended.items()]},
+                ["id", "outcome"], [[i, how] for i, how in ended.items()], []),
+         Settings.current().write_out)
     stuck = sorted(node_id for node_id, how in outcome.items() if how == "still running")
     if stuck:
         raise CliError(f"could not stop {', '.join(stuck)}")
@@ -186,7 +196,9 @@ def _wait_ready(settings: Settings, spec: ClusterSpec,
             for node_id, proc in started.items():
                 if proc.poll() is not None:
                     _fail_start(cluster_dir, node_id, proc.returncode)
-            answers = {node.id: probe(client, node.api, timeout=1.0) for node in spec.nodes}
+            answers = {node.id: node_status.probe(client, Target(node.api, node.id), timeout=1.0,
+                                                  with_digest=False)
+                       for node in spec.nodes}
             leader = next((a for a in answers.values() if a.get("role") == "leader"), None)
             if leader is not None and all("error" not in answers[n] for n in started):
                 return leader
@@ -245,12 +257,22 @@ def _stop_signals() -> Iterator[threading.Event]:
             signal.signal(sig, handler)
 
 
+def _foreground_note(spec: ClusterSpec, started: dict[str, subprocess.Popen[bytes]]) -> str:
+    others = [node.id for node in spec.nodes if node.id not in started]
+    if not started:
+        return "Every node was already running: nothing to run in the foreground."
+    if not others:
+        return "Running in the foreground: Ctrl-C stops the cluster."
+    return (f"Running in the foreground: Ctrl-C stops {', '.join(started)} (started here); "
+            f"{', '.join(others)} keep running ('kv cluster down' stops every node).")
+
+
 def _supervise(cluster_dir: ClusterDir, spec: ClusterSpec,
                started: dict[str, subprocess.Popen[bytes]], stop: threading.Event) -> None:
     """Waits for a stop signal, reporting nodes that die meanwhile.
 
-    Returns early when no node is left running (for example after ``kv cluster down`` in
-    another shell).
+    Returns early when none of the nodes started here is running any more (for example after
+    ``kv cluster down`` in another shell).
     """
     alive = {r.node.id for r in processes.running_nodes(cluster_dir, spec)}
     while not stop.wait(0.5):
@@ -261,14 +283,18 @@ def _supervise(cluster_dir: ClusterDir, spec: ClusterSpec,
             click.echo(f"{node_id} stopped running; 'kv cluster up --detach --dir "
                        f"{cluster_dir.path}' restarts it", err=True)
         alive = now
-        if not alive:
-            click.echo("no node is running any more", err=True)
+        if not alive & set(started):
+            click.echo("no node started here is running any more", err=True)
             return
 
 
-def _stop_all(cluster_dir: ClusterDir, spec: ClusterSpec) -> None:
+def _stop_started(cluster_dir: ClusterDir, spec: ClusterSpec,
+                  started: dict[str, subprocess.Popen[bytes]]) -> None:
+    """Stops the nodes this command started, if they still run; leaves the others alone."""
     with cluster_dir.lock():
-        outcome = _stop(cluster_dir, spec, processes.running_nodes(cluster_dir, spec))
+        mine = [r for r in processes.running_nodes(cluster_dir, spec)
+                if r.node.id in started and r.pid == started[r.node.id].pid]
+        outcome = _stop(cluster_dir, spec, mine)
     if outcome:
         click.echo("stopped: " + ", ".join(f"{i} ({how})" for i, how in sorted(outcome.items())),
                    err=True)
@@ -279,6 +305,8 @@ def _stop(cluster_dir: ClusterDir, spec: ClusterSpec,
     """Stops ``running`` and removes the pid file of every node that is not running after."""
     outcome = processes.stop(cluster_dir, running)
     for node in spec.nodes:
-        if outcome.get(node.id) != "still running":
+        if outcome.get(node.id) == "still running":
+            continue
+        if node.id in outcome or processes.running_pid(cluster_dir, node) is None:
             cluster_dir.remove_pid(node.id)
     return outcome

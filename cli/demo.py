@@ -21,6 +21,7 @@ import click
 
 from cli import processes
 from cli.cluster_dir import ClusterDir
+from cli.kv_click import KvCommand
 from kvstore import errors, ops
 from kvstore.client import Client
 from session import Session
@@ -198,6 +199,13 @@ def tour(client: Client, cluster: LocalCluster) -> tuple[StreamReport, StreamRep
     return with_sessions, without
 
 
+def duplicates_line(count: int) -> str:
+    """``"1 retry was applied a second time"``, ``"3 retries were ..."``."""
+    if count == 1:
+        return "1 retry was applied a second time"
+    return f"{count} retries were applied a second time"
+
+
 def print_summary(reports: tuple[StreamReport, StreamReport], elapsed: float) -> None:
     with_sessions, without = reports
     say()
@@ -210,11 +218,11 @@ def print_summary(reports: tuple[StreamReport, StreamReport], elapsed: float) ->
     if with_sessions.duplicates == 0:
         say("    With sessions every retried increment was applied exactly once, through a leader crash.")
     else:
-        say(f"    UNEXPECTED: {with_sessions.duplicates} duplicates with sessions. Please report this.",
+        say(f"    UNEXPECTED: {with_sessions.duplicates} duplicate(s) with sessions. "
+            "Please report this.",
             bold=True)
     if without.duplicates > 0:
-        say(f"    Without sessions {without.duplicates} retries were applied a second time: the "
-            "counter overcounts.")
+        say(f"    Without sessions {duplicates_line(without.duplicates)}: the counter overcounts.")
     else:
         say("    Without sessions no retry happened to commit twice this run; run it again, the "
             "risk is real.")
@@ -223,7 +231,7 @@ def print_summary(reports: tuple[StreamReport, StreamReport], elapsed: float) ->
     say(f"    ({elapsed:.0f} s; the cluster is stopped and its directory removed)", dim=True)
 
 
-@click.command()
+@click.command(cls=KvCommand)
 @click.option("--keep-log", "keep", is_flag=True, hidden=True)
 def demo(keep: bool) -> None:
     """A narrated demo of exactly-once on a temporary 3-node cluster (under a minute)."""

@@ -14,11 +14,28 @@ from typing import NoReturn
 
 import click
 
-from cli import bench_cmd, check_cmd, cluster_cmd, data_cmd, demo, exits, node_cmd, session_cmd
+from cli import (
+    bench_cmd,
+    check_cmd,
+    cluster_cmd,
+    data_cmd,
+    demo,
+    exits,
+    node_cmd,
+    session_cmd,
+    status_cmd,
+    version_cmd,
+)
+from cli.kv_click import KvGroup
 from cli.settings import Settings, root_options
 
+ALIASES = {"del": "delete"}
+"""Other names of commands, as etcdctl users type them."""
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+@click.group(cls=KvGroup, aliases=ALIASES, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=version_cmd.print_version, help="Print the version and exit.")
 @root_options
 def kv() -> None:
     """A replicated key-value store that applies every write exactly once.
@@ -37,8 +54,9 @@ def kv() -> None:
     """
 
 
-for command in (*data_cmd.COMMANDS, session_cmd.session, cluster_cmd.cluster, node_cmd.node,
-                demo.demo, check_cmd.check, bench_cmd.bench):
+for command in (*data_cmd.COMMANDS, status_cmd.status, status_cmd.health, session_cmd.session,
+                cluster_cmd.cluster, node_cmd.node, demo.demo, check_cmd.check, bench_cmd.bench,
+                version_cmd.version):
     kv.add_command(command)
 
 

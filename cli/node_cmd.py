@@ -14,6 +14,8 @@ from pathlib import Path
 
 import click
 
+from cli.kv_click import KvGroup
+from cli.params import Integer
 from kvstore.config import (
     DEFAULT_SNAPSHOT_COUNT,
     ConfigError,
@@ -81,14 +83,14 @@ def check_exposure(secret: str, addresses: list[str]) -> None:
     )
 
 
-@click.group()
+@click.group(cls=KvGroup)
 def node() -> None:
     """Run a node (kv cluster up does this for you)."""
 
 
 @node.command()
 @click.option("--id", "node_id", required=True, help="This node's name, e.g. n1.")
-@click.option("--cluster-id", type=click.IntRange(min=1), required=True,
+@click.option("--cluster-id", type=Integer(min=1), required=True,
               help="The cluster's id; every node of a cluster has the same.")
 @click.option("--raft", required=True, metavar="HOST:PORT", help="Raft address of this node.")
 @click.option("--api", required=True, metavar="HOST:PORT", help="Client API address of this node.")
@@ -98,10 +100,10 @@ def node() -> None:
               help="Where the node keeps its log and snapshots.")
 @click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path),
               help="File holding the cluster secret [else env KV_SECRET].")
-@click.option("--session-capacity", type=click.IntRange(min=1), default=DEFAULT_SESSION_CAPACITY,
+@click.option("--session-capacity", type=Integer(min=1), default=DEFAULT_SESSION_CAPACITY,
               show_default=True, help="Client sessions kept before the least recently used "
               "is evicted; must be the same on every node.")
-@click.option("--snapshot-count", type=click.IntRange(min=1), default=DEFAULT_SNAPSHOT_COUNT,
+@click.option("--snapshot-count", type=Integer(min=1), default=DEFAULT_SNAPSHOT_COUNT,
               show_default=True, help="Log entries after which the node snapshots its state "
               "and compacts its log.")
 @click.option("--fsync", is_flag=True,

@@ -1,48 +1,49 @@
-"""One node's ``Status``, flattened for the output formats, or the error that replaced it."""
+"""The status of nodes, as ``kv status`` and ``kv cluster status`` show it: one list of columns.
+
+Both commands ask each node for its ``Status`` and render the answers with ``COLUMNS``, so they
+show the same fields under the same names, with the same digest, and exit alike (0 when at
+least one node answered, 2 when none did). ``kv cluster status`` adds what only the local
+cluster directory knows: each node's process. A new field is one more ``Column``.
+
+A node that does not answer is a row too, with its ``error`` in words: ``unreachable``, or
+``not running`` when the local cluster directory knows its process is gone.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from cli.exits import UNAVAILABLE, CliError
+from cli.output import Report
 from kvstore.errors import KVError
 
 if TYPE_CHECKING:
     from kvstore.client import Client
     from kvstore.proto.api_pb2 import NodeStatus
 
+Row = dict[str, object]
 
-def probe(client: Client, endpoint: str, *, timeout: float | None = None,
-          with_digest: bool = False) -> dict[str, object]:
-    """``endpoint``'s status as a flat dict; an unreachable node gives ``{"error": ...}``.
-
-    A status report must show every node, so a node that does not answer is a row with its
-    error, never an exception.
-    """
-    try:
-        return flatten(client.status(endpoint, timeout=timeout, with_digest=with_digest))
-    except KVError as exc:
-        return {"endpoint": endpoint, "error": str(exc)}
+UNREACHABLE = "unreachable"
+NOT_RUNNING = "not running"
 
 
-def flatten(status: NodeStatus) -> dict[str, object]:
-    return {
-        "id": status.node_id,
-        "endpoint": status.api_address,
-        "role": status.role,
-        "leader": status.leader_api_address,
-        "term": status.term,
-        "commit": status.commit_index,
-        "applied": status.applied_index,
-        "lag": status.lag,
-        "sessions": status.sessions,
-        "keys": status.keys,
-        "digest": status.digest,
-        "has_quorum": status.has_quorum,
-        "alarms": list(status.alarms),
-    }
+@dataclass(frozen=True)
+class Column:
+    name: str
+    """The JSON field, and (upper-cased) the table's header."""
+    field: Callable[[NodeStatus], object] | None = None
+    """The field's value from the node's answer; ``None`` for what the CLI fills in."""
+    local: bool = False
+    """Known only for a node of the local cluster directory (``kv cluster status``)."""
+    in_table: bool = True
+    cell: Callable[[Row], str] | None = None
+    """The table cell; by default the field as text."""
 
 
-def cell(row: dict[str, object], name: str) -> str:
+def cell(row: Row, name: str) -> str:
     """A field as a table cell: blank when the node did not answer."""
     value = row.get(name)
     if value is None:
@@ -52,3 +53,93 @@ def cell(row: dict[str, object], name: str) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     return str(value)
+
+
+def _errors(row: Row) -> str:
+    """Why the node did not answer, else its alarms (etcdctl's ERRORS column)."""
+    return cell(row, "error") or cell(row, "alarms")
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("id", lambda s: s.node_id),
+    Column("endpoint", lambda s: s.api_address),
+    Column("pid", local=True),
+    Column("alive", local=True, in_table=False),
+    Column("role", lambda s: s.role),
+    Column("leader", lambda s: s.leader_api_address, in_table=False),
+    Column("term", lambda s: s.term),
+    Column("commit", lambda s: s.commit_index),
+    Column("applied", lambda s: s.applied_index),
+    Column("lag", lambda s: s.lag),
+    Column("sessions", lambda s: s.sessions),
+    Column("keys", lambda s: s.keys),
+    Column("digest", lambda s: s.digest),
+    Column("has_quorum", lambda s: s.has_quorum, in_table=False),
+    Column("alarms", lambda s: list(s.alarms), cell=_errors),
+)
+
+
+def flatten(status: NodeStatus) -> Row:
+    """A node's answer as a row: every column that comes from the answer."""
+    return {c.name: c.field(status) for c in COLUMNS if c.field is not None}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A node to ask: its endpoint, and what the local cluster directory knows of it."""
+
+    endpoint: str
+    node_id: str | None = None
+    pid: int | None = None
+    local: bool = False
+    """A node of the local cluster: its process is known (``pid`` None: not running)."""
+
+
+def probe(client: Client, target: Target, *, cluster_id: int | None = None,
+          with_digest: bool = True, timeout: float | None = None) -> Row:
+    """The target's row: its answer, or why there is none (never an exception).
+
+    With ``cluster_id``, a node answering for another cluster (a port reused since) is an
+    error, not a row that looks fine.
+    """
+    row: Row = {"id": target.node_id, "endpoint": target.endpoint}
+    if target.local:
+        row |= {"pid": target.pid, "alive": target.pid is not None}
+    started = time.monotonic()
+    try:
+        status = client.status(target.endpoint, with_digest=with_digest, timeout=timeout)
+    except KVError as exc:
+        row["error"] = NOT_RUNNING if target.local and target.pid is None else UNREACHABLE
+        row["detail"] = str(exc)
+        return row
+    row["took_ms"] = round((time.monotonic() - started) * 1000, 1)
+    if cluster_id is not None and status.cluster_id != cluster_id:
+        row["error"] = f"another cluster answers here (id {status.cluster_id}, not {cluster_id})"
+        return row
+    return row | flatten(status)
+
+
+def answered(row: Row) -> bool:
+    return "error" not in row
+
+
+def report(rows: Sequence[Row], *, local: bool) -> Report:
+    """The rows in every output format, with the columns that apply."""
+    columns = [c for c in COLUMNS if c.in_table and (local or not c.local)]
+    names = [c.name for c in COLUMNS if local or not c.local]
+    data = [{k: v for k, v in row.items() if k in names or k in ("error", "detail", "took_ms")}
+            for row in rows]
+    table_rows = [[(c.cell or (lambda r, n=c.name: cell(r, n)))(row) for c in columns]
+                  for row in rows]
+    return Report(data, [c.name for c in columns], table_rows)
+
+
+def require_an_answer(rows: Sequence[Row], start_hint: str = "") -> None:
+    """Exit 2 when no node answered: the rows were printed, but nothing is reachable.
+
+    ``start_hint`` is how to start the nodes, said when none of them is running."""
+    if not rows or any(answered(row) for row in rows):
+        return
+    if start_hint and all(row.get("error") == NOT_RUNNING for row in rows):
+        raise CliError(f"no node is running (start them with '{start_hint}')", UNAVAILABLE)
+    raise CliError(f"no node answered ({len(rows)} asked)", UNAVAILABLE)

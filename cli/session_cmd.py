@@ -18,6 +18,7 @@ import click
 
 from cli import session_file
 from cli.exits import CliError
+from cli.kv_click import KvGroup
 from cli.output import Report, emit
 from cli.settings import Settings, global_options
 from session import Session
@@ -28,7 +29,7 @@ path_option = click.option(
 )
 
 
-@click.group()
+@click.group(cls=KvGroup)
 def session() -> None:
     """Client sessions kept in a file, for writes that are safe to retry."""
 

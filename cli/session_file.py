@@ -27,7 +27,14 @@ from pathlib import Path
 
 from cli.exits import INVALID_INPUT, CliError
 from cli.files import write_atomic
-from session import Session, SessionError
+from session import (
+    NOOP_SERIES_ID,
+    NOT_SESSION_MANAGED_CLIENT_ID,
+    SERIES_ID_FOR_REGISTER,
+    SERIES_ID_FOR_UNREGISTER,
+    Session,
+    SessionError,
+)
 
 FIELDS = ("cluster_id", "client_id", "series_id", "responded_to")
 
@@ -57,6 +64,30 @@ def decode(path: Path, data: bytes) -> Session:
         return Session(**fields)
     except SessionError as exc:
         raise SessionFileError(path, str(exc)) from exc
+
+
+def check_writable(path: Path, session: Session) -> None:
+    """Refuses, in the CLI's words, a session in a file that cannot carry a write.
+
+    ``kv session open`` never writes such a file; a hand-edited or foreign one may hold a
+    session prepared for registering or closing, or a no-op session (which makes no retry
+    safe, the one reason to keep a session in a file).
+    """
+    how = f"open a new one with 'kv session open --session {path}'"
+    if session.client_id == NOT_SESSION_MANAGED_CLIENT_ID:
+        reason = "client id 0 is reserved for the cluster's own entries"
+    elif session.series_id == SERIES_ID_FOR_REGISTER:
+        reason = "it is prepared for registering (series id 2^64-2), not for writes"
+    elif session.series_id == SERIES_ID_FOR_UNREGISTER:
+        reason = "it is prepared for closing (series id 2^64-1), not for writes"
+    elif session.series_id == NOOP_SERIES_ID:
+        reason = "series id 0 is a no-op session, which makes no retry safe"
+    elif session.responded_to > session.series_id:
+        reason = (f"responded_to {session.responded_to} is past series_id "
+                  f"{session.series_id}")
+    else:
+        return
+    raise CliError(f"the session in {path} cannot write: {reason}; {how}", INVALID_INPUT)
 
 
 def read(path: Path) -> Session:

@@ -13,6 +13,7 @@ every command finds the cluster without configuration.
 from __future__ import annotations
 
 from collections.abc import Callable
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 import click
 from click.core import ParameterSource
 
+from cli import params
 from cli.cluster_dir import ClusterDir, ClusterSpec
 from cli.exits import UNAVAILABLE, CliError
 from cli.output import FORMATS
@@ -39,10 +41,20 @@ class Settings:
     dial_timeout: float = 2.0
     dir: Path = Path("kv-cluster")
     debug: bool = False
+    chosen: set[str] = field(default_factory=set)
+    """The settings the user chose (on a command line or in the environment), by field name;
+    the others hold their defaults."""
 
     @staticmethod
     def current() -> Settings:
         return click.get_current_context().ensure_object(Settings)
+
+    def output_format(self, *, terminal: str = "simple") -> str:
+        """The ``-w`` format; when none was chosen, ``terminal`` if stdout is a terminal (a
+        status table reads better than comma-separated fields), else ``simple``."""
+        if "write_out" in self.chosen or not sys.stdout.isatty():
+            return self.write_out
+        return terminal
 
     @property
     def cluster(self) -> ClusterDir:
@@ -94,11 +106,12 @@ _OPTIONS = [
         "type": click.Choice(FORMATS),
         "help": "Output format [env KV_WRITE_OUT; default simple]."}),
     _GlobalOption(("--timeout", "--command-timeout"), "timeout", "KV_COMMAND_TIMEOUT", {
-        "type": click.FloatRange(min=0, min_open=True), "metavar": "SECONDS",
-        "help": "Time limit of the whole command [env KV_COMMAND_TIMEOUT; default 5]."}),
+        "type": params.Duration(), "metavar": "DURATION",
+        "help": "Time limit of the whole command: 5s, 500ms, 1m [env KV_COMMAND_TIMEOUT; "
+                "default 5s]."}),
     _GlobalOption(("--dial-timeout",), "dial_timeout", "KV_DIAL_TIMEOUT", {
-        "type": click.FloatRange(min=0, min_open=True), "metavar": "SECONDS",
-        "help": "Time limit to connect to an endpoint [env KV_DIAL_TIMEOUT; default 2]."}),
+        "type": params.Duration(), "metavar": "DURATION",
+        "help": "Time limit to connect to an endpoint [env KV_DIAL_TIMEOUT; default 2s]."}),
     _GlobalOption(("--dir",), "dir", "KV_CLUSTER_DIR", {
         "type": click.Path(file_okay=False, path_type=Path),
         "help": "Local cluster directory [env KV_CLUSTER_DIR; default ./kv-cluster]."}),
@@ -107,14 +120,38 @@ _OPTIONS = [
 ]
 
 
+GLOBAL_PARAM_NAMES = frozenset(option.attr + "_" for option in _OPTIONS)
+"""The click parameter names of the global options (each subcommand declares them again)."""
+
+
+def global_help_records(ctx: click.Context) -> list[tuple[str, str]]:
+    """The global options' lines for a subcommand's ``--help``."""
+    records = []
+    for option in _OPTIONS:
+        shown = click.Option(option.names, **option.click_settings)
+        record = shown.get_help_record(ctx)
+        if record is not None:
+            records.append(record)
+    return records
+
+
 def _store(attr: str, only_if_given: bool) -> Callable[[click.Context, click.Parameter, Any], None]:
     def callback(ctx: click.Context, param: click.Parameter, value: Any) -> None:
-        given = ctx.get_parameter_source(param.name or "") == ParameterSource.COMMANDLINE
+        source = ctx.get_parameter_source(param.name or "")
+        given = source == ParameterSource.COMMANDLINE
         if only_if_given and not given:
             return
         if attr == "endpoints":
-            value = [e.strip() for e in (value or "").split(",") if e.strip()]
-        setattr(ctx.ensure_object(Settings), attr, value)
+            try:
+                value = params.endpoints(value)
+            except click.BadParameter as exc:
+                if source == ParameterSource.ENVIRONMENT:
+                    raise click.BadParameter(f"{exc.message} (in KV_ENDPOINTS)") from None
+                raise
+        settings = ctx.ensure_object(Settings)
+        setattr(settings, attr, value)
+        if source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            settings.chosen.add(attr)
     return callback
 
 

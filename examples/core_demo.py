@@ -2,7 +2,8 @@
 
 No network and no Raft here: a Python list plays the replicated log, so you can watch the
 session rules alone. ``kv demo`` shows the same on a real three-node cluster.
-Run: ``python examples/core_demo.py``.
+Run from the repository root (``make venv`` sets up .venv the first time):
+``make venv && .venv/bin/python examples/core_demo.py``
 """
 
 from __future__ import annotations

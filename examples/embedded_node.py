@@ -5,7 +5,8 @@ and data directory, exactly as separate processes would), then talks to it with 
 library. In a real deployment each program embeds one node: call ``serving(config)`` with that
 node's own ``NodeConfig`` and its peers.
 
-Run: ``.venv/bin/python examples/embedded_node.py``
+Run from the repository root (``make venv`` sets up .venv the first time):
+``make venv && .venv/bin/python examples/embedded_node.py``
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Retrying safely with the client library: the loop every exactly-once client runs.
 
-Start a cluster first (``kv cluster up --detach``), then:
-``.venv/bin/python examples/retry_safely.py``  (endpoints from KV_ENDPOINTS or ./kv-cluster)
+Run from the repository root (``make venv`` sets up .venv the first time; the cluster goes in
+./kv-cluster, or set KV_ENDPOINTS to use another):
+``make venv && .venv/bin/kv cluster up --detach && .venv/bin/python examples/retry_safely.py; .venv/bin/kv cluster down``
 
 The rule: after an answer, call ``proposal_completed()``; after an unknown outcome, propose the
 *same* session again. The cluster applies the proposal once and answers every copy alike.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -236,40 +237,58 @@ def _num(value: Any, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+REPORT_WIDTH = 80
+"""Columns of the text report: every line fits a default terminal."""
+
+
+def _wrapped(text: str, indent: str = "") -> list[str]:
+    return textwrap.wrap(text, REPORT_WIDTH, initial_indent=indent,
+                         subsequent_indent=indent + "  ", break_on_hyphens=False)
+
+
 def text_report(doc: dict[str, Any]) -> list[str]:
-    """The table of medians, the ratios, and what was measured how."""
+    """The tables of medians (speed, then CPU), the ratios, what ran, and how to read it."""
     from cli.output import table
 
     config = doc["config"]
-    header = ["target", "clients", "ops/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors",
-              "client us/op", "node us/op", "node cores", "other cores"]
-    rows = [[r["target"], str(r["clients"]), _num(r["ops_s"], ",.0f"), _num(r["p50_ms"], ".2f"),
-             _num(r["p90_ms"], ".2f"), _num(r["p99_ms"], ".2f"), _num(r["max_ms"], ".1f"),
-             str(r["errors"]), _num(r["client_cpu_us_per_op"], ",.0f"),
-             _num(r["node_cpu_us_per_op"], ",.0f"), _num(r["node_cores"], ".2f"),
-             _num(r["other_cores"], ".2f")] for r in doc["results"]]
-    title = (f"kv bench: {config['workload']}, {config['value_size']} B values, "
-             f"{config['duration']:g}s measured after {config['warmup']:g}s warm-up, medians of "
-             f"{config['rounds']} round(s); {doc['machine']['cpus']} CPUs")
-    lines = [title, table(header, rows)]
+    speed = [[r["target"], str(r["clients"]), _num(r["ops_s"], ",.0f"), _num(r["p50_ms"], ".2f"),
+              _num(r["p90_ms"], ".2f"), _num(r["p99_ms"], ".2f"), _num(r["max_ms"], ".1f"),
+              str(r["errors"])] for r in doc["results"]]
+    cpu = [[r["target"], str(r["clients"]), _num(r["client_cpu_us_per_op"], ",.0f"),
+            _num(r["node_cpu_us_per_op"], ",.0f"), _num(r["node_cores"], ".2f"),
+            _num(r["other_cores"], ".2f")] for r in doc["results"]]
+    lines = _wrapped(
+        f"kv bench: {config['workload']}, {config['value_size']} B values, "
+        f"{config['duration']:g}s measured after {config['warmup']:g}s warm-up, medians of "
+        f"{config['rounds']} round(s); {doc['machine']['cpus']} CPUs")
+    lines += ["", "Speed (latency in ms):",
+              table(["target", "clients", "ops/s", "p50", "p90", "p99", "max", "errors"], speed),
+              "", "CPU (microseconds per operation; cores busy during the run):",
+              table(["target", "clients", "client us/op", "node us/op", "node cores",
+                     "other cores"], cpu)]
     if doc["ratios"]:
         ratio_rows = [[f"ours/{r['vs']}", str(r["clients"]), _num(r["ops_s"], ".2f"),
                        _num(r["p50_ms"], ".2f"), _num(r["p99_ms"], ".2f"),
                        _num(r["node_cpu_us_per_op"], ".2f"),
                        ", ".join(_num(x, ".2f") for x in r["ops_s_per_round"])]
                       for r in doc["ratios"]]
-        lines.append(table(["ratio", "clients", "ops/s", "p50", "p99", "node cpu/op",
-                            "ops/s per round"], ratio_rows))
+        lines += ["", "Ratios (ours divided by the other, same rounds):",
+                  table(["ratio", "clients", "ops/s", "p50", "p99", "node cpu/op",
+                         "ops/s per round"], ratio_rows)]
+    lines += ["", "What ran:"]
     for name, facts in doc["targets"].items():
-        lines.append(f"{name}: " + "; ".join(f"{k} {v}" for k, v in facts.items()
-                                              if k not in ("endpoints", "dir")))
+        lines.append(f"  {name}")
+        for key, value in facts.items():
+            if key not in ("endpoints", "dir"):
+                lines += _wrapped(f"{key}: {value}", indent="    ")
     load = doc["machine"]
-    lines.append(
-        "noise: load average " + _num(load["loadavg_start"] and load["loadavg_start"][0], ".2f")
-        + " before, " + _num(load["loadavg_end"] and load["loadavg_end"][0], ".2f")
-        + " after; 'other cores' = CPU used by other processes during a run "
-          "(machine busy time minus nodes and clients). Ratios of runs taken side by side are "
-          "the trustworthy numbers; CPU per op is the most robust.")
+    lines += [""] + _wrapped(
+        "How to read this: the machine is shared, so trust the ratios of runs taken side by "
+        "side in this one run more than any single number; CPU per operation varies least. "
+        "'other cores' is CPU that other programs used meanwhile: when it is high, the run "
+        "was disturbed. Load average "
+        + _num(load["loadavg_start"] and load["loadavg_start"][0], ".2f") + " before, "
+        + _num(load["loadavg_end"] and load["loadavg_end"][0], ".2f") + " after.")
     if doc["leftover_processes"]:
         lines.append(f"LEFTOVER PROCESSES (killed): {doc['leftover_processes']}")
     return lines

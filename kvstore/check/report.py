@@ -2,8 +2,10 @@
 
 The page is what a person opens after a run that failed: a summary table, a timeline with one
 lane per client process (each op a bar from call to return, faults as vertical bands over all
-lanes), then the violations with the ops behind them. It loads nothing and needs no script:
-tooltips are SVG ``<title>`` elements, so the file reads the same in any browser, offline.
+lanes), under it a chart of ok ops per second and p99 latency on the same time axis with the
+same bands (so the cost of each fault in availability shows), then the violations with the ops
+behind them. It loads nothing and needs no script: tooltips are SVG ``<title>`` elements, so
+the file reads the same in any browser, offline.
 
 Inputs are duck-typed (attributes or dict keys) so that this module depends on nothing else in
 ``kvstore.check``:
@@ -24,19 +26,23 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 # Geometry of the SVG, in px.
-PLOT_LEFT = 64  # room for the lane labels
+PLOT_LEFT = 132  # room for the lane labels ("p12 list-append")
 PLOT_WIDTH = 1100
-PLOT_RIGHT = 24
+PLOT_RIGHT = 56  # room for the chart's right axis (p99 latency)
+LABEL_CHARS = 19  # lane labels are cut here
 LEGEND_HEIGHT = 26
 FAULT_ROW_HEIGHT = 15
 LANES_HEIGHT = 560  # lanes share this height ...
 LANE_MIN, LANE_MAX = 4.0, 22.0  # ... within these bounds per lane
 AXIS_HEIGHT = 34
+CHART_TOP = 30  # the chart's legend
+CHART_HEIGHT = 170  # its plot area
+CHART_BINS = 80  # about this many time bins, each a 1-2-5 number of seconds
 CHAR_WIDTH = 6.4  # estimate of one character at the 11 px font, for placing labels
 
 # An ok bar narrower than MERGE_MAX_PX that starts within MERGE_GAP_PX of the previous one in
@@ -55,6 +61,7 @@ OTHER_STATUS_COLOUR = "#999999"
 FAULT_COLOURS = {"kill": "#d62728", "pause": "#1f77b4", "partition": "#9467bd", "delay": "#17a2b8"}
 OTHER_FAULT_COLOUR = "#7f7f7f"
 VIOLATION_COLOUR = "#d00000"
+P99_COLOUR = "#c05000"
 
 # Characters XML 1.0 cannot carry even as references (and lone surrogates, which UTF-8 cannot).
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
@@ -84,14 +91,23 @@ def render_html(
     violations: Sequence[Any],
     summary: Mapping[str, Any],
     title: str = "kv check",
+    *,
+    process_labels: Mapping[Any, str] | None = None,
+    summary_labels: Mapping[str, str] | None = None,
+    timeline_note: str = "",
 ) -> str:
-    """The whole report page; a pure function of its inputs."""
+    """The whole report page; a pure function of its inputs.
+
+    ``process_labels`` names lanes (``{3: "counter"}`` labels lane p3 "p3 counter");
+    ``summary_labels`` gives the summary's keys in words; ``timeline_note`` is said under the
+    timeline's heading (what a named lane means, say).
+    """
     flagged: dict[int, int] = {}  # op index -> number of the first violation that names it
     for number, violation in enumerate(violations, 1):
         for index in _get(violation, "ops") or ():
             flagged.setdefault(index, number)
     scale = _Scale.fit(ops, faults)
-    svg, merged_ops, merged_bars = _timeline(ops, faults, flagged, scale)
+    svg, merged_ops, merged_bars = _timeline(ops, faults, flagged, scale, process_labels or {})
     if merged_ops:
         merge_note = (
             f"To stay readable, {merged_ops:,} ok ops too short to tell apart were drawn as "
@@ -105,12 +121,13 @@ def render_html(
             '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n',
             f"<title>{_esc(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n",
             f"<h1>{_esc(title)}</h1>\n",
-            _summary_table(summary),
+            _summary_table(summary, summary_labels or {}),
             f"<h2>Timeline</h2>\n<p class=\"note\">{len(ops):,} ops by "
             f"{len({_get(op, 'process') for op in ops}):,} processes over "
             f"{scale.span_ns / 1e9:.3f} s, {len(faults):,} faults. Hover a bar for its details. "
-            f"{merge_note}</p>\n",
+            f"{merge_note} {_esc(timeline_note)}</p>\n",
             svg,
+            _chart_section(ops, faults, scale),
             _violations_section(violations, ops, scale),
             _faults_section(faults, scale),
             "</body>\n</html>\n",
@@ -125,10 +142,13 @@ def write_report(
     violations: Sequence[Any],
     summary: Mapping[str, Any],
     title: str = "kv check",
+    **labels: Any,
 ) -> Path:
-    """Write the page to ``path`` (creating its folder) and return the path."""
+    """Write the page to ``path`` (creating its folder) and return the path; ``labels`` are
+    ``render_html``'s keyword arguments."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(ops, faults, violations, summary, title), encoding="utf-8")
+    path.write_text(render_html(ops, faults, violations, summary, title, **labels),
+                    encoding="utf-8")
     return path
 
 
@@ -206,6 +226,7 @@ class _Layout:
 
     fault_rows: int
     lanes: list[Any]
+    labels: Mapping[Any, str] = field(default_factory=dict)
 
     @property
     def lanes_top(self) -> float:
@@ -230,7 +251,8 @@ class _Layout:
 
 
 def _timeline(
-    ops: Sequence[Any], faults: Sequence[Any], flagged: Mapping[int, int], scale: _Scale
+    ops: Sequence[Any], faults: Sequence[Any], flagged: Mapping[int, int], scale: _Scale,
+    labels: Mapping[Any, str],
 ) -> tuple[str, int, int]:
     """The SVG, the number of ops drawn merged, and the number of merged bars they make."""
     by_lane: dict[Any, list[Any]] = defaultdict(list)
@@ -238,7 +260,7 @@ def _timeline(
         by_lane[_get(op, "process")].append(op)
     lanes = sorted(by_lane)
     label_rows = _place_fault_labels(faults, scale)
-    layout = _Layout(max(label_rows, default=-1) + 1, lanes)
+    layout = _Layout(max(label_rows, default=-1) + 1, lanes, labels)
     width = PLOT_LEFT + PLOT_WIDTH + PLOT_RIGHT
 
     # Layers, bottom to top: open-ended unknown bars (translucent) under all other bars, ok bars
@@ -431,10 +453,16 @@ def _lanes_background(layout: _Layout) -> str:
             parts.append(
                 f'<text x="{PLOT_LEFT - 6}" y="{top + layout.lane_height / 2:.1f}" '
                 f'text-anchor="end" dominant-baseline="central" font-size="{font:.0f}" '
-                f'fill="#444">p{_esc(process)}</text>\n'
+                f'fill="#444">{_esc(_lane_label(process, layout.labels))}</text>\n'
             )
     parts.append("</g>\n")
     return "".join(parts)
+
+
+def _lane_label(process: Any, labels: Mapping[Any, str]) -> str:
+    """``p3``, or ``p3 counter`` when the process has a label (cut to LABEL_CHARS)."""
+    label = f"p{process} {labels[process]}" if process in labels else f"p{process}"
+    return label if len(label) <= LABEL_CHARS else label[: LABEL_CHARS - 1] + "…"
 
 
 def _fault_label(fault: Any) -> str:
@@ -486,10 +514,14 @@ def _fault_bands(
 
 def _axis(layout: _Layout, scale: _Scale) -> str:
     """Ticks in seconds since the first call, with faint grid lines through the lanes."""
+    return _time_axis(layout.lanes_top, layout.lanes_bottom, scale)
+
+
+def _time_axis(top: float, bottom: float, scale: _Scale) -> str:
+    """The time axis at ``bottom``, with faint grid lines up to ``top``."""
     span_s = scale.span_ns / 1e9
     step = _tick_step(span_s)
     decimals = max(0, -math.floor(math.log10(step)))
-    bottom = layout.lanes_bottom
     parts = [
         '<g class="axis">\n',
         f'<line x1="{PLOT_LEFT}" y1="{bottom:.1f}" x2="{PLOT_LEFT + PLOT_WIDTH}" '
@@ -498,7 +530,7 @@ def _axis(layout: _Layout, scale: _Scale) -> str:
     for k in range(int(span_s / step + 1e-9) + 1):
         x = PLOT_LEFT + k * step / span_s * PLOT_WIDTH
         parts.append(
-            f'<line x1="{x:.1f}" y1="{layout.lanes_top:.1f}" x2="{x:.1f}" y2="{bottom:.1f}" '
+            f'<line x1="{x:.1f}" y1="{top:.1f}" x2="{x:.1f}" y2="{bottom:.1f}" '
             'stroke="#000" stroke-opacity="0.07"/>'
             f'<line x1="{x:.1f}" y1="{bottom:.1f}" x2="{x:.1f}" y2="{bottom + 5:.1f}" '
             'stroke="#555"/>'
@@ -512,15 +544,163 @@ def _axis(layout: _Layout, scale: _Scale) -> str:
     return "".join(parts)
 
 
+# --- availability chart ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bin:
+    """One slice of time in the chart: the ok ops that returned in it, and their p99."""
+
+    start_ns: int
+    end_ns: int
+    ok: int
+    p99_ms: float | None
+    """Nearest-rank 99th percentile of the ok ops' latency (call to return); None if no op."""
+
+    @property
+    def ops_per_s(self) -> float:
+        return self.ok / ((self.end_ns - self.start_ns) / 1e9)
+
+
+def throughput_bins(ops: Sequence[Any], scale: _Scale) -> list[Bin]:
+    """The run cut into about CHART_BINS equal slices of a 1-2-5 number of seconds.
+
+    An op counts in the slice where it returned: that is when its client got the answer, so a
+    fault shows as slices with few or no ok ops, and slow answers as a high p99 right after.
+    """
+    step_ns = max(int(_tick_step(scale.span_ns / 1e9, CHART_BINS) * 1e9), 1)
+    count = max(math.ceil(scale.span_ns / step_ns), 1)
+    latencies: list[list[int]] = [[] for _ in range(count)]
+    for op in ops:
+        returned = _get(op, "return_ns")
+        if _get(op, "status") != "ok" or returned is None:
+            continue
+        slot = min(max((returned - scale.t0_ns) // step_ns, 0), count - 1)
+        latencies[slot].append(returned - _get(op, "call_ns"))
+    bins = []
+    for i, found in enumerate(latencies):
+        p99 = None
+        if found:
+            found.sort()
+            p99 = found[max(math.ceil(0.99 * len(found)) - 1, 0)] / 1e6
+        start = scale.t0_ns + i * step_ns
+        bins.append(Bin(start, start + step_ns, len(found), p99))
+    return bins
+
+
+def _nice_ceiling(value: float) -> float:
+    """The smallest 1-2-5 number at or above ``value`` (an axis maximum)."""
+    if value <= 0:
+        return 1.0
+    magnitude = 10.0 ** math.floor(math.log10(value))
+    return next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= value)
+
+
+def _chart_section(ops: Sequence[Any], faults: Sequence[Any], scale: _Scale) -> str:
+    bins = throughput_bins(ops, scale)
+    width_s = (bins[0].end_ns - bins[0].start_ns) / 1e9
+    note = (
+        f"Ok ops per second (bars, left axis) and the p99 latency of those ops (line, right "
+        f"axis), in slices of {width_s:g} s, by when each op returned; faults are the same bands "
+        "as above. A slice without a bar is time in which no client got an ok answer."
+    )
+    return (
+        f'<h2>Availability</h2>\n<p class="note">{_esc(note)}</p>\n'
+        + _chart_svg(bins, faults, scale)
+    )
+
+
+def _chart_svg(bins: Sequence[Bin], faults: Sequence[Any], scale: _Scale) -> str:
+    width = PLOT_LEFT + PLOT_WIDTH + PLOT_RIGHT
+    top, bottom = CHART_TOP, CHART_TOP + CHART_HEIGHT
+    height = bottom + AXIS_HEIGHT
+    rate_max = _nice_ceiling(max((b.ops_per_s for b in bins), default=0.0))
+    p99_max = _nice_ceiling(max((b.p99_ms or 0.0 for b in bins), default=0.0))
+
+    def y(value: float, top_value: float) -> float:
+        return bottom - min(value / top_value, 1.0) * CHART_HEIGHT
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="throughput" width="{width}" '
+        f'height="{height}" viewBox="0 0 {width} {height}" '
+        'font-family="system-ui, sans-serif" font-size="11">\n',
+        f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fff"/>\n',
+        '<g class="legend">'
+        f'<rect x="{PLOT_LEFT}" y="8" width="16" height="10" fill="{STATUS_COLOURS["ok"]}"/>'
+        f'<text x="{PLOT_LEFT + 21}" y="17">ok ops per second (left axis)</text>'
+        f'<line x1="{PLOT_LEFT + 230}" y1="13" x2="{PLOT_LEFT + 246}" y2="13" '
+        f'stroke="{P99_COLOUR}" stroke-width="2"/>'
+        f'<text x="{PLOT_LEFT + 251}" y="17">p99 latency of the ok ops, ms (right axis)</text>'
+        "</g>\n",
+    ]
+    parts.append('<g class="chart-axes">\n')
+    for k in range(5):  # horizontal grid with both axes' values
+        fraction = k / 4
+        gy = bottom - fraction * CHART_HEIGHT
+        parts.append(
+            f'<line x1="{PLOT_LEFT}" y1="{gy:.1f}" x2="{PLOT_LEFT + PLOT_WIDTH}" y2="{gy:.1f}" '
+            'stroke="#000" stroke-opacity="0.08"/>'
+            f'<text x="{PLOT_LEFT - 6}" y="{gy + 4:.1f}" text-anchor="end" fill="#444">'
+            f"{rate_max * fraction:g}</text>"
+            f'<text x="{PLOT_LEFT + PLOT_WIDTH + 6}" y="{gy + 4:.1f}" fill="{P99_COLOUR}">'
+            f"{p99_max * fraction:g}</text>\n"
+        )
+    parts.append("</g>\n")
+    parts.append('<g class="faults">\n')
+    for fault in faults:
+        kind, start, end = str(_get(fault, "kind")), _get(fault, "start_ns"), _get(fault, "end_ns")
+        colour = FAULT_COLOURS.get(kind, OTHER_FAULT_COLOUR)
+        x0 = scale.x(start)
+        x1 = max(scale.x(end if end is not None else scale.end_ns), x0 + 2)
+        parts.append(
+            f'<rect class="band {_esc(kind)}" x="{x0:.1f}" y="{top}" width="{x1 - x0:.1f}" '
+            f'height="{CHART_HEIGHT}" fill="{colour}" fill-opacity="0.15" pointer-events="none"/>\n'
+        )
+    parts.append("</g>\n")
+    parts.append('<g class="rate">\n')
+    for b in bins:
+        x0, x1 = scale.x(b.start_ns), scale.x(b.end_ns)
+        by = y(b.ops_per_s, rate_max)
+        p99 = "no ok op" if b.p99_ms is None else f"p99 {b.p99_ms:.1f} ms"
+        title = (f"{_secs(scale.seconds(b.start_ns))}–{_secs(scale.seconds(b.end_ns))} s: "
+                 f"{b.ok} ok ops ({b.ops_per_s:g}/s), {p99}")
+        parts.append(
+            f'<rect class="bin" data-ok="{b.ok}" x="{x0:.1f}" y="{by:.1f}" '
+            f'width="{max(x1 - x0 - BAR_GAP_PX, MIN_BAR_PX):.1f}" height="{bottom - by:.1f}" '
+            f'fill="{STATUS_COLOURS["ok"]}" fill-opacity="0.75"><title>{_esc(title)}</title>'
+            "</rect>\n"
+        )
+    parts.append("</g>\n")
+    segments: list[list[str]] = [[]]
+    for b in bins:  # the p99 line breaks where a slice had no ok op
+        if b.p99_ms is None:
+            segments.append([])
+            continue
+        mid = (scale.x(b.start_ns) + scale.x(b.end_ns)) / 2
+        segments[-1].append(f"{mid:.1f},{y(b.p99_ms, p99_max):.1f}")
+    parts.append('<g class="p99">\n')
+    for points in segments:
+        if len(points) == 1:
+            cx, cy = points[0].split(",")
+            parts.append(f'<circle cx="{cx}" cy="{cy}" r="2" fill="{P99_COLOUR}"/>\n')
+        elif points:
+            parts.append(f'<polyline points="{" ".join(points)}" fill="none" '
+                         f'stroke="{P99_COLOUR}" stroke-width="1.6"/>\n')
+    parts.append("</g>\n")
+    parts.append(_time_axis(top, bottom, scale))
+    parts.append("</svg>\n")
+    return "".join(parts)
+
+
 # --- tables --------------------------------------------------------------------------------
 
 
 def _summary_cell(key: str, value: Any) -> str:
     """A summary value; a verdict (or validity) is coloured by whether the run passed."""
     if isinstance(value, Mapping):
-        text = ", ".join(f"{k}: {v}" for k, v in value.items())
+        text = ", ".join(f"{k}: {v}" for k, v in value.items()) or "none"
     elif isinstance(value, (list, tuple, set, frozenset)):
-        text = ", ".join(str(v) for v in value)
+        text = ", ".join(str(v) for v in value) or "none"
     else:
         text = str(value)
     css = ""
@@ -533,9 +713,18 @@ def _summary_cell(key: str, value: Any) -> str:
     return f"<td{css}>{_esc(text)}</td>"
 
 
-def _summary_table(summary: Mapping[str, Any]) -> str:
+def _summary_label(key: str, labels: Mapping[str, str]) -> str:
+    """The key in words: its label, else the raw name with spaces (``ops_ok`` -> ``ops ok``)."""
+    if key in labels:
+        return labels[key]
+    words = key.replace("_", " ")
+    return words[:1].upper() + words[1:]
+
+
+def _summary_table(summary: Mapping[str, Any], labels: Mapping[str, str]) -> str:
     rows = "".join(
-        f"<tr><th>{_esc(key)}</th>{_summary_cell(str(key), value)}</tr>\n"
+        f"<tr><th>{_esc(_summary_label(str(key), labels))}</th>"
+        f"{_summary_cell(str(key), value)}</tr>\n"
         for key, value in summary.items()
     )
     return f'<table class="summary">\n{rows}</table>\n' if rows else ""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import threading
 import time
 from collections import Counter, deque
@@ -33,7 +34,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjException, replicated
 from pysyncobj.node import TCPNode
 from pysyncobj.poller import POLL_EVENT_TYPE
 
@@ -87,6 +88,19 @@ class RaftOptions:
     """Make the journal durable before acknowledging or sending entries (``kvstore.node.durable``)."""
 
 
+def _check_bindable(address: str) -> None:
+    """Fails at once, in one line, when the Raft port is taken. PySyncObj would retry for
+    seconds, log a traceback and raise a bare ``BindError``."""
+    host, _, port = address.rpartition(":")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as PySyncObj binds
+        try:
+            probe.bind((host.strip("[]"), int(port)))
+        except OSError as exc:
+            raise OSError(f"cannot listen on {address} (the Raft port): "
+                          f"{exc.strerror or exc}") from None
+
+
 class RaftNode(SyncObj):
     """One replica. Call ``propose`` from any thread but the tick thread; ``stop`` at the end.
 
@@ -97,6 +111,7 @@ class RaftNode(SyncObj):
     def __init__(self, sm: Replicated, options: RaftOptions) -> None:
         if not options.password:
             raise ValueError("a cluster secret is required (D1: the raft port unpickles its input)")
+        _check_bindable(options.self_address)
         os.makedirs(options.data_dir, exist_ok=True)
         profile = options.profile
         self._n_sm = sm
@@ -134,7 +149,11 @@ class RaftNode(SyncObj):
         )
         others = [p for p in options.peers if p != options.self_address]
         peers = dial.peer_nodes(others, options.dial_via)
-        super().__init__(options.self_address, peers, conf)
+        try:
+            super().__init__(options.self_address, peers, conf)
+        except SyncObjException as exc:  # taken between our check and PySyncObj's bind
+            raise OSError(f"cannot listen on {options.self_address} (the Raft port): "
+                          f"{exc.errorCode}") from None
         # After SyncObj.__init__: wiring only, no new attributes.
         self.internals = Internals(self)
         self._poller.subscribe(self._n_wake_r, self._n_on_wake, POLL_EVENT_TYPE.READ)

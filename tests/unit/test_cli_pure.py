@@ -333,10 +333,11 @@ def test_endpoints_default_to_the_cluster_dir(
     (["put", "k"], exits.BAD_ARGUMENTS, "Missing argument 'VALUE'"),
     (["get", "k", "--limit", "3"], exits.BAD_ARGUMENTS, "--limit needs --prefix"),
     (["cas", "k", "v"], exits.BAD_ARGUMENTS, "exactly one of --expect"),
-    (["incr", "k", "x"], exits.BAD_ARGUMENTS, "is not a valid integer"),
+    (["incr", "k", "x"], exits.BAD_ARGUMENTS, "'x' is not an integer"),
     (["-w", "yaml", "get", "k"], exits.BAD_ARGUMENTS, "'yaml' is not one of"),
     (["nope"], exits.BAD_ARGUMENTS, "No such command"),
-    (["get", "k", "--endpoints", "nohostport"], exits.INVALID_INPUT, "not a host:port"),
+    (["get", "k", "--endpoints", "nohostport"], exits.BAD_ARGUMENTS,
+     "'nohostport' is not HOST:PORT"),
     (["session", "show", "--session", "/nonexistent/s.json"], exits.ERROR, "no session file"),
     (["session", "open", "--session", "/nonexistent/s.json"], exits.ERROR, "not a directory"),
 ])
