@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import click
 
 from cli import session_file
-from cli.exits import ERROR, OUTCOME_UNKNOWN, CliError
+from cli.exits import ERROR, OUTCOME_UNKNOWN, UNAVAILABLE, CliError
 from cli.kv_click import KvCommand
 from cli.output import Report, emit, json_bytes, text
 from cli.params import Integer
@@ -96,7 +96,11 @@ def _write_once(client: Client, key: str, call: Write, settings: Settings) -> Re
     does not keep a session nobody will use.
     """
     deadline = time.monotonic() + settings.timeout
-    session = client.sync_get_session(timeout=settings.timeout)
+    try:
+        session = client.sync_get_session(timeout=settings.timeout)
+    except OutcomeUnknown as exc:  # the write itself was never sent
+        raise CliError(f"no answer in time while opening a session for the write: nothing was "
+                       f"applied ({key} is unchanged); retry", UNAVAILABLE) from exc
     try:
         result = call(client, session, max(deadline - time.monotonic(), MIN_WRITE_TIME))
     except OutcomeUnknown as exc:

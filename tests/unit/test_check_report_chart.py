@@ -74,7 +74,8 @@ def test_the_chart_is_under_the_timeline_with_the_fault_bands() -> None:
     assert len(empty) == 10 and all(float(r.get("height", "")) == 0 for r in empty)
     band = next(r for r in chart.iter(f"{SVG}rect") if "band" in r.get("class", ""))
     timeline_band = next(r for r in timeline.iter(f"{SVG}rect") if r.get("class") == "band")
-    assert (band.get("x"), band.get("width")) == (timeline_band.get("x"), timeline_band.get("width"))
+    assert (band.get("x"), band.get("width")) == (timeline_band.get("x"),
+                                                  timeline_band.get("width"))
     # The p99 line breaks at the outage: one stretch before it, one after.
     assert len(list(chart.iter(f"{SVG}polyline"))) == 2
     assert "p99 2060.0 ms" in "".join(t.text or "" for t in chart.iter(f"{SVG}title"))

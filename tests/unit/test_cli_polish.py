@@ -202,6 +202,24 @@ def test_an_unknown_outcome_without_a_session_says_what_the_user_can_do(
     assert client.closed == (client.opened if close_works else [])
 
 
+def test_a_write_whose_session_could_not_be_opened_was_not_applied() -> None:
+    class NoRegister(StandInClient):
+        def sync_get_session(self, timeout: float | None = None) -> object:
+            raise OutcomeUnknown("timed out; the request may have been applied")
+
+    written: list[object] = []
+
+    def write(client: Any, session: Any, timeout: float) -> Result:
+        written.append(session)
+        return Result()
+
+    with pytest.raises(exits.CliError) as raised:
+        data_cmd._write_once(NoRegister(True), "k", write, Settings())  # type: ignore[arg-type]
+    assert (raised.value.exit_code, str(raised.value), written) == (
+        exits.UNAVAILABLE, "no answer in time while opening a session for the write: nothing was "
+        "applied (k is unchanged); retry", [])
+
+
 def test_a_write_without_a_session_closes_its_session_after_an_answer() -> None:
     client = StandInClient(close_works=True)
     answer = Result(number=3)
@@ -245,7 +263,8 @@ def test_status_rows_share_one_list_of_columns() -> None:
 def test_a_status_table_is_the_default_in_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     assert Settings().output_format(terminal="table") == "table"
-    assert Settings(write_out="json", chosen={"write_out"}).output_format(terminal="table") == "json"
+    chosen = Settings(write_out="json", chosen={"write_out"})
+    assert chosen.output_format(terminal="table") == "json"
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
     assert Settings().output_format(terminal="table") == "simple"
 
