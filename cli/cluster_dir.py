@@ -98,12 +98,14 @@ class ClusterDir:
         return self.spec_file.is_file()
 
     def create(self, node_count: int, *, session_capacity: int = DEFAULT_SESSION_CAPACITY,
-               snapshot_count: int = DEFAULT_SNAPSHOT_COUNT, fsync: bool = False) -> ClusterSpec:
+               snapshot_count: int = DEFAULT_SNAPSHOT_COUNT, fsync: bool = False,
+               cluster_id: int | None = None) -> ClusterSpec:
         """Describes a new cluster of ``node_count`` nodes on free loopback ports and saves it.
 
         The cluster id is random and odd, so it is never 0 ("no cluster") and two local
-        clusters never share one by accident: a session of one is refused by the other. The
-        secret is written before ``cluster.json``, so a directory with a description always
+        clusters never share one by accident: a session of one is refused by the other. Only a
+        restore passes one (``kv snapshot restore``: the cluster lives on from its snapshot).
+        The secret is written before ``cluster.json``, so a directory with a description always
         has its secret.
         """
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -117,7 +119,7 @@ class ClusterDir:
             )
             for i in range(node_count)
         )
-        spec = ClusterSpec(cluster_id=secrets.randbits(63) | 1, nodes=nodes,
+        spec = ClusterSpec(cluster_id=cluster_id or secrets.randbits(63) | 1, nodes=nodes,
                            session_capacity=session_capacity, snapshot_count=snapshot_count,
                            fsync=fsync)
         write_atomic(self.secret_file, secrets.token_hex(32).encode() + b"\n", mode=0o600)

@@ -73,3 +73,8 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
     head = line([h.upper() for h in header], "^")
     return "\n".join([rule, head, rule, *(line(row, "<") for row in rows), rule])
+
+
+def count(number: int, noun: str, plural: str | None = None) -> str:
+    """``1 key``, ``2 keys``; ``plural`` for nouns that do not just take an s."""
+    return f"{number:,} {noun if number == 1 else plural or noun + 's'}"

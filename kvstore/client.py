@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Literal, TypeVar
+from typing import BinaryIO, Literal, TypeVar
 
 import grpc
 
@@ -92,6 +92,50 @@ class Client:
             return self._stub(endpoint).Status(request, timeout=timeout or self.dial_timeout)
         except grpc.RpcError as exc:
             raise errors.Unavailable(f"{endpoint}: {_details(exc)}") from exc
+
+    def snapshot(self, out: BinaryIO, *, timeout: float | None = None) -> int:
+        """Writes a consistent snapshot of the whole state, taken by the leader, to ``out``
+        (``kvstore.backup`` reads it); returns its size.
+
+        The leader streams its snapshot file once one covers everything committed when it got
+        the request. A follower answers with a leader hint, followed here; every new attempt
+        starts ``out`` over.
+        """
+        request = api_pb2.SnapshotRequest(cluster_id=self.cluster_id)
+        deadline = time.monotonic() + (timeout or self.timeout)
+        last_error = "no attempt made"
+        backoff = RETRY_BACKOFF[0]
+        while True:
+            for endpoint in self._rotation():
+                remaining = _remaining(deadline)
+                if remaining <= 0:
+                    break
+                out.seek(0)
+                out.truncate()
+                try:
+                    size = 0
+                    for chunk in self._stub(endpoint).Snapshot(request, timeout=remaining):
+                        out.write(chunk.data)
+                        size += len(chunk.data)
+                except grpc.RpcError as exc:
+                    failure = _classify(exc)
+                    if isinstance(failure, errors.KVError):
+                        raise failure from exc
+                    last_error = f"{endpoint}: {_details(exc)}"
+                    hint = _metadata(exc).get(api_errors.LEADER_METADATA_KEY, "")
+                    if isinstance(hint, str) and hint:
+                        with self._lock:
+                            self._preferred = hint
+                        break  # start over at the leader
+                    continue
+                with self._lock:
+                    self._preferred = endpoint
+                return size
+            remaining = _remaining(deadline)
+            if remaining <= 0:
+                raise errors.Unavailable(f"no snapshot in time: {last_error}")
+            time.sleep(min(backoff, remaining))
+            backoff = min(backoff * 2, RETRY_BACKOFF[1])
 
     # -- dragonboat's session API -----------------------------------------------------------
 

@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
@@ -55,6 +55,12 @@ MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 
 STOP_GRACE = 1.0
 """Seconds in-flight RPCs get to finish when the server stops."""
+
+SNAPSHOT_TIMEOUT = 60.0
+"""Longest a Snapshot RPC without a deadline waits for the node's snapshot file."""
+SNAPSHOT_POLL = 0.05
+SNAPSHOT_CHUNK_BYTES = 1024 * 1024
+"""A backup streams in chunks of this size, so a large state is never one message."""
 
 
 class Refused(Exception):
@@ -114,6 +120,29 @@ class KVService:
                      context: grpc.aio.ServicerContext) -> api_pb2.NodeStatus:
         view = await asyncio.to_thread(self._node.status, with_digest=request.with_digest)
         return status_message(view, self._config)
+
+    async def Snapshot(self, request: api_pb2.SnapshotRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[api_pb2.SnapshotChunk]:
+        """Streams the leader's snapshot file once one covers the commit index of now."""
+        self._check_cluster(request.cluster_id)
+        try:
+            index = await asyncio.to_thread(self._node.snapshot_index)
+        except NotApplied as exc:
+            raise self._not_leader(exc.reason) from exc
+        except TimeoutError as exc:
+            raise Refused(grpc.StatusCode.UNAVAILABLE,
+                          "the node's Raft loop did not answer in time") from exc
+        loop = asyncio.get_running_loop()
+        remaining = context.time_remaining()
+        deadline = loop.time() + (SNAPSHOT_TIMEOUT if remaining is None else remaining)
+        while (dump := await asyncio.to_thread(self._node.open_snapshot, index)) is None:
+            if loop.time() >= deadline:
+                raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"no snapshot covering index {index} in time")
+            await asyncio.sleep(SNAPSHOT_POLL)
+        with dump:
+            while chunk := await asyncio.to_thread(dump.read, SNAPSHOT_CHUNK_BYTES):
+                yield api_pb2.SnapshotChunk(data=chunk)
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -199,8 +228,11 @@ def _handlers(service: KVService) -> grpc.GenericRpcHandler:
     for method in api_pb2.DESCRIPTOR.services_by_name["KV"].methods:
         request_type = message_factory.GetMessageClass(method.input_type)
         response_type = message_factory.GetMessageClass(method.output_type)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _guarded(getattr(service, method.name)),
+        make, guard = ((grpc.unary_stream_rpc_method_handler, _guarded_stream)
+                       if method.server_streaming else
+                       (grpc.unary_unary_rpc_method_handler, _guarded))
+        handlers[method.name] = make(
+            guard(getattr(service, method.name)),
             request_deserializer=_lenient_parser(request_type),
             response_serializer=response_type.SerializeToString,
         )
@@ -225,6 +257,20 @@ def _guarded(behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
             if isinstance(request, _Malformed):
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.reason}")
             return await behavior(request, context)
+        except Refused as refusal:
+            await context.abort(refusal.code, refusal.message, trailing_metadata=refusal.metadata)
+    return handle
+
+
+def _guarded_stream(behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+                    ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    """``_guarded`` for a server-streaming RPC."""
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            if isinstance(request, _Malformed):
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.reason}")
+            async for item in behavior(request, context):
+                yield item
         except Refused as refusal:
             await context.abort(refusal.code, refusal.message, trailing_metadata=refusal.metadata)
     return handle

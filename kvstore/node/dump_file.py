@@ -18,9 +18,11 @@ import json
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 MAGIC = b"KVSNAP1\n"
+FILE_NAME = "raft.dump"
+"""The dump's name in a node's data directory."""
 _DIGEST_BYTES = 32
 
 
@@ -34,20 +36,40 @@ class Dump:
     snapshot: bytes
 
 
-def write(path: str, meta: dict[str, Any], snapshot: bytes) -> None:
-    """Writes and fsyncs the file (PySyncObj renames it into place afterwards)."""
+def encode(meta: dict[str, Any], snapshot: bytes) -> bytes:
+    """The file's bytes."""
     meta_json = json.dumps(meta, sort_keys=True).encode()
     body = (MAGIC + struct.pack("<I", len(meta_json)) + meta_json
             + struct.pack("<Q", len(snapshot)) + snapshot)
+    return body + hashlib.sha256(body).digest()
+
+
+def write(path: str, meta: dict[str, Any], snapshot: bytes) -> None:
+    """Writes and fsyncs the file (PySyncObj renames it into place afterwards)."""
     with open(path, "wb") as f:
-        f.write(body + hashlib.sha256(body).digest())
+        f.write(encode(meta, snapshot))
         f.flush()
         os.fsync(f.fileno())
 
 
 def read(path: str) -> Dump:
     with open(path, "rb") as f:
-        data = f.read()
+        return decode(f.read(), path)
+
+
+def read_meta(f: BinaryIO) -> dict[str, Any]:
+    """The meta of an open dump file, without reading the snapshot (nor checking the checksum,
+    which needs the whole file)."""
+    head = f.read(len(MAGIC) + 4)
+    if len(head) < len(MAGIC) + 4 or not head.startswith(MAGIC):
+        raise DumpCorrupt(f"{getattr(f, 'name', 'dump')}: bad magic")
+    (meta_len,) = struct.unpack_from("<I", head, len(MAGIC))
+    meta: dict[str, Any] = json.loads(f.read(meta_len))
+    return meta
+
+
+def decode(data: bytes, path: str) -> Dump:
+    """The dump in ``data`` (read from ``path``, named in errors)."""
     body, digest = data[:-_DIGEST_BYTES], data[-_DIGEST_BYTES:]
     if not body.startswith(MAGIC) or hashlib.sha256(body).digest() != digest:
         raise DumpCorrupt(f"{path}: bad magic or checksum")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import BinaryIO
+
 from kvstore.config import NodeConfig
+from kvstore.node import dump_file
 from kvstore.node.health import Health, NodeStatusView, raft_view
+from kvstore.node.outcomes import NotApplied
 from kvstore.node.raft_node import RaftNode, RaftOptions
 from kvstore.proto.log_pb2 import Command, Result
 from kvstore.state_machine import StateMachine
@@ -55,6 +59,42 @@ class KVNode:
             view = self._view(with_digest=False)  # racy, but better than nothing
             view.alarms.append("tick_thread_unresponsive")
             return view
+
+    def snapshot_index(self) -> int:
+        """The index a backup asked for now must cover: the leader's commit index. A follower
+        refuses (``NotApplied``): its snapshot may lag the cluster's."""
+        def leader_commit() -> int | None:
+            return self.raft.raftCommitIndex if self.raft.is_leader() else None
+
+        index = self.raft.on_tick_thread(leader_commit, TICK_TASK_TIMEOUT)
+        if index is None:
+            raise NotApplied("NOT_LEADER", "backups come from the leader")
+        return index
+
+    def open_snapshot(self, index: int) -> BinaryIO | None:
+        """The node's own snapshot file, open at its start, if it covers ``index``; else asks
+        the node to take one now (PySyncObj's ``forceLogCompaction``, done on a coming tick)
+        and returns ``None``: poll again.
+
+        A backup reuses the node's snapshot, the file a leader streams to a follower that fell
+        behind, rather than serializing the state itself. The open file stays the same even
+        when PySyncObj replaces the path with a newer one meanwhile.
+        """
+        try:
+            f: BinaryIO | None = open(self.raft.dump_path, "rb")
+        except FileNotFoundError:
+            f = None
+        if f is not None:
+            try:
+                covered = dump_file.read_meta(f)["last"][1] >= index
+            except (dump_file.DumpCorrupt, ValueError, KeyError, IndexError):
+                covered = False
+            if covered:
+                f.seek(0)
+                return f
+            f.close()
+        self.raft.forceLogCompaction()
+        return None
 
     def stop(self) -> None:
         self.raft.stop()

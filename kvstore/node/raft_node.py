@@ -135,7 +135,7 @@ class RaftNode(SyncObj):
             password=options.password,
             bindAddress=options.self_address,
             journalFile=os.path.join(options.data_dir, "raft.journal"),
-            fullDumpFile=os.path.join(options.data_dir, "raft.dump"),
+            fullDumpFile=os.path.join(options.data_dir, dump_file.FILE_NAME),
             serializer=self._n_serialize,
             deserializer=self._n_deserialize,
             autoTick=not profile.driven,
@@ -274,6 +274,11 @@ class RaftNode(SyncObj):
     @property
     def fatal(self) -> str | None:
         return self._n_fatal
+
+    @property
+    def dump_path(self) -> str:
+        """The snapshot file (``kvstore.node.dump_file``); PySyncObj replaces it atomically."""
+        return os.path.join(self._n_options.data_dir, dump_file.FILE_NAME)
 
     def add_tick_hook(self, hook: Callable[[], None]) -> None:
         """Runs ``hook`` on every tick (on the tick thread); keep it cheap."""

@@ -60,6 +60,11 @@ class KVStub:
                 request_serializer=kvstore_dot_proto_dot_api__pb2.StatusRequest.SerializeToString,
                 response_deserializer=kvstore_dot_proto_dot_api__pb2.NodeStatus.FromString,
                 _registered_method=True)
+        self.Snapshot = channel.unary_stream(
+                '/kvstore.KV/Snapshot',
+                request_serializer=kvstore_dot_proto_dot_api__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_api__pb2.SnapshotChunk.FromString,
+                _registered_method=True)
 
 
 class KVServicer:
@@ -100,6 +105,14 @@ class KVServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Snapshot(self, request, context):
+        """The leader's snapshot file (data and sessions, with its index, term and digest), covering
+        every entry committed when the request arrived, in chunks (kvstore/backup.py reads it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +140,11 @@ def add_KVServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=kvstore_dot_proto_dot_api__pb2.StatusRequest.FromString,
                     response_serializer=kvstore_dot_proto_dot_api__pb2.NodeStatus.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_stream_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=kvstore_dot_proto_dot_api__pb2.SnapshotRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_api__pb2.SnapshotChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +282,33 @@ class KV:
             '/kvstore.KV/Status',
             kvstore_dot_proto_dot_api__pb2.StatusRequest.SerializeToString,
             kvstore_dot_proto_dot_api__pb2.NodeStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvstore.KV/Snapshot',
+            kvstore_dot_proto_dot_api__pb2.SnapshotRequest.SerializeToString,
+            kvstore_dot_proto_dot_api__pb2.SnapshotChunk.FromString,
             options,
             channel_credentials,
             insecure,
