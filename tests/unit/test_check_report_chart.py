@@ -38,6 +38,7 @@ def outage_history() -> tuple[list[Op], list[dict[str, Any]]]:
         ops.append(op(len(ops), tenth % 4, start, start + 10))
     ops.append(op(len(ops), 9, 3_990, 6_050))  # waited out the fault: 2,060 ms
     ops.append(op(len(ops), 9, 5_000, None, "unknown"))
+    ops.append(op(len(ops), 8, 4_500, 4_700, "fail"))  # answered, but not ok: no throughput
     faults = [{"kind": "kill", "target": "n1", "start_ns": T0 + 4_000 * MS,
                "end_ns": T0 + 6_000 * MS}]
     return ops, faults
