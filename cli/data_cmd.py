@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -205,7 +206,7 @@ def get(key: str, prefix: bool, limit: int, keys_only: bool, consistency: str) -
     level: Consistency = "linearizable" if consistency == "l" else "serializable"
     k = arg_bytes(key)
     settings = Settings.current()
-    with settings.client() as client:
+    with settings.client() as client, _read_timeout():
         if prefix:
             # One key more than asked for tells whether the limit left any out.
             asked = limit + 1 if limit else 0
@@ -219,6 +220,18 @@ def get(key: str, prefix: bool, limit: int, keys_only: bool, consistency: str) -
             emit(kvs_report([], keys_only), "json")  # a script parsing stdout gets JSON too
         raise CliError(f"key not found: {key}", ERROR)
     emit(kvs_report([KeyValue(key=k, value=result.value)], keys_only), settings.write_out)
+
+
+@contextmanager
+def _read_timeout() -> Iterator[None]:
+    """A read that timed out changed nothing: it is unavailable (exit 2), not of unknown outcome
+    (the client library cannot tell a read from a write in its timeout message)."""
+    try:
+        yield
+    except OutcomeUnknown as exc:
+        raise CliError("no answer in time (no leader, or one that cannot reach a quorum: see "
+                       "'kv status'); a read changes nothing, so retrying is safe",
+                       UNAVAILABLE) from exc
 
 
 @click.command(cls=KvCommand)

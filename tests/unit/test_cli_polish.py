@@ -228,6 +228,15 @@ def test_a_write_without_a_session_closes_its_session_after_an_answer() -> None:
     assert client.closed == client.opened and len(client.opened) == 1
 
 
+def test_a_read_that_timed_out_is_unavailable_not_of_unknown_outcome() -> None:
+    with pytest.raises(exits.CliError) as raised, data_cmd._read_timeout():
+        raise OutcomeUnknown("timed out; the request may have been applied; retry with the "
+                             "same session")
+    assert (raised.value.exit_code, str(raised.value)) == (
+        exits.UNAVAILABLE, "no answer in time (no leader, or one that cannot reach a quorum: see "
+        "'kv status'); a read changes nothing, so retrying is safe")
+
+
 # -- 7. -w json on every command -------------------------------------------------------------------
 
 
