@@ -24,6 +24,7 @@ import click
 
 from cli import node_status, processes
 from cli.cluster_dir import ClusterDir, ClusterSpec, NodeSpec
+from cli.cluster_nodes import add_node, remove_node
 from cli.exits import INTERRUPTED, INVALID_INPUT, UNAVAILABLE, CliError
 from cli.kv_click import KvGroup
 from cli.node_status import Target
@@ -39,6 +40,10 @@ DEFAULT_NODES = 3
 @click.group(cls=KvGroup)
 def cluster() -> None:
     """A local cluster on 127.0.0.1 kept in one directory (--dir, default ./kv-cluster)."""
+
+
+cluster.add_command(add_node)
+cluster.add_command(remove_node)
 
 
 @cluster.command()
@@ -172,14 +177,19 @@ def _start(cluster_dir: ClusterDir, wanted: dict[str, int | None],
         spec = _load_or_create(cluster_dir, wanted)
         cluster_dir.prepare_node_dirs(spec)
         already = {r.node.id: r.pid for r in processes.running_nodes(cluster_dir, spec)}
+        wiped = [n.id for n in spec.nodes if n.id not in already and cluster_dir.lost_its_log(n)]
         started = {
             node.id: processes.start_node(cluster_dir, spec, node)
-            for node in spec.nodes if node.id not in already
+            for node in spec.nodes if node.id not in already and node.id not in wiped
         }
     for node_id, pid in already.items():
         click.echo(f"{node_id} is already running (pid {pid})", err=True)
     for node_id, proc in started.items():
         click.echo(f"started {node_id} (pid {proc.pid})", err=True)
+    for node_id in wiped:
+        click.echo(f"not starting {node_id}: it ran before but its Raft log is gone (a wiped "
+                   "data directory); back as a member it could lose committed writes. Replace "
+                   f"it: kv cluster remove-node {node_id} && kv cluster add-node", err=True)
     return spec, started
 
 

@@ -43,6 +43,9 @@ class NodeSpec:
     """``host:port`` of its gRPC client API."""
     data_dir: str
     """Relative to the cluster directory."""
+    join: bool = False
+    """Added to a running cluster (``kv cluster add-node``): started with ``--join``, so that
+    with an empty data directory it waits to be added instead of bootstrapping."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,27 @@ class ClusterDir:
             ) from None
         return decode_spec(self.spec_file, data)
 
+    def save(self, spec: ClusterSpec) -> None:
+        """Rewrites ``cluster.json`` (atomically) after nodes were added or removed."""
+        write_atomic(self.spec_file, encode_spec(spec), mode=0o644)
+
+    def new_node(self, spec: ClusterSpec) -> NodeSpec:
+        """A node to add: the first free name n<k> whose directory does not exist either (a
+        removed node's data is kept, and must never be picked up by a newcomer), on free
+        loopback ports, started with ``--join``."""
+        k = 1
+        while any(n.id == f"n{k}" for n in spec.nodes) or self.node_dir(f"n{k}").exists():
+            k += 1
+        raft, api = free_ports(2)
+        return NodeSpec(id=f"n{k}", raft=f"{HOST}:{raft}", api=f"{HOST}:{api}",
+                        data_dir=f"n{k}/data", join=True)
+
+    def lost_its_log(self, node: NodeSpec) -> bool:
+        """The node ran before (it has a log file) but its Raft log is gone: its disk was
+        wiped. Starting it as if nothing happened could lose committed writes (it forgot what
+        it stored and whom it voted for): it must be replaced (remove it, add a new node)."""
+        return self.log_file(node.id).exists() and not (self.data_dir(node) / "raft.journal").exists()
+
     def prepare_node_dirs(self, spec: ClusterSpec) -> None:
         for node in spec.nodes:
             self.data_dir(node).mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -175,7 +199,9 @@ def encode_spec(spec: ClusterSpec) -> bytes:
         "snapshot_count": spec.snapshot_count,
         "fsync": spec.fsync,
         "nodes": [
-            {"id": n.id, "raft": n.raft, "api": n.api, "data_dir": n.data_dir} for n in spec.nodes
+            {"id": n.id, "raft": n.raft, "api": n.api, "data_dir": n.data_dir}
+            | ({"join": True} if n.join else {})
+            for n in spec.nodes
         ],
     }
     return (json.dumps(doc, indent=2) + "\n").encode()
@@ -195,7 +221,7 @@ def decode_spec(path: Path, data: bytes) -> ClusterSpec:
                 raise ValueError(f"{name} must be a positive integer")
         nodes = tuple(
             NodeSpec(id=str(n["id"]), raft=str(n["raft"]), api=str(n["api"]),
-                     data_dir=str(n["data_dir"]))
+                     data_dir=str(n["data_dir"]), join=n.get("join", False) is True)
             for n in doc["nodes"]
         )
         if not nodes:

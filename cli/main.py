@@ -21,6 +21,7 @@ from cli import (
     data_cmd,
     demo,
     exits,
+    member_cmd,
     node_cmd,
     session_cmd,
     snapshot_cmd,
@@ -56,8 +57,8 @@ def kv() -> None:
 
 
 for command in (*data_cmd.COMMANDS, status_cmd.status, status_cmd.health, session_cmd.session,
-                cluster_cmd.cluster, snapshot_cmd.snapshot, node_cmd.node, demo.demo,
-                check_cmd.check, bench_cmd.bench, version_cmd.version):
+                cluster_cmd.cluster, member_cmd.member, snapshot_cmd.snapshot, node_cmd.node,
+                demo.demo, check_cmd.check, bench_cmd.bench, version_cmd.version):
     kv.add_command(command)
 
 

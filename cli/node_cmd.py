@@ -46,9 +46,19 @@ def address_pairs(ctx: click.Context, param: click.Parameter, values: tuple[str,
 
 def parse_peer(ctx: click.Context, param: click.Parameter,
                values: tuple[str, ...]) -> tuple[Member, ...]:
-    """``RAFT=API`` pairs as members."""
-    return tuple(Member(raft_address=raft, api_address=api)
-                 for raft, api in address_pairs(ctx, param, values, "API_HOST:PORT"))
+    """``[NAME=]RAFT=API`` as members (a name is anything before a second ``=``)."""
+    names, pairs = [], []
+    for value in values:
+        parts = value.split("=")
+        name = parts[0] if len(parts) == 3 else ""
+        if len(parts) == 3 and (not name or ":" in name):
+            raise click.BadParameter(f"{value!r} is not [NAME=]RAFT_HOST:PORT=API_HOST:PORT",
+                                     ctx, param)
+        names.append(name)
+        pairs.append("=".join(parts[1:]) if len(parts) == 3 else value)
+    return tuple(Member(raft_address=raft, api_address=api, name=name) for name, (raft, api)
+                 in zip(names, address_pairs(ctx, param, tuple(pairs), "API_HOST:PORT"),
+                        strict=True))
 
 
 def parse_dial_via(ctx: click.Context, param: click.Parameter,
@@ -94,8 +104,14 @@ def node() -> None:
               help="The cluster's id; every node of a cluster has the same.")
 @click.option("--raft", required=True, metavar="HOST:PORT", help="Raft address of this node.")
 @click.option("--api", required=True, metavar="HOST:PORT", help="Client API address of this node.")
-@click.option("--peer", "peers", multiple=True, callback=parse_peer, metavar="RAFT=API",
-              help="Another node's Raft and API addresses (repeat for each).")
+@click.option("--peer", "peers", multiple=True, callback=parse_peer, metavar="[NAME=]RAFT=API",
+              help="Another node's name, Raft and API addresses (repeat for each): the initial "
+                   "members, or with --join the members to contact. A node whose log or "
+                   "snapshot holds the member table uses that instead.")
+@click.option("--join", is_flag=True,
+              help="Join an existing cluster (etcd's --initial-cluster-state existing): the "
+                   "node waits, serving no one, until a member adds it (kv member add); "
+                   "start it first, so its ports are bound when it is added.")
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Where the node keeps its log and snapshots.")
 @click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path),
@@ -119,7 +135,8 @@ def node() -> None:
               "that kv check catches it. Never in production.")
 def run(node_id: str, cluster_id: int, raft: str, api: str, peers: tuple[Member, ...],
         data_dir: Path, secret_file: Path | None, session_capacity: int, snapshot_count: int,
-        fsync: bool, log_level: str, dial_via: dict[str, str], planted_bug: str | None) -> None:
+        join: bool, fsync: bool, log_level: str, dial_via: dict[str, str],
+        planted_bug: str | None) -> None:
     """Runs one node until SIGTERM or Ctrl-C, then stops it cleanly."""
     secret = read_secret(secret_file)
     peer_addresses = [a for p in peers for a in (p.raft_address, p.api_address)]
@@ -135,6 +152,7 @@ def run(node_id: str, cluster_id: int, raft: str, api: str, peers: tuple[Member,
         snapshot_count=snapshot_count,
         fsync=fsync,
         dial_via=dial_via,
+        join=join,
     )
     logging.basicConfig(
         level=log_level.upper(),

@@ -46,10 +46,12 @@ def node_argv(cluster: ClusterDir, spec: ClusterSpec, node: NodeSpec,
     ]
     for peer in spec.nodes:
         if peer.id != node.id:
-            argv += ["--peer", f"{peer.raft}={peer.api}"]
+            argv += ["--peer", f"{peer.id}={peer.raft}={peer.api}"]
     argv += ["--data-dir", str(cluster.data_dir(node)), "--secret-file", str(cluster.secret_file)]
     if spec.fsync:
         argv.append("--fsync")
+    if node.join:
+        argv.append("--join")  # added after the cluster was created (kv cluster add-node)
     return argv + list(extra_args)
 
 

@@ -39,6 +39,10 @@ RESULT_ERRORS: Final[dict[int, tuple[grpc.StatusCode, type[errors.KVError]]]] = 
     Code.OUT_OF_RANGE: (grpc.StatusCode.OUT_OF_RANGE, errors.CommandFailed),
 }
 
+MEMBERSHIP_REFUSED: Final = "MEMBERSHIP_REFUSED"
+"""The ``kv-reason`` of a membership change the leader refuses to make (it would lose the
+quorum, the learner is not in sync, no such member...): FAILED_PRECONDITION, nothing changed."""
+
 # Refusals and give-ups of the node, by reason -> gRPC status code.
 NOT_APPLIED_STATUS: Final = grpc.StatusCode.UNAVAILABLE
 QUEUE_FULL_STATUS: Final = grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -136,6 +136,46 @@ class Client:
                 raise errors.Unavailable(f"no snapshot in time: {last_error}")
             time.sleep(min(backoff, remaining))
             backoff = min(backoff * 2, RETRY_BACKOFF[1])
+    # -- membership (etcd's MemberList/MemberAdd/MemberPromote/MemberRemove) -------------------
+
+    def member_list(self, *, endpoint: str | None = None,
+                    timeout: float | None = None) -> api_pb2.MemberListResponse:
+        """The members as the leader sees them (with match indexes and connections), or as
+        ``endpoint`` sees them (its local view, even when there is no leader)."""
+        if endpoint is not None:
+            request = api_pb2.MemberListRequest(local=True)
+            try:
+                return self._stub(endpoint).MemberList(request, timeout=timeout or self.timeout)
+            except grpc.RpcError as exc:
+                raise errors.Unavailable(f"{endpoint}: {_details(exc)}") from exc
+        request = api_pb2.MemberListRequest()
+        return self._call(lambda stub, t: stub.MemberList(request, timeout=t), timeout,
+                          retry_unknown=True)
+
+    def member_add(self, name: str, raft_address: str, api_address: str, *,
+                   timeout: float | None = None) -> api_pb2.MemberListResponse:
+        """Adds a learner (start its node with ``--join`` first: upstream issue #89). Returns
+        once the change is committed. Raises ``MembershipRefused``, ``Unavailable`` (nothing
+        changed) or ``OutcomeUnknown`` (see ``member_list``)."""
+        request = api_pb2.MemberAddRequest(name=name, raft_address=raft_address,
+                                           api_address=api_address)
+        return self._call(lambda stub, t: stub.MemberAdd(request, timeout=t), timeout,
+                          retry_unknown=False)
+
+    def member_promote(self, raft_address: str, *,
+                       timeout: float | None = None) -> api_pb2.MemberListResponse:
+        """Makes a learner a voter; refused unless it is connected and caught up."""
+        request = api_pb2.MemberRequest(raft_address=raft_address)
+        return self._call(lambda stub, t: stub.MemberPromote(request, timeout=t), timeout,
+                          retry_unknown=False)
+
+    def member_remove(self, raft_address: str, *,
+                      timeout: float | None = None) -> api_pb2.MemberListResponse:
+        """Removes a member, the leader included (it hands over first; the retry at the new
+        leader is automatic)."""
+        request = api_pb2.MemberRequest(raft_address=raft_address)
+        return self._call(lambda stub, t: stub.MemberRemove(request, timeout=t), timeout,
+                          retry_unknown=False)
 
     # -- dragonboat's session API -----------------------------------------------------------
 
@@ -385,6 +425,8 @@ def _classify(exc: grpc.RpcError) -> errors.KVError | Literal["not_applied", "un
             return error_type(message, result)
         return error_type(message)
     node_answered = api_errors.REASON_METADATA_KEY in metadata
+    if metadata.get(api_errors.REASON_METADATA_KEY) == api_errors.MEMBERSHIP_REFUSED:
+        return errors.MembershipRefused(_details(exc))
     if code in (api_errors.NOT_APPLIED_STATUS, api_errors.QUEUE_FULL_STATUS) and node_answered:
         return "not_applied"
     if code == grpc.StatusCode.UNAVAILABLE and any(s in _details(exc).lower() for s in _NEVER_SENT):

@@ -23,6 +23,8 @@ class Member:
 
     raft_address: str
     api_address: str
+    name: str = ""
+    """The node id operators know it by (``n1``); optional for peers."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,13 @@ class NodeConfig:
     ``--snapshot-count``); PySyncObj also snapshots every five minutes."""
     dial_via: Mapping[str, str] = field(default_factory=dict)
     """Peer raft address -> host:port to connect to instead. For fault-injection tests only, which
-    route each link through a proxy they can cut (``kvstore.check.proxy``); empty in real use."""
+    route each link through a proxy they can cut (``kvstore.check.proxy``); empty in real use.
+    It may name members that join later."""
+    join: bool = False
+    """Join an existing cluster (etcd's ``--initial-cluster-state existing``): the node is not a
+    member until one adds it (``kv member add``); ``peers`` are only the members to contact.
+    Without it, ``me`` and ``peers`` are the initial members, used while the node's log and
+    snapshot hold no member table."""
 
     def __post_init__(self) -> None:
         if not self.secret:
@@ -51,10 +59,10 @@ class NodeConfig:
         for member in (self.me, *self.peers):
             for address in (member.raft_address, member.api_address):
                 split_address(address)
-        peer_addresses = {peer.raft_address for peer in self.peers}
         for peer, via in self.dial_via.items():
-            if peer not in peer_addresses:
-                raise ConfigError(f"dial-via names {peer!r}, which is not a peer's raft address")
+            if peer == self.me.raft_address:
+                raise ConfigError(f"dial-via names {peer!r}, this node's own raft address")
+            split_address(peer)
             split_address(via)
         if self.cluster_id <= 0:
             raise ConfigError("the cluster id must be a positive integer")

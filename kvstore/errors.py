@@ -45,6 +45,11 @@ class ClusterMismatch(KVError):
     exit_code = 3
 
 
+class MembershipRefused(KVError):
+    """The leader refused a membership change that must not be made now: it would lose the
+    quorum, the learner is not caught up, the member does not exist... Nothing changed."""
+
+
 class ResultError(KVError):
     """The state machine answered with an error; ``result`` holds its full answer."""
 

@@ -34,6 +34,7 @@ from kvstore import api_errors, commands, results
 from kvstore.config import NodeConfig
 from kvstore.entry import encode_entry
 from kvstore.node import KVNode, NodeStatusView, NotApplied, OutcomeUnknown
+from kvstore.node.member_table import ChangeRefused
 from kvstore.proto import api_pb2
 from kvstore.proto.log_pb2 import Code, Result
 from kvstore.state_machine import StateMachine
@@ -109,6 +110,7 @@ class KVService:
         _require(request.consistency in (api_pb2.LINEARIZABLE, api_pb2.SERIALIZABLE),
                  f"unknown consistency {request.consistency}")
         if request.consistency == api_pb2.SERIALIZABLE:
+            self._refuse_if_removed()
             # Waits for the tick thread: in a worker thread, so the event loop goes on.
             return _answer(await asyncio.to_thread(self._node.read_local, request.command))
         # A linearizable read goes through the log as a system entry (client id 0): it changes
@@ -143,6 +145,75 @@ class KVService:
         with dump:
             while chunk := await asyncio.to_thread(dump.read, SNAPSHOT_CHUNK_BYTES):
                 yield api_pb2.SnapshotChunk(data=chunk)
+    # -- membership (kvstore/node/membership.py) ---------------------------------------------
+
+    async def MemberList(self, request: api_pb2.MemberListRequest,
+                         context: grpc.aio.ServicerContext) -> api_pb2.MemberListResponse:
+        if not request.local and not self._node.is_leader():
+            raise self._not_leader("NOT_LEADER")
+        return await asyncio.to_thread(self._member_list)
+
+    async def MemberAdd(self, request: api_pb2.MemberAddRequest,
+                        context: grpc.aio.ServicerContext) -> api_pb2.MemberListResponse:
+        _require(bool(request.name and request.raft_address and request.api_address),
+                 "MemberAdd needs a name, a raft address and an API address")
+        return await self._member_change(context, "add", request.raft_address, request.name,
+                                         request.api_address)
+
+    async def MemberPromote(self, request: api_pb2.MemberRequest,
+                            context: grpc.aio.ServicerContext) -> api_pb2.MemberListResponse:
+        _require(bool(request.raft_address), "MemberPromote needs the member's raft address")
+        return await self._member_change(context, "promote", request.raft_address)
+
+    async def MemberRemove(self, request: api_pb2.MemberRequest,
+                           context: grpc.aio.ServicerContext) -> api_pb2.MemberListResponse:
+        _require(bool(request.raft_address), "MemberRemove needs the member's raft address")
+        return await self._member_change(context, "remove", request.raft_address)
+
+    async def _member_change(self, context: grpc.aio.ServicerContext, kind: str,
+                             raft_address: str, name: str = "",
+                             api_address: str = "") -> api_pb2.MemberListResponse:
+        """Appends the change on the leader and answers once it is committed."""
+        self._refuse_if_removed()
+        if not self._node.is_leader():
+            raise self._not_leader("NOT_LEADER")
+        try:
+            committed = await asyncio.to_thread(self._node.change_membership, kind,
+                                                raft_address, name, api_address)
+            remaining = context.time_remaining()
+            await asyncio.wait_for(asyncio.wrap_future(committed),
+                                   DEFAULT_PROPOSE_TIMEOUT if remaining is None
+                                   else max(remaining - DEADLINE_MARGIN, remaining / 2, 0.0))
+        except NotApplied as exc:
+            raise self._not_leader(exc.reason, str(exc)) from exc
+        except ChangeRefused as exc:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, str(exc),
+                          (api_errors.REASON_METADATA_KEY, api_errors.MEMBERSHIP_REFUSED)) from exc
+        except (TimeoutError, asyncio.TimeoutError) as exc:
+            raise Refused(api_errors.TIMEOUT_STATUS, "the membership change was not committed in "
+                          "time: its outcome is unknown (see kv member list)",
+                          (api_errors.REASON_METADATA_KEY, "TIMEOUT")) from exc
+        return await asyncio.to_thread(self._member_list)
+
+    def _member_list(self) -> api_pb2.MemberListResponse:
+        table, views, commit, pending = self._node.members()
+        return api_pb2.MemberListResponse(
+            cluster_id=self._config.cluster_id, answered_by=self._config.node_id,
+            from_leader=any(v.is_self and v.is_leader for v in views),
+            membership_index=self._node.membership.index, change_pending=pending,
+            last_change=table.change, commit_index=commit,
+            members=[api_pb2.MemberStatus(
+                name=v.info.name, raft_address=v.info.raft_address,
+                api_address=v.info.api_address, role=v.info.role.value, is_leader=v.is_leader,
+                match_index=v.match_index, connected=v.connected, in_sync=v.in_sync)
+                for v in views])
+
+    def _refuse_if_removed(self) -> None:
+        """A removed node serves nobody: what it holds stops being the cluster's."""
+        if self._node.removed:
+            raise Refused(api_errors.NOT_APPLIED_STATUS, "this node was removed from the cluster "
+                          "and serves no client (nothing was applied); use another endpoint",
+                          (api_errors.REASON_METADATA_KEY, "REMOVED"))
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -165,6 +236,7 @@ class KVService:
                           f"{self._config.cluster_id}")
 
     async def _propose(self, entry: bytes, context: grpc.aio.ServicerContext) -> Result:
+        self._refuse_if_removed()
         if not self._node.is_leader():
             raise self._not_leader("NOT_LEADER")
         remaining = context.time_remaining()
@@ -184,9 +256,10 @@ class KVService:
                           "and series id", (api_errors.REASON_METADATA_KEY, exc.reason)) from exc
         return _answer(results.decode(answer))
 
-    def _not_leader(self, reason: str) -> Refused:
-        leader = self._config.api_address_of(self._node.leader_address() or "")
-        message = f"not the leader; the leader is {leader}" if leader else "no leader at the moment"
+    def _not_leader(self, reason: str, detail: str = "") -> Refused:
+        leader = self._node.api_address_of(self._node.leader_address() or "")
+        message = detail or (f"not the leader; the leader is {leader}" if leader
+                             else "no leader at the moment")
         return Refused(api_errors.NOT_APPLIED_STATUS, f"{message} (nothing was applied)",
                        (api_errors.REASON_METADATA_KEY, reason), (api_errors.LEADER_METADATA_KEY, leader))
 
@@ -278,6 +351,7 @@ def _guarded_stream(behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIte
 
 def status_message(view: NodeStatusView, config: NodeConfig) -> api_pb2.NodeStatus:
     """The Status RPC's answer from the node's own view."""
+    api_of = {m.info.raft_address: m.info.api_address for m in view.members}
     return api_pb2.NodeStatus(
         cluster_id=config.cluster_id,
         node_id=config.node_id,
@@ -285,7 +359,7 @@ def status_message(view: NodeStatusView, config: NodeConfig) -> api_pb2.NodeStat
         api_address=config.me.api_address,
         role=view.role,
         leader_raft_address=view.leader or "",
-        leader_api_address=config.api_address_of(view.leader or ""),
+        leader_api_address=api_of.get(view.leader or "") or config.api_address_of(view.leader or ""),
         term=view.term,
         commit_index=view.commit_index,
         applied_index=view.applied_index,
@@ -297,15 +371,18 @@ def status_message(view: NodeStatusView, config: NodeConfig) -> api_pb2.NodeStat
         pid=os.getpid(),
         peers=[
             api_pb2.PeerStatus(
-                raft_address=peer.raft_address,
-                api_address=peer.api_address,
-                connected=view.peers_connected.get(peer.raft_address, False),
-                match_index=view.peers_match_index.get(peer.raft_address, 0),
+                raft_address=m.info.raft_address,
+                api_address=m.info.api_address,
+                connected=view.peers_connected.get(m.info.raft_address, False),
+                match_index=view.peers_match_index.get(m.info.raft_address, 0),
+                role=m.info.role.value,
+                name=m.info.name,
             )
-            for peer in config.peers
+            for m in view.members if not m.is_self
         ],
         alarms=view.alarms,
         log_length=view.log_length,
+        membership_change_pending=view.membership_change_pending,
     )
 
 

@@ -46,10 +46,16 @@ class DialVia(TCPNode):
         return f"DialVia({self.address!r}, via={self.__dial_host}:{self.__dial_port})"
 
 
+def node(address: str, dial_via: Mapping[str, str]) -> TCPNode:
+    """The PySyncObj node object for the peer at ``address``: a ``DialVia`` if it is in
+    ``dial_via`` (which may name members that join later)."""
+    return DialVia(address, dial_via[address]) if address in dial_via else TCPNode(address)
+
+
 def peer_nodes(peers: Iterable[str], dial_via: Mapping[str, str]) -> list[TCPNode]:
     """PySyncObj node objects for ``peers``: a ``DialVia`` for those in ``dial_via``."""
     addresses = list(peers)
     unknown = sorted(set(dial_via) - set(addresses))
     if unknown:
         raise ValueError(f"dial_via names addresses that are not peers: {unknown}")
-    return [DialVia(a, dial_via[a]) if a in dial_via else TCPNode(a) for a in addresses]
+    return [node(a, dial_via) for a in addresses]

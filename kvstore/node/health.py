@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from kvstore.node.membership import MemberView
 from kvstore.node.raft_node import RaftNode
 
 ALARM_AFTER = 5.0
@@ -38,6 +39,8 @@ class NodeStatusView:
     peers_connected: dict[str, bool] = field(default_factory=dict)
     peers_match_index: dict[str, int] = field(default_factory=dict)
     alarms: list[str] = field(default_factory=list)
+    members: list[MemberView] = field(default_factory=list)
+    membership_change_pending: bool = False
 
 
 class Health:
@@ -93,8 +96,8 @@ def raft_view(node: RaftNode) -> dict[str, object]:
     is_leader = status["state"] == 2
     leader = status["leader"]
     connected, match = {}, {}
-    for peer in node.otherNodes:
-        connected[peer.address] = status.get(f"partner_node_status_server_{peer.id}") == 2
+    for peer in node.otherNodes | node.internals.receivers():  # voters, then learners
+        connected[peer.address] = node.isNodeConnected(peer)
         # PySyncObj never clears match indexes when a leader steps down: only a leader's are real.
         if is_leader:
             match[peer.address] = status.get(f"match_idx_server_{peer.id}", 0)

@@ -1,22 +1,28 @@
 """Every access to PySyncObj's private state, in one place, checked at start-up.
 
 The node layer needs a few name-mangled attributes of ``SyncObj`` (the log, the command queue,
-the leader's next/match indexes, the transport, the next-append timer). They exist in 0.3.17,
-which we pin; if a different version is installed this fails loudly at start instead of
-misbehaving later.
+the leader's next/match indexes, the transport, the next-append timer, and for membership the
+voter and receiver sets). They exist in 0.3.17, which we pin; if a different version is
+installed this fails loudly at start instead of misbehaving later.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections import deque
 from typing import Any
 
 from pysyncobj import SyncObj
+from pysyncobj.node import TCPNode
 
 
 class Internals:
     NEEDED = ("_SyncObj__raftLog", "_SyncObj__commandsQueue", "_SyncObj__raftMatchIndex",
-              "_SyncObj__raftNextIndex", "_SyncObj__transport", "_SyncObj__newAppendEntriesTime")
+              "_SyncObj__raftNextIndex", "_SyncObj__transport", "_SyncObj__newAppendEntriesTime",
+              "_SyncObj__otherNodes", "_SyncObj__readonlyNodes", "_SyncObj__connectedNodes",
+              "_SyncObj__lastResponseTime", "_SyncObj__raftElectionDeadline",
+              "_SyncObj__generateRaftTimeout")
 
     def __init__(self, syncobj: SyncObj) -> None:
         missing = [name for name in self.NEEDED if not hasattr(syncobj, name)]
@@ -28,7 +34,61 @@ class Internals:
         self.match_index: dict[Any, int] = syncobj._SyncObj__raftMatchIndex
         self.next_index: dict[Any, int] = syncobj._SyncObj__raftNextIndex
         self.transport: Any = syncobj._SyncObj__transport
+        self.last_response_time: dict[Any, float] = syncobj._SyncObj__lastResponseTime
 
     def force_append(self) -> None:
         """Makes the next tick send append_entries instead of waiting for the period."""
         self._syncobj._SyncObj__newAppendEntriesTime = 0.0
+
+    # -- membership (kvstore.node.membership) ------------------------------------------------
+
+    def transport_nodes(self) -> dict[str, TCPNode]:
+        """The named peers the transport connects to and accepts, by address."""
+        return {node.address: node for node in self.transport._nodes}
+
+    def add_node(self, node: TCPNode) -> None:
+        self.transport.addNode(node)
+
+    def drop_node(self, node: TCPNode) -> None:
+        """Forgets a peer: its connection, and the leader's bookkeeping of it. (PySyncObj's own
+        removal leaves the node in ``__connectedNodes``: the transport pops the connection
+        before closing it, so the disconnect callback no longer knows whose it was.)"""
+        self.transport.dropNode(node)
+        self._syncobj._SyncObj__connectedNodes.discard(node)
+        self.next_index.pop(node, None)
+        self.match_index.pop(node, None)
+        self.last_response_time.pop(node, None)
+
+    def set_members(self, voters: set[TCPNode], receivers: set[TCPNode]) -> None:
+        """Voters count in elections and commits (``otherNodes``); receivers are sent the log
+        and count for nothing (``readonlyNodes``, where PySyncObj also keeps anonymous
+        read-only clients, which stay). Every node gets the bookkeeping PySyncObj's leader
+        loop reads without a default."""
+        syncobj = self._syncobj
+        anonymous = {n for n in syncobj._SyncObj__readonlyNodes if not isinstance(n, TCPNode)}
+        syncobj._SyncObj__otherNodes = set(voters)
+        syncobj._SyncObj__readonlyNodes = set(receivers) | anonymous
+        next_index = self.raft_log[-1][1] + 1
+        now = time.monotonic()
+        for node in voters | receivers:
+            self.next_index.setdefault(node, next_index)
+            self.match_index.setdefault(node, 0)
+            self.last_response_time.setdefault(node, now)
+
+    def receivers(self) -> set[TCPNode]:
+        return {n for n in self._syncobj._SyncObj__readonlyNodes if isinstance(n, TCPNode)}
+
+    def never_campaign(self) -> None:
+        """Pushes the election deadline out of reach (a node that is not a voter)."""
+        self._syncobj._SyncObj__raftElectionDeadline = math.inf
+
+    def restart_election_timer(self) -> None:
+        self._syncobj._SyncObj__raftElectionDeadline = (
+            time.monotonic() + self._syncobj._SyncObj__generateRaftTimeout())
+
+    def election_deadline(self) -> float:
+        return float(self._syncobj._SyncObj__raftElectionDeadline)
+
+    def leader_noop_index(self) -> int | None:
+        """The index of the no-op this node appended when it last became leader."""
+        return self._syncobj._SyncObj__noopIDx  # type: ignore[no-any-return]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import BinaryIO
 
-from kvstore.config import NodeConfig
+from kvstore.config import Member, NodeConfig
 from kvstore.node import dump_file
 from kvstore.node.health import Health, NodeStatusView, raft_view
+from kvstore.node.member_table import MemberInfo, Role, Table, bootstrap
+from kvstore.node.membership import Membership, MemberView
 from kvstore.node.outcomes import NotApplied
 from kvstore.node.raft_node import RaftNode, RaftOptions
 from kvstore.proto.log_pb2 import Command, Result
@@ -31,6 +34,7 @@ class KVNode:
                 log_compaction_min_entries=config.snapshot_count,
                 dial_via=config.dial_via,
                 fsync=config.fsync,
+                members=bootstrap_table(config),
             ),
         )
         self.health = Health(self.raft)
@@ -46,6 +50,40 @@ class KVNode:
 
     def leader_address(self) -> str | None:
         return self.raft.leader_address()
+
+    # -- membership (kvstore.node.membership) --------------------------------------------------
+
+    @property
+    def membership(self) -> Membership:
+        assert self.raft.membership is not None
+        return self.raft.membership
+
+    @property
+    def removed(self) -> bool:
+        """This node was removed from the cluster: it must not serve clients any more."""
+        return self.membership.removed
+
+    def api_address_of(self, raft_address: str) -> str:
+        """A member's client API address, from the member table in effect ('' if unknown)."""
+        return self.membership.api_address_of(raft_address) or \
+            self.config.api_address_of(raft_address)
+
+    def members(self) -> tuple[Table, list[MemberView], int, bool]:
+        """(table, views, commit index, change pending), taken together on the tick thread."""
+        ms, raft = self.membership, self.raft
+        return raft.on_tick_thread(
+            lambda: (ms.table, ms.views(), raft.raftCommitIndex, ms.change_pending()),
+            TICK_TASK_TIMEOUT)
+
+    def change_membership(self, kind: str, raft_address: str, name: str = "",
+                          api_address: str = "") -> Future[Table]:
+        """Appends one membership change on the leader (on the tick thread); the future is
+        resolved when it commits. Raises ``NotApplied`` or ``ChangeRefused`` at once."""
+        ms = self.membership
+        changes = {"add": lambda: ms.add_learner(name, raft_address, api_address),
+                   "promote": lambda: ms.promote(raft_address),
+                   "remove": lambda: ms.remove(raft_address)}
+        return self.raft.on_tick_thread(changes[kind], TICK_TASK_TIMEOUT)
 
     def read_local(self, command: Command) -> Result:
         """A serializable read of this replica, taken between two applies."""
@@ -100,11 +138,30 @@ class KVNode:
         self.raft.stop()
 
     def _view(self, with_digest: bool) -> NodeStatusView:
-        sm = self.state_machine
-        return NodeStatusView(
+        sm, ms = self.state_machine, self.membership
+        view = NodeStatusView(
             **raft_view(self.raft),  # type: ignore[arg-type]
             sessions=len(sm.sessions),
             keys=len(sm.data),
             digest=sm.digest() if with_digest else "",
             alarms=self.health.alarms(),
+            members=ms.views(),
+            membership_change_pending=ms.change_pending(),
         )
+        role = ms.self_role
+        if role != Role.VOTER.value:
+            view.role = role  # learner, removed, joining or none: never leader nor candidate
+        if ms.removed:
+            view.alarms.append(f"removed: this node was removed from the cluster "
+                               f"('{ms.table.change}'); it serves no client")
+        return view
+
+
+def bootstrap_table(config: NodeConfig) -> Table:
+    """The members on the command line: the initial cluster, or the ones a joiner contacts."""
+    def info(member: Member) -> MemberInfo:
+        return MemberInfo(member.name, member.raft_address, member.api_address, Role.VOTER)
+
+    me = None if config.join else info(Member(config.me.raft_address, config.me.api_address,
+                                              config.node_id))
+    return bootstrap(me, [info(peer) for peer in config.peers])

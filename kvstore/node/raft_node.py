@@ -15,6 +15,7 @@ does about each defect of ``shared/reference/pysyncobj-0.3.17.md``:
 * D6 (needless truncation under pipelining): ``kvstore.node.d6_fence``.
 * D7 (a late forked dump empties a journal): no fork; our serializer runs on the tick thread.
 * D8 (100 ms timers): ``kvstore.node.timers``; we drive the tick loop ourselves.
+* M1-M7 (PySyncObj's dynamic membership): ``kvstore.node.membership``; its own is off.
 
 Exactly one method is replicated, and it takes the entry as bytes: the log carries our protobuf
 entries, never pickled Python objects of ours.
@@ -39,8 +40,9 @@ from pysyncobj.node import TCPNode
 from pysyncobj.poller import POLL_EVENT_TYPE
 
 from kvstore.entry import encode_batch
-from kvstore.node import d6_fence, dial, dump_file, durable
+from kvstore.node import d6_fence, dial, dump_file, durable, membership
 from kvstore.node.internals import Internals
+from kvstore.node.member_table import MemberInfo, Role, Table, bootstrap
 from kvstore.node.outcomes import (
     BatchCallback,
     LoopWaiter,
@@ -86,6 +88,19 @@ class RaftOptions:
     """Peer raft address -> host:port to connect to instead (a fault proxy: ``kvstore.node.dial``)."""
     fsync: bool = False
     """Make the journal durable before acknowledging or sending entries (``kvstore.node.durable``)."""
+    members: Table | None = None
+    """The bootstrap member table, used only while neither the log nor a snapshot holds one
+    (default: ``self_address`` and ``peers``, all voters, without names or API addresses)."""
+    membership_fence: bool = True
+    """Our membership (``kvstore.node.membership``). False: PySyncObj's own dynamic
+    membership instead, with its defects (for the regression tests only)."""
+
+    def bootstrap_table(self) -> Table:
+        if self.members is not None:
+            return self.members
+        me = MemberInfo("", self.self_address, "", Role.VOTER)
+        return bootstrap(me, [MemberInfo("", p, "", Role.VOTER) for p in self.peers
+                              if p != self.self_address])
 
 
 def _check_bindable(address: str) -> None:
@@ -131,6 +146,8 @@ class RaftNode(SyncObj):
         self.counters: Counter[str] = Counter()
         self._n_on_tick_hooks: list[Callable[[], None]] = []
         self._n_crypto = WireCrypto(options.password)
+        self._n_hold_proposals = False
+        self.membership: membership.Membership | None = None
         conf = SyncObjConf(
             password=options.password,
             bindAddress=options.self_address,
@@ -145,10 +162,16 @@ class RaftNode(SyncObj):
             # Without autoTick, binding happens in __init__, retrying forever when the port is
             # taken (0 means forever): bound it.
             maxBindRetries=5 if profile.driven else 0,
-            dynamicMembershipChange=False,
+            dynamicMembershipChange=not options.membership_fence,
         )
-        others = [p for p in options.peers if p != options.self_address]
-        peers = dial.peer_nodes(others, options.dial_via)
+        if options.membership_fence:
+            table = options.bootstrap_table()
+            others = sorted((table.voters | table.receivers) - {options.self_address})
+            peers = [dial.node(a, options.dial_via) for a in sorted(table.voters - {
+                options.self_address})]
+        else:
+            others = [p for p in options.peers if p != options.self_address]
+            peers = dial.peer_nodes(others, options.dial_via)
         try:
             super().__init__(options.self_address, peers, conf)
         except SyncObjException as exc:  # taken between our check and PySyncObj's bind
@@ -160,6 +183,12 @@ class RaftNode(SyncObj):
         self.addOnTickCallback(self._n_on_tick)
         if options.d6_fence:
             d6_fence.install(self, self.internals, self.counters)
+        if options.membership_fence:
+            self.membership = membership.install(
+                self, self.internals, self.counters, self_address=options.self_address,
+                bootstrap=options.bootstrap_table(), dial_via=options.dial_via,
+                hold=self._n_hold, on_fatal=self._n_fail)
+            self.add_tick_hook(self.membership.on_tick)
         if options.fsync:
             self.add_tick_hook(durable.install(self, self.internals, self.counters, alone=not others))
         if profile.driven:
@@ -240,6 +269,8 @@ class RaftNode(SyncObj):
 
     def _n_send_waiting(self) -> None:
         """On the tick thread: turns the waiting proposals into replicated batches."""
+        if self._n_hold_proposals and self._isLeader():
+            return  # a leader handing over (kvstore.node.membership): they wait, then fail
         while self._n_waiting:
             entries: list[bytes] = []
             waiters: list[Waiter] = []
@@ -279,6 +310,15 @@ class RaftNode(SyncObj):
     def dump_path(self) -> str:
         """The snapshot file (``kvstore.node.dump_file``); PySyncObj replaces it atomically."""
         return os.path.join(self._n_options.data_dir, dump_file.FILE_NAME)
+    def _n_hold(self, hold: bool) -> None:
+        self._n_hold_proposals = hold
+        self._n_wake()
+
+    def _n_fail(self, reason: str) -> None:
+        """Fail-stop (as for D5): record it, stop ticking; status and propose report it."""
+        self._n_fatal = reason
+        log.critical(reason)
+        self._n_stopping.set()
 
     def add_tick_hook(self, hook: Callable[[], None]) -> None:
         """Runs ``hook`` on every tick (on the tick thread); keep it cheap."""
@@ -392,6 +432,9 @@ class RaftNode(SyncObj):
             "cluster": sorted(n.address if hasattr(n, "address") else str(n) for n in cluster),
             "digest": self._n_sm.digest(),
         }
+        if self.membership is not None:  # M3: the table as of this index, not the current one
+            meta["cluster"] = self.membership.voters_at(last[1])
+            meta["membership"] = self.membership.snapshot_meta(last[1])
         dump_file.write(path, meta, self._n_sm.snapshot())
         self.counters["snapshots_written"] += 1
         self._n_fsync_dir_pending = True
@@ -412,6 +455,8 @@ class RaftNode(SyncObj):
             raise
         self.counters["snapshots_loaded"] += 1
         meta = dump.meta
+        if self.membership is not None:
+            self.membership.on_snapshot_loaded(meta.get("membership"))
         last = (bytes.fromhex(meta["last"][0]), meta["last"][1], meta["last"][2])
         prev = (bytes.fromhex(meta["prev"][0]), meta["prev"][1], meta["prev"][2])
         return last, prev, {TCPNode(address) for address in meta["cluster"]}

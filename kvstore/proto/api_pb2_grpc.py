@@ -65,6 +65,26 @@ class KVStub:
                 request_serializer=kvstore_dot_proto_dot_api__pb2.SnapshotRequest.SerializeToString,
                 response_deserializer=kvstore_dot_proto_dot_api__pb2.SnapshotChunk.FromString,
                 _registered_method=True)
+        self.MemberList = channel.unary_unary(
+                '/kvstore.KV/MemberList',
+                request_serializer=kvstore_dot_proto_dot_api__pb2.MemberListRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_api__pb2.MemberListResponse.FromString,
+                _registered_method=True)
+        self.MemberAdd = channel.unary_unary(
+                '/kvstore.KV/MemberAdd',
+                request_serializer=kvstore_dot_proto_dot_api__pb2.MemberAddRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_api__pb2.MemberListResponse.FromString,
+                _registered_method=True)
+        self.MemberPromote = channel.unary_unary(
+                '/kvstore.KV/MemberPromote',
+                request_serializer=kvstore_dot_proto_dot_api__pb2.MemberRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_api__pb2.MemberListResponse.FromString,
+                _registered_method=True)
+        self.MemberRemove = channel.unary_unary(
+                '/kvstore.KV/MemberRemove',
+                request_serializer=kvstore_dot_proto_dot_api__pb2.MemberRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_api__pb2.MemberListResponse.FromString,
+                _registered_method=True)
 
 
 class KVServicer:
@@ -113,6 +133,36 @@ class KVServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MemberList(self, request, context):
+        """The members (kvstore/node/membership.py). Asked of a follower, it refuses with a leader
+        hint unless `local` is set: only the leader knows match indexes and connections.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MemberAdd(self, request, context):
+        """Adds a learner: it receives the log and counts for nothing until promoted. Leader only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MemberPromote(self, request, context):
+        """Makes a learner a voter; refused unless it is connected and caught up. Leader only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MemberRemove(self, request, context):
+        """Removes a voter or a learner. The leader itself is removed after it hands over its
+        leadership (the refusal then names the new leader: retry there). Leader only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +195,26 @@ def add_KVServicer_to_server(servicer, server):
                     servicer.Snapshot,
                     request_deserializer=kvstore_dot_proto_dot_api__pb2.SnapshotRequest.FromString,
                     response_serializer=kvstore_dot_proto_dot_api__pb2.SnapshotChunk.SerializeToString,
+            ),
+            'MemberList': grpc.unary_unary_rpc_method_handler(
+                    servicer.MemberList,
+                    request_deserializer=kvstore_dot_proto_dot_api__pb2.MemberListRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_api__pb2.MemberListResponse.SerializeToString,
+            ),
+            'MemberAdd': grpc.unary_unary_rpc_method_handler(
+                    servicer.MemberAdd,
+                    request_deserializer=kvstore_dot_proto_dot_api__pb2.MemberAddRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_api__pb2.MemberListResponse.SerializeToString,
+            ),
+            'MemberPromote': grpc.unary_unary_rpc_method_handler(
+                    servicer.MemberPromote,
+                    request_deserializer=kvstore_dot_proto_dot_api__pb2.MemberRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_api__pb2.MemberListResponse.SerializeToString,
+            ),
+            'MemberRemove': grpc.unary_unary_rpc_method_handler(
+                    servicer.MemberRemove,
+                    request_deserializer=kvstore_dot_proto_dot_api__pb2.MemberRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_api__pb2.MemberListResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -309,6 +379,114 @@ class KV:
             '/kvstore.KV/Snapshot',
             kvstore_dot_proto_dot_api__pb2.SnapshotRequest.SerializeToString,
             kvstore_dot_proto_dot_api__pb2.SnapshotChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MemberList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.KV/MemberList',
+            kvstore_dot_proto_dot_api__pb2.MemberListRequest.SerializeToString,
+            kvstore_dot_proto_dot_api__pb2.MemberListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MemberAdd(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.KV/MemberAdd',
+            kvstore_dot_proto_dot_api__pb2.MemberAddRequest.SerializeToString,
+            kvstore_dot_proto_dot_api__pb2.MemberListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MemberPromote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.KV/MemberPromote',
+            kvstore_dot_proto_dot_api__pb2.MemberRequest.SerializeToString,
+            kvstore_dot_proto_dot_api__pb2.MemberListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MemberRemove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.KV/MemberRemove',
+            kvstore_dot_proto_dot_api__pb2.MemberRequest.SerializeToString,
+            kvstore_dot_proto_dot_api__pb2.MemberListResponse.FromString,
             options,
             channel_credentials,
             insecure,
