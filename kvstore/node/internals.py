@@ -68,7 +68,9 @@ class Internals:
         anonymous = {n for n in syncobj._SyncObj__readonlyNodes if not isinstance(n, TCPNode)}
         syncobj._SyncObj__otherNodes = set(voters)
         syncobj._SyncObj__readonlyNodes = set(receivers) | anonymous
-        next_index = self.raft_log[-1][1] + 1
+        # Empty while a snapshot replaces the log (cleared, then refilled): the leader's next
+        # indexes are reset when it becomes leader anyway.
+        next_index = self.raft_log[-1][1] + 1 if len(self.raft_log) else 1
         now = time.monotonic()
         for node in voters | receivers:
             self.next_index.setdefault(node, next_index)

@@ -457,6 +457,7 @@ class RaftNode(SyncObj):
         meta = dump.meta
         if self.membership is not None:
             self.membership.on_snapshot_loaded(meta.get("membership"))
+        log.info("snapshot loaded: index %d, digest %s", meta["last"][1], meta["digest"])
         last = (bytes.fromhex(meta["last"][0]), meta["last"][1], meta["last"][2])
         prev = (bytes.fromhex(meta["prev"][0]), meta["prev"][1], meta["prev"][2])
         return last, prev, {TCPNode(address) for address in meta["cluster"]}

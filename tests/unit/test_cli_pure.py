@@ -186,7 +186,7 @@ def test_node_argv_names_peers_and_keeps_the_secret_off_the_command_line(tmp_pat
     argv = processes.node_argv(cluster, spec, spec.nodes[0])
     assert argv[:5] == [sys.executable, "-m", "cli", "node", "run"]
     peers = [argv[i + 1] for i, a in enumerate(argv) if a == "--peer"]
-    assert peers == [f"{n.raft}={n.api}" for n in spec.nodes[1:]]
+    assert peers == [f"{n.id}={n.raft}={n.api}" for n in spec.nodes[1:]]
     secret = cluster.secret_file.read_text().strip()
     assert not any(secret in a for a in argv)
     assert processes.is_node_process(os.getpid(), "n1", cluster.data_dir(spec.nodes[0])) is False

@@ -296,6 +296,12 @@ def test_membership_survives_a_restart_after_compaction(
     h.node.forceLogCompaction()
     wait_for(lambda: h.node.counters["snapshots_written"] >= 1, "a snapshot")
     wait_for(lambda: h.log()[0][1] > 3, "the log to be compacted past the change")
+    # More entries and a second snapshot, written from what the node kept after the first.
+    h.receive({"type": "append_entries", "term": 1, "commit_index": 8, "prevLogIdx": 5,
+               "prevLogTerm": 1, "entries": [(NO_OP, i, 1) for i in (6, 7, 8)]})
+    wait_for(lambda: h.node.raftLastApplied == 8, "entries 6..8 to apply")
+    h.node.forceLogCompaction()
+    wait_for(lambda: h.node.counters["snapshots_written"] >= 2, "a second snapshot")
 
     again = restart(make_harness, h)
 
@@ -459,9 +465,59 @@ def test_a_learner_never_campaigns(make_harness: Callable[..., Harness]) -> None
     me, peer = h.address, h.peers[0].address
     h.follow([NO_OP, entry_bytes(h.table({me: Role.LEARNER, peer: Role.VOTER}))], commit=2)
     term = h.node.raftCurrentTerm
-    h.receive({"type": "timeout_now", "term": term})
+
+    def deliver_timeout_now() -> float:
+        # A message that arrives in poll() is followed by PySyncObj's election check, before
+        # any tick hook of ours: the deadline must be out of reach as the handler returns.
+        h.node.internals.transport._onMessageReceivedCallback(
+            h.peers[0], {"type": "timeout_now", "term": term})
+        return h.node.internals.election_deadline()
+
+    assert h.on_tick(deliver_timeout_now) == float("inf")
     assert not wait_for_bool(lambda: h.node.raftCurrentTerm > term, 3 * FAST.raft_max_timeout)
     assert h.node.membership is not None and h.node.membership.self_role == "learner"
+
+
+class SlowRestore(StateMachine):
+    """Restores a snapshot slowly, as a large one does (seconds at 1M keys)."""
+
+    def restore(self, data: bytes) -> None:
+        time.sleep(3 * FAST.raft_max_timeout)
+        super().restore(data)
+
+
+def test_a_learner_installing_a_slow_snapshot_does_not_campaign_after_it(
+        tmp_path: Path) -> None:
+    """Only voters campaign, also right after a message that took longer than an election
+    timeout to handle. A learner installing a large snapshot from its leader: PySyncObj resets
+    the election deadline when the install message arrives, then spends seconds loading it,
+    so on the next tick the deadline has passed. The learner must not campaign then (its vote
+    request, at a higher term, would depose the leader)."""
+    port = free_port()
+    me, leader = f"127.0.0.1:{port}", f"127.0.0.2:{port}"
+    table = Table.of([MemberInfo("n1", leader, "", Role.VOTER),
+                      MemberInfo("n2", me, "", Role.LEARNER)], "add learner n2")
+    snapshot = StateMachine(cluster_id=1)
+    dump = tmp_path / "made.dump"
+    last, prev = (NO_OP, 10, 1), (NO_OP, 9, 1)
+    dump_file.write(str(dump), {
+        "last": [last[0].hex(), 10, 1], "prev": [prev[0].hex(), 9, 1], "cluster": [leader],
+        "digest": snapshot.digest(), "membership": {"index": 5, "table": table.to_json()}},
+        snapshot.snapshot())
+    node = RaftNode(SlowRestore(cluster_id=1), RaftOptions(
+        self_address=me, peers=(), data_dir=str(tmp_path / "learner"), password="x",
+        profile=FAST, members=Table.of([MemberInfo("n1", leader, "", Role.VOTER)], "joining")))
+    try:
+        h = Harness(node, True)
+        peer = h.on_tick(node.internals.transport_nodes)[leader]
+        h.on_tick(lambda: node.internals.transport._onNodeConnected(peer))
+        h.receive({"type": "append_entries", "term": 1, "commit_index": 10,
+                   "serialized": (dump.read_bytes(), True, True)}, peer=peer)
+        wait_for(lambda: node.counters["snapshots_loaded"] == 1, "the snapshot to load")
+        assert node.membership is not None and node.membership.self_role == "learner"
+        assert not wait_for_bool(lambda: node.raftCurrentTerm > 1, 3 * FAST.raft_max_timeout)
+    finally:
+        node.stop()
 
 
 def test_promotion_needs_a_learner_in_sync(make_harness: Callable[..., Harness]) -> None:
