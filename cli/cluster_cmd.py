@@ -78,6 +78,10 @@ def up(nodes: int | None, detach: bool, session_capacity: int | None,
         spec, started = _start(cluster_dir, wanted)
         leader = _wait_ready(settings, spec, started, time.monotonic() + start_timeout)
         _print_ready(settings, spec, leader)
+        wiped = [n.id for n in spec.nodes if processes.running_pid(cluster_dir, n) is None
+                 and cluster_dir.lost_its_log(n)]
+        if wiped:
+            raise CliError(f"not started: {', '.join(wiped)} (its Raft log is gone; see above)")
         return
     # Signals are caught before any node starts: a Ctrl-C during the start must stop the
     # nodes started so far, not leave them running in their own sessions.

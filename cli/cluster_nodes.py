@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -24,6 +27,10 @@ from cli.exits import INVALID_INPUT, CliError
 from cli.output import emit
 from cli.settings import Settings, global_options
 from kvstore import errors
+
+if TYPE_CHECKING:
+    from kvstore.client import Client
+    from kvstore.proto.api_pb2 import MemberListResponse
 
 START_TIMEOUT = 30.0
 """Seconds a new node gets to bind its ports and answer."""
@@ -45,25 +52,21 @@ def add_node(learner: bool, sync_timeout: float) -> None:
         spec = replace(spec, nodes=(*spec.nodes, node))
         cluster_dir.save(spec)  # first: a node that runs is always in cluster.json
         cluster_dir.prepare_node_dirs(spec)
-        proc = processes.start_node(cluster_dir, spec, node)
-    click.echo(f"started {node.id} (pid {proc.pid}), raft {node.raft}, api {node.api}", err=True)
+
+    def start() -> subprocess.Popen[bytes]:
+        with cluster_dir.lock():
+            proc = processes.start_node(cluster_dir, spec, node)
+        click.echo(f"started {node.id} (pid {proc.pid}), raft {node.raft}, api {node.api}",
+                   err=True)
+        return proc
+
     with settings.client(spec) as client:
         try:
-            _wait_answering(client, cluster_dir, node, proc)
-            member_cmd.change(lambda: client.member_add(node.id, node.raft, node.api))
-        except (errors.KVError, CliError):
+            listing = grow(client, node, start, cluster_dir.log_file(node.id),
+                           promote=not learner, sync_timeout=sync_timeout)
+        except NotAdded:
             _forget(cluster_dir, node)
             raise
-        click.echo(f"added {node.id} as a learner; it is catching up", err=True)
-        if learner:
-            listing = client.member_list()
-        else:
-            try:
-                listing = member_cmd.promote_when_in_sync(client, node.raft, sync_timeout)
-            except (errors.KVError, CliError) as exc:
-                raise CliError(f"{node.id} is a learner but was not promoted: {exc} (retry with: "
-                               f"kv member promote {node.id} --wait 60)", exc.exit_code) from exc
-            click.echo(f"promoted {node.id} to voter", err=True)
     emit(member_cmd.report(listing), settings.write_out)
 
 
@@ -80,15 +83,51 @@ def remove_node(node_id: str) -> None:
     spec = cluster_dir.load()
     node = _node(spec, node_id)
     with settings.client(spec) as client:
-        listing, _ = member_cmd.members_or_local_view(client)
-        if any(m.raft_address == node.raft and m.role != "removed" for m in listing.members):
-            listing = member_cmd.change(lambda: client.member_remove(node.raft))
-            click.echo(f"removed {node.id} from the cluster", err=True)
-        else:
-            click.echo(f"{node.id} is not a member; only stopping it", err=True)
-    _forget(cluster_dir, node)
+        listing = shrink(client, node, lambda: _forget(cluster_dir, node))
     click.echo(f"stopped {node.id}; its data is kept in {cluster_dir.node_dir(node.id)}", err=True)
     emit(member_cmd.report(listing), settings.write_out)
+
+
+# -- the steps, for any caller that starts and stops nodes its own way (kv check's nemesis) ------
+
+
+class NotAdded(CliError):
+    """The new node could not be added: it is not a member (stop it and forget it)."""
+
+
+def grow(client: Client, node: NodeSpec, start: Callable[[], subprocess.Popen[bytes]],
+         log_file: Path, *, promote: bool, sync_timeout: float) -> MemberListResponse:
+    """Starts ``node`` (with ``--join``), waits until it answers (its ports are bound: upstream
+    issue #89), adds it as a learner, and unless ``promote`` is false promotes it once caught
+    up. ``NotAdded`` if it did not become a member; ``CliError`` if it stayed a learner."""
+    try:
+        proc = start()
+        _wait_answering(client, node, proc, log_file)
+        member_cmd.change(lambda: client.member_add(node.id, node.raft, node.api))
+    except (errors.KVError, CliError) as exc:
+        raise NotAdded(f"{node.id} was not added: {exc}", exc.exit_code) from exc
+    click.echo(f"added {node.id} as a learner; it is catching up", err=True)
+    if not promote:
+        return client.member_list()
+    try:
+        listing = member_cmd.promote_when_in_sync(client, node.raft, sync_timeout)
+    except (errors.KVError, CliError) as exc:
+        raise CliError(f"{node.id} is a learner but was not promoted: {exc} (retry with: "
+                       f"kv member promote {node.id} --wait 60)", exc.exit_code) from exc
+    click.echo(f"promoted {node.id} to voter", err=True)
+    return listing
+
+
+def shrink(client: Client, node: NodeSpec, stop: Callable[[], None]) -> MemberListResponse:
+    """Removes ``node`` if it is a member (the leader hands over first), then calls ``stop``."""
+    listing, _ = member_cmd.members_or_local_view(client)
+    if any(m.raft_address == node.raft and m.role != "removed" for m in listing.members):
+        listing = member_cmd.change(lambda: client.member_remove(node.raft))
+        click.echo(f"removed {node.id} from the cluster", err=True)
+    else:
+        click.echo(f"{node.id} is not a member; only stopping it", err=True)
+    stop()
+    return listing
 
 
 def _node(spec: ClusterSpec, node_id: str) -> NodeSpec:
@@ -99,16 +138,13 @@ def _node(spec: ClusterSpec, node_id: str) -> NodeSpec:
                        f"{', '.join(n.id for n in spec.nodes)})", INVALID_INPUT) from None
 
 
-def _wait_answering(client: object, cluster_dir: ClusterDir, node: NodeSpec,
-                    proc: subprocess.Popen[bytes]) -> None:
+def _wait_answering(client: Client, node: NodeSpec, proc: subprocess.Popen[bytes],
+                    log_file: Path) -> None:
     """Until the new node answers Status: its Raft port is bound (it binds before serving)."""
-    from kvstore.client import Client
-
-    assert isinstance(client, Client)
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         if proc.poll() is not None:
-            tail = processes.last_start_log(cluster_dir.log_file(node.id))
+            tail = processes.last_start_log(log_file)
             raise CliError(f"{node.id} exited with code {proc.returncode} while starting: "
                            f"{tail[-1] if tail else 'no log'}")
         try:

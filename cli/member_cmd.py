@@ -14,6 +14,7 @@ These commands work on any cluster (``--endpoints``); for a local cluster direct
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -184,7 +185,7 @@ def report(listing: MemberListResponse, note: str = "") -> Report:
     """The member list in the three output formats; ``note`` is printed after it (stderr)."""
     rows = []
     data = []
-    for m in listing.members:
+    for m in sorted(listing.members, key=_by_name):
         role = f"{m.role} (leader)" if m.is_leader else m.role
         sync = ("yes" if m.in_sync else "no") if m.role == "learner" and listing.from_leader else ""
         match = str(m.match_index) if listing.from_leader else ""
@@ -205,6 +206,12 @@ def report(listing: MemberListResponse, note: str = "") -> Report:
            "change_pending": listing.change_pending, "last_change": listing.last_change,
            "commit_index": listing.commit_index, "members": data}
     return Report(doc, ["name", "role", "raft", "api", "match", "connected", "in sync"], rows)
+
+
+def _by_name(member: MemberStatus) -> tuple[object, ...]:
+    """n2 before n10: names compared with their numbers as numbers."""
+    return tuple(int(p) if p.isdigit() else p
+                 for p in re.split(r"(\d+)", member.name or member.raft_address))
 
 
 def progress(listing: MemberListResponse) -> list[str]:

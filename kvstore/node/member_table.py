@@ -192,13 +192,17 @@ class Table:
                      str(doc["change"]))
 
 
+_TYPE_BYTE = bytes([ENTRY_TYPE])
+
+
 def entry_bytes(table: Table) -> bytes:
     """The whole log entry: type byte and table."""
-    return bytes([ENTRY_TYPE]) + table.to_entry()
+    return _TYPE_BYTE + table.to_entry()
 
 
 def is_membership_entry(command: bytes) -> bool:
-    return command[:1] == bytes([ENTRY_TYPE])
+    """Checked on every append: one slice and compare."""
+    return command[:1] == _TYPE_BYTE
 
 
 def bootstrap(me: MemberInfo | None, peers: Iterable[MemberInfo]) -> Table:

@@ -110,20 +110,20 @@ class MemberView:
 
 @dataclass
 class _Log:
-    """The tables in the log: ``base`` (from the snapshot, or the bootstrap) and one per
-    membership entry still in the log, ascending index."""
+    """The tables in the log: ``base`` (from the snapshot, or the bootstrap at index 0) and one
+    per membership entry still in the log, ascending index; each with the index of its entry."""
 
-    base: Table
+    base: tuple[int, Table]
     changes: list[tuple[int, Table]] = field(default_factory=list)
 
     def latest(self) -> tuple[int, Table]:
-        return self.changes[-1] if self.changes else (0, self.base)
+        return self.changes[-1] if self.changes else self.base
 
     def at(self, index: int) -> tuple[int, Table]:
         for change in reversed(self.changes):
             if change[0] <= index:
                 return change
-        return 0, self.base
+        return self.base
 
 
 class Membership:
@@ -140,7 +140,7 @@ class Membership:
         self._hold = hold
         self._on_fatal = on_fatal
         self._lock = threading.Lock()  # the tables may be read by a snapshot off the tick thread
-        self._log = _Log(bootstrap)
+        self._log = _Log((0, bootstrap))
         self._from_log = False
         """Whether the table in effect came from a snapshot or an entry (not the bootstrap)."""
         self._compacting = False
@@ -166,7 +166,7 @@ class Membership:
 
     @property
     def index(self) -> int:
-        """The log index of the table in effect (0: the snapshot's or the bootstrap one)."""
+        """The log index of the entry that made the table in effect (0: the bootstrap's)."""
         return self._latest[0]
 
     @property
@@ -207,7 +207,7 @@ class Membership:
         if meta is None:
             return
         with self._lock:
-            self._log.base = Table.from_json(meta["table"])
+            self._log.base = (int(meta["index"]), Table.from_json(meta["table"]))
             self._from_log = True
             self._latest = self._log.latest()
         # PySyncObj clears the log next if the snapshot replaces it (and we sync then); if it
@@ -253,7 +253,7 @@ class Membership:
                 self._compacting = False
             if first is not None:
                 with self._lock:
-                    self._log.base = self._log.at(first - 1)[1]
+                    self._log.base = self._log.at(first - 1)
                     self._log.changes = [c for c in self._log.changes if c[0] >= first]
                     self._latest = self._log.latest()
 
