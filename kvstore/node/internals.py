@@ -22,7 +22,7 @@ class Internals:
               "_SyncObj__raftNextIndex", "_SyncObj__transport", "_SyncObj__newAppendEntriesTime",
               "_SyncObj__otherNodes", "_SyncObj__readonlyNodes", "_SyncObj__connectedNodes",
               "_SyncObj__lastResponseTime", "_SyncObj__raftElectionDeadline",
-              "_SyncObj__generateRaftTimeout")
+              "_SyncObj__generateRaftTimeout", "_SyncObj__noopIDx")
 
     def __init__(self, syncobj: SyncObj) -> None:
         missing = [name for name in self.NEEDED if not hasattr(syncobj, name)]
