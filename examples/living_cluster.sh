@@ -68,8 +68,19 @@ for run in doc["runs"]:
     for sample in run["error_samples"]:
         print(f"  {sample}")
 EOF
-step "every replica's state digest"
-$KV -w json cluster status | json '"\n".join(f"{r[\"id\"]}: {r.get(\"role\")} applied {r.get(\"applied\")} digest {r.get(\"digest\")}" for r in d)'
-DIGESTS=$($KV -w json cluster status | json 'len({r.get("digest") for r in d})')
-[ "$DIGESTS" = 1 ] && echo "all replicas identical" || { echo "replicas differ"; exit 1; }
+step "every replica's state digest (once they have applied the same index)"
+for _ in $(seq 20); do
+    $KV -w json cluster status >"$WORK/status.json"
+    python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); sys.exit(len({(x.get("applied"), x.get("digest")) for x in r}) != 1)' "$WORK/status.json" && break
+    sleep 0.5
+done
+python3 - "$WORK/status.json" <<'EOF'
+import json, sys
+rows = json.load(open(sys.argv[1]))
+for r in rows:
+    print(f"{r['id']}: {r.get('role')}, applied {r.get('applied')}, digest {r.get('digest')}")
+same = len({r.get("digest") for r in rows}) == 1
+print("all replicas identical" if same else "REPLICAS DIFFER")
+sys.exit(0 if same else 1)
+EOF
 echo "total ${SECONDS}s; cluster directory $KV_CLUSTER_DIR (stopped)"
