@@ -4,8 +4,9 @@ The modules, from the outside in:
 
 * ``main``: the root command, its global options and the one place that turns every failure
   into one line on stderr and an exit code (``exits``);
-* ``data_cmd``, ``status_cmd``, ``session_cmd``, ``cluster_cmd``, ``snapshot_cmd``, ``node_cmd``,
-  ``version_cmd``: the subcommands;
+* ``data_cmd``, ``status_cmd``, ``session_cmd``, ``cluster_cmd``, ``member_cmd``,
+  ``snapshot_cmd``, ``node_cmd``, ``version_cmd``: the subcommands (``cluster_nodes``: the
+  ``cluster add-node``/``remove-node`` steps);
 * ``settings``: the global options (``--endpoints``, ``-w``, timeouts, ``--dir``) and where their
   defaults come from; ``params``: the value types (durations, integers, endpoints);
   ``kv_click``: what every command's help shows and how a group is called;

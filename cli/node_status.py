@@ -75,6 +75,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("keys", lambda s: s.keys),
     Column("digest", lambda s: s.digest),
     Column("has_quorum", lambda s: s.has_quorum, in_table=False),
+    Column("membership_change_pending", lambda s: s.membership_change_pending, in_table=False),
     Column("alarms", lambda s: list(s.alarms), cell=_errors),
 )
 

@@ -3,11 +3,14 @@
 #   grow 3 -> 5 nodes, remove the leader, shrink back to 3, then replace a node whose data
 #   directory is wiped. At the end: the benchmark's errors by type, and every replica's digest.
 #
-#   examples/living_cluster.sh [BENCH_SECONDS] [CLIENTS]
+# Run from the repository root (`make venv` sets up .venv the first time); a benchmark, so on a
+# shared machine run it alone:
+#   make venv && bash examples/living_cluster.sh [BENCH_SECONDS] [CLIENTS]
 #
-# Everything runs on 127.0.0.1 in a temporary directory and is stopped at the end. (python3 only
-# reads kv's JSON output.)
+# Everything runs on 127.0.0.1 in a temporary directory, stopped (and kept, for its logs) at the
+# end. (python3 only reads kv's JSON output.)
 set -euo pipefail
+export PATH="$PWD/.venv/bin:$PATH"
 SECONDS_OF_LOAD=${1:-60}
 CLIENTS=${2:-8}
 KV=${KV:-kv}

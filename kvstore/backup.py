@@ -110,12 +110,13 @@ def rewrite_membership(meta: dict[str, Any], raft_addresses: list[str]) -> dict[
     """``meta`` naming ``raft_addresses`` as the members: the one place that knows where a
     snapshot records the membership.
 
-    PySyncObj keeps it in the dump as ``cluster``, every member's Raft address, and reads it
-    back at start only with dynamic membership on (``SyncObj.__loadDumpFile``); our nodes take
-    their peers from the command line, so today this keeps the file truthful for when they
-    read it.
+    PySyncObj keeps it in the dump as ``cluster``, every member's Raft address. Our nodes read
+    the member table (``membership``: names, addresses, roles, ``kvstore.node.membership``)
+    and would follow the old cluster's: it is dropped, so the new nodes start from the members
+    on their command line, as any new cluster does.
     """
-    return {**meta, "cluster": sorted(raft_addresses)}
+    kept = {key: value for key, value in meta.items() if key != "membership"}
+    return {**kept, "cluster": sorted(raft_addresses)}
 
 
 def for_new_cluster(backup: Backup, raft_addresses: list[str]) -> bytes:

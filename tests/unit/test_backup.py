@@ -59,10 +59,11 @@ def test_a_new_cluster_gets_its_members_and_restarted_terms_and_the_same_state()
 
 
 def test_membership_is_rewritten_in_one_place() -> None:
-    meta = {"cluster": ["a:1"], "digest": "x", "extra": 1}
+    meta = {"cluster": ["a:1"], "digest": "x", "extra": 1,
+            "membership": {"index": 7, "table": {"change": "add learner n4", "members": []}}}
     assert rewrite_membership(meta, ["c:3", "b:2"]) == {"cluster": ["b:2", "c:3"], "digest": "x",
                                                          "extra": 1}
-    assert meta["cluster"] == ["a:1"]
+    assert meta["cluster"] == ["a:1"] and "membership" in meta
 
 
 @pytest.mark.parametrize("offset", [0, 9, 40, 200, -40, -1])
