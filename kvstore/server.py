@@ -189,7 +189,7 @@ class KVService:
         except ChangeRefused as exc:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, str(exc),
                           (api_errors.REASON_METADATA_KEY, api_errors.MEMBERSHIP_REFUSED)) from exc
-        except (TimeoutError, asyncio.TimeoutError) as exc:
+        except TimeoutError as exc:  # asyncio.TimeoutError is TimeoutError since 3.11
             raise Refused(api_errors.TIMEOUT_STATUS, "the membership change was not committed in "
                           "time: its outcome is unknown (see kv member list)",
                           (api_errors.REASON_METADATA_KEY, "TIMEOUT")) from exc
