@@ -22,12 +22,19 @@ from typing import TYPE_CHECKING
 import click
 
 from cli import session_file
-from cli.exits import ERROR, OUTCOME_UNKNOWN, UNAVAILABLE, CliError
+from cli.exits import ERROR, INVALID_INPUT, OUTCOME_UNKNOWN, UNAVAILABLE, CliError
 from cli.kv_click import KvCommand
 from cli.output import Report, emit, json_bytes, text
 from cli.params import Integer
 from cli.settings import Settings, global_options
-from kvstore.errors import AlreadyResponded, KVError, OutcomeUnknown, ResultError, SessionExpired
+from kvstore.errors import (
+    AlreadyResponded,
+    KVError,
+    OutcomeUnknown,
+    ResultError,
+    SeriesReused,
+    SessionExpired,
+)
 from kvstore.limits import INT64_MAX, INT64_MIN
 from kvstore.proto.log_pb2 import KeyValue, Result
 
@@ -74,6 +81,13 @@ def write(session_path: Path | None, key: str, call: Write) -> Result:
                 raise CliError(
                     f"the cluster already answered request {session.series_id} of this session "
                     f"and has forgotten the answer: {session_path} is an old copy ({exc})"
+                ) from exc
+            except SeriesReused as exc:
+                raise CliError(
+                    f"nothing applied: request {session.series_id} of the session in "
+                    f"{session_path} was already used for another command, so the file is a "
+                    f"copy in use elsewhere (or an old one): open a new session (SERIES_REUSED)",
+                    INVALID_INPUT,
                 ) from exc
             except OutcomeUnknown as exc:
                 raise CliError(

@@ -27,11 +27,15 @@ tells the client that the *node* answered, rather than the transport failing."""
 # Result code -> (gRPC status code, exception the client raises). MALFORMED_ENTRY and
 # CLUSTER_MISMATCH are decided before the session rules, so nothing is cached and the session
 # stays where it was: their exceptions are not ``ResultError``s. The other codes are answers.
+# ALREADY_EXISTS says "this series id is taken" for both of its codes (answered and
+# acknowledged; used by another command); the client tells them apart by the result, attached
+# as metadata, whose code also begins the status details.
 RESULT_ERRORS: Final[dict[int, tuple[grpc.StatusCode, type[errors.KVError]]]] = {
     Code.MALFORMED_ENTRY: (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgument),
     Code.CLUSTER_MISMATCH: (grpc.StatusCode.FAILED_PRECONDITION, errors.ClusterMismatch),
     Code.SESSION_EXPIRED: (grpc.StatusCode.FAILED_PRECONDITION, errors.SessionExpired),
     Code.ALREADY_RESPONDED: (grpc.StatusCode.ALREADY_EXISTS, errors.AlreadyResponded),
+    Code.SERIES_REUSED: (grpc.StatusCode.ALREADY_EXISTS, errors.SeriesReused),
     Code.INVALID_ARGUMENT: (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidCommand),
     Code.KEY_TOO_LARGE: (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidCommand),
     Code.VALUE_TOO_LARGE: (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidCommand),

@@ -310,8 +310,9 @@ class Client:
         """Proposes with a pooled session and decides whether the session can serve again."""
         try:
             result = self.sync_propose(session, command, _remaining(deadline))
-        except (errors.OutcomeUnknown, errors.SessionExpired, errors.AlreadyResponded):
-            raise  # dropped: a late copy may still apply, or the cluster no longer knows it
+        except (errors.OutcomeUnknown, errors.SessionExpired, errors.AlreadyResponded,
+                errors.SeriesReused):
+            raise  # dropped: a late copy may still apply, or the cluster knows it otherwise
         except errors.ResultError:
             session.proposal_completed()  # the state machine answered, with an error
             self._return_session(session)

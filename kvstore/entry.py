@@ -27,6 +27,19 @@ def decode_entry(data: bytes) -> Entry:
     return parse_canonical(Entry, data)
 
 
+def command_bytes(entry: bytes) -> bytes:
+    """The command part of a canonical entry that has a session: its field 2, tag and length
+    included (empty if it has no command). What a retry repeats byte for byte.
+
+    Read from the bytes the log holds rather than re-encoded, so every replica digests the same
+    bytes whatever its protobuf backend, and at the cost of a slice. The layout is fixed by
+    ``decode_entry``, which accepts only the canonical encoding: field 1, the session, comes
+    first, as the tag byte 0x0A and a one-byte length (a session is at most 44 bytes: four
+    uint64 fields of at most 11 bytes each), then the command.
+    """
+    return entry[2 + entry[1] :]
+
+
 def encode_batch(entries: Sequence[bytes]) -> bytes:
     """One replicated Raft entry holding several log entries (group commit)."""
     return EntryBatch(entries=entries).SerializeToString(deterministic=True)

@@ -69,12 +69,24 @@ class AlreadyResponded(ResultError):
     """The series id was already acknowledged by this session: a stale copy of the session."""
 
 
+class SeriesReused(ResultError):
+    """The series id was already used by this session for another command: nothing applied.
+
+    Not retryable: it is a client bug (two clients sharing one session, or an old copy of a
+    session restored), and the same request gets the same answer until the session's owner
+    acknowledges that series. The session must not move on either: this was not an answer.
+    """
+
+    exit_code = 3
+
+
 class CommandFailed(ResultError):
     """The command ran and failed deterministically (``incr`` on a non-integer, int64 overflow).
 
-    Like every ``ResultError`` but ``SessionExpired`` and ``AlreadyResponded``, it is an
-    *answer*: the cluster cached it under the proposal's series id, so the session moves on
-    (``proposal_completed()``), and a retry of that series gets the same error.
+    Like every ``ResultError`` but ``SessionExpired``, ``AlreadyResponded`` and
+    ``SeriesReused``, it is an *answer*: the cluster cached it under the proposal's series id,
+    so the session moves on (``proposal_completed()``), and a retry of that series gets the
+    same error.
     """
 
 

@@ -27,6 +27,10 @@ class ClientSession:
     responded_to: int = 0
     responses: dict[int, bytes] = field(default_factory=dict)
     """Serialized results of applied proposals, by series id, all above ``responded_to``."""
+    command_digests: dict[int, bytes] = field(default_factory=dict)
+    """The digest of the command that produced each result in ``responses``, by series id
+    (``kvstore.dedup.command_digest``). A result restored from a version-1 snapshot, taken
+    before digests existed, has none."""
 
     def clear_to(self, responded_to: int) -> None:
         """Forgets results the client says it has received (series ids up to ``responded_to``).
@@ -39,6 +43,7 @@ class ClientSession:
         self.responded_to = responded_to
         for series_id in [s for s in self.responses if s <= responded_to]:
             del self.responses[series_id]
+            self.command_digests.pop(series_id, None)
 
     def has_responded(self, series_id: int) -> bool:
         """Whether the client has acknowledged ``series_id`` (its result may be gone)."""
@@ -47,8 +52,14 @@ class ClientSession:
     def cached_response(self, series_id: int) -> bytes | None:
         return self.responses.get(series_id)
 
-    def record(self, series_id: int, result: bytes) -> None:
+    def command_digest(self, series_id: int) -> bytes | None:
+        """The digest of the command that produced the result cached for ``series_id``; None
+        if no result is cached or the result predates digests."""
+        return self.command_digests.get(series_id)
+
+    def record(self, series_id: int, result: bytes, command_digest: bytes) -> None:
         self.responses[series_id] = result
+        self.command_digests[series_id] = command_digest
 
 
 class SessionStore:

@@ -15,7 +15,9 @@ def order(store: SessionStore) -> list[int]:
 
 
 def with_responses(responded_to: int, series: list[int]) -> ClientSession:
-    return ClientSession(1, responded_to, {s: f"r{s}".encode() for s in series})
+    return ClientSession(
+        1, responded_to, {s: f"r{s}".encode() for s in series}, {s: b"d%07d" % s for s in series}
+    )
 
 
 class TestClearTo:
@@ -43,12 +45,32 @@ class TestClearTo:
         session = with_responses(responded_to, series)
         session.clear_to(clear_to)
         assert sorted(session.responses) == kept
+        assert sorted(session.command_digests) == kept, "a digest goes with its result"
         assert session.responded_to == new_responded_to
+
+    def test_clearing_a_result_restored_without_digest_is_fine(self) -> None:
+        """Results from a version-1 snapshot have no digest: dropping them must not fail."""
+        session = ClientSession(1, 0, {1: b"r1", 2: b"r2"}, {2: b"d2"})
+        session.clear_to(2)
+        assert session.responses == {} and session.command_digests == {}
 
     def test_has_responded_up_to_and_including_responded_to(self) -> None:
         session = ClientSession(1, responded_to=4)
         assert session.has_responded(4) and session.has_responded(1)
         assert not session.has_responded(5)
+
+
+class TestCachedResults:
+    def test_record_keeps_the_result_and_its_command_digest_by_series(self) -> None:
+        session = ClientSession(1)
+        session.record(1, b"r1", b"d1")
+        session.record(2, b"r2", b"d2")
+        assert [session.cached_response(s) for s in (1, 2, 3)] == [b"r1", b"r2", None]
+        assert [session.command_digest(s) for s in (1, 2, 3)] == [b"d1", b"d2", None]
+
+    def test_a_result_without_digest_has_none(self) -> None:
+        session = ClientSession(1, 0, {1: b"r1"})
+        assert session.cached_response(1) == b"r1" and session.command_digest(1) is None
 
 
 class TestLRU:
@@ -78,10 +100,11 @@ class TestLRU:
         store = SessionStore(capacity=3)
         store.register(1)
         store.register(2)
-        store.use(1).record(1, b"cached")  # type: ignore[union-attr]
+        store.use(1).record(1, b"cached", b"digest-1")  # type: ignore[union-attr]
         assert store.register(1) is None
         assert order(store) == [2, 1]
         assert store.peek(1).cached_response(1) == b"cached"  # type: ignore[union-attr]
+        assert store.peek(1).command_digest(1) == b"digest-1"  # type: ignore[union-attr]
 
     def test_unregister(self) -> None:
         store = SessionStore(capacity=2)

@@ -6,7 +6,7 @@ import pytest
 
 from kvstore import SnapshotError, StateMachine, encode_entry, ops
 from kvstore.proto.log_pb2 import Snapshot
-from kvstore.snapshot import FORMAT_VERSION
+from kvstore.snapshot import FORMAT_VERSION, WITHOUT_DIGESTS_VERSION
 from session import Session, new_noop_session
 
 CLUSTER = 5
@@ -60,8 +60,9 @@ def test_digest_changes_with_the_state() -> None:
     ("snapshot", "message"),
     [
         (Snapshot(format_version=99, cluster_id=CLUSTER, session_capacity=1), "version 99"),
-        (Snapshot(format_version=FORMAT_VERSION, cluster_id=CLUSTER), "at least 1"),
-        (Snapshot(format_version=FORMAT_VERSION, cluster_id=CLUSTER + 1, session_capacity=1), "cluster"),
+        (Snapshot(format_version=WITHOUT_DIGESTS_VERSION, cluster_id=CLUSTER), "at least 1"),
+        (Snapshot(format_version=WITHOUT_DIGESTS_VERSION, cluster_id=CLUSTER + 1, session_capacity=1),
+         "cluster"),
     ],
 )
 def test_restore_refuses_snapshots_it_cannot_read(snapshot: Snapshot, message: str) -> None:
