@@ -92,6 +92,25 @@ def test_an_acknowledged_series_is_already_responded(client: Client) -> None:
     assert int(client.get(b"api/acked").value) == 2
 
 
+def test_a_series_reused_for_another_command_is_series_reused(cluster: Cluster,
+                                                               client: Client) -> None:
+    """Rule 8b: a copy of a session proposing another command under a series id the session
+    used gets ALREADY_EXISTS with the SERIES_REUSED result, raised as ``SeriesReused`` at once
+    (not retried), and nothing is applied."""
+    session = client.sync_get_session()
+    copy = Session(session.cluster_id, session.client_id, session.series_id, session.responded_to)
+    assert client.sync_propose(session, ops.incr(b"api/reused")).number == 1
+    other = api_pb2.ProposeRequest(session=copy.to_pb(), command=ops.put(b"api/reused", b"9"))
+    error = call_error(stub(leader_endpoint(cluster, client)).Propose, other)
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert error.details().startswith("SERIES_REUSED: series 1 of session")
+    with pytest.raises(errors.SeriesReused) as caught:
+        client.sync_propose(copy, ops.put(b"api/reused", b"9"))
+    assert caught.value.result.code == Code.SERIES_REUSED
+    assert client.sync_propose(copy, ops.incr(b"api/reused")).number == 1, "a retry: cached"
+    assert client.get(b"api/reused").value == b"1"
+
+
 @pytest.mark.parametrize(
     "command",
     [ops.put(b"", b"v"), ops.put(b"k" * 5000, b"v"), ops.put(b"k", b"v" * (MAX_VALUE_BYTES + 1)),

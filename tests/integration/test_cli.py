@@ -188,6 +188,23 @@ def test_an_old_copy_of_the_session_file_replays_instead_of_reapplying(
     assert closed.returncode == exits.ERROR and "open a new session" in one_error_line(closed)
 
 
+def test_two_copies_of_a_session_file_used_for_two_commands(cluster: Cluster,
+                                                            tmp_path: Path) -> None:
+    """Rule 8b from the shell: the second command under the same request number is refused
+    with exit code 3, applies nothing, and leaves that file as it was."""
+    path, other = tmp_path / "s.json", tmp_path / "other.json"
+    cluster.run("session", "open", "--session", str(path), check=True)
+    shutil.copy(path, other)
+    assert cluster.run("incr", "shared", "--session", str(path), check=True).stdout == "1\n"
+    refused = cluster.run("put", "shared", "100", "--session", str(other))
+    assert refused.returncode == exits.INVALID_INPUT
+    line = one_error_line(refused)
+    assert "request 1" in line and "another command" in line and "SERIES_REUSED" in line
+    assert read_session(other)["series_id"] == 1, "a refusal is not an answer"
+    assert cluster.run("get", "shared", check=True).stdout == "shared\n1\n"
+    cluster.run("session", "close", "--session", str(path), check=True)
+
+
 def test_an_outcome_unknown_leaves_the_session_file_for_a_safe_retry(
         cluster: Cluster, tmp_path: Path) -> None:
     path = tmp_path / "s.json"

@@ -3,14 +3,21 @@
 Hypothesis drives the real ``kvstore.StateMachine`` with what clients really do: register,
 propose, time out and retry (the same bytes: same series id, same ``responded_to``), complete
 and move on, retry long after the answer arrived, close, retry the close, opt out of dedup with a
-no-op session, and every so often the replica is replaced by one restored from a snapshot. The
-session capacity is tiny (1 to 4), so eviction is routine. A client told ``SESSION_EXPIRED``
-stops using its session, as the error asks, but its delayed entries may still reach the log.
+no-op session, and every so often the replica is replaced by one restored from a snapshot (of
+the current version, or as the build before command digests wrote it). The session capacity is
+tiny (1 to 4), so eviction is routine. A client told ``SESSION_EXPIRED`` stops using its
+session, as the error asks, but its delayed entries may still reach the log. And what clients
+do by mistake: a second client holding a copy of a session (a copied session file, a restored
+backup) proposes other commands under series ids the session has used, or takes the owner's
+next series id first; the owner, told ``SERIES_REUSED``, gives up its session too.
 
 Each step is also run through ``ReferenceModel``: a dict for the data and a plain list for the
 LRU order, written from the nine rules and "Where we deliberately differ" in
-``shared/reference/session-api.md``, not from ``kvstore/dedup.py``. Slow and obvious on purpose:
-when the two disagree, the model is the one a reader can check by eye.
+``shared/reference/session-api.md``, plus rule 8b of the README's table (a cached result answers
+only the command that produced it, unless it was restored from a version-1 snapshot), not from
+``kvstore/dedup.py``. The model compares commands as ``Op`` values, not as bytes or digests.
+Slow and obvious on purpose: when the two disagree, the model is the one a reader can check by
+eye.
 
 Claims checked after every step:
 
@@ -20,6 +27,8 @@ Claims checked after every step:
 * every result has the code and fields the model expects (``message`` is prose, not compared);
 * an answer from the cache is byte-identical to the bytes returned when the proposal was applied
   (rule 8: the log may hold a proposal many times; the client must see one answer);
+* another command under a cached series id is ``SERIES_REUSED`` and changes nothing (rule 8b);
+  each session's results have a digest exactly when the model says they do;
 * an evicted, closed or unknown session gets ``SESSION_EXPIRED`` (rule 5, and where we differ).
 
 One claim the reference leaves open, and the position taken here: a retried register of a
@@ -51,6 +60,7 @@ from kvstore import StateMachine, encode_entry, ops
 from kvstore.limits import INT64_MAX, INT64_MIN
 from kvstore.proto.log_pb2 import Code, Command, Result
 from kvstore.results import decode
+from tests.unit.old_snapshots import as_version_1
 from session import (
     NOOP_SERIES_ID,
     NOT_SESSION_MANAGED_CLIENT_ID,
@@ -224,14 +234,26 @@ class Outcome(Enum):
     EXPIRED = "rule 5: unknown session, SESSION_EXPIRED"
     ALREADY_RESPONDED = "rule 7: acknowledged series, ALREADY_RESPONDED"
     CACHED = "rule 8: answered from the cache"
+    CACHED_WITHOUT_DIGEST = "rule 8: another command, answered by a result from version 1"
+    REUSED = "rule 8b: another command under a cached series, SERIES_REUSED"
     APPLIED = "rule 9: applied and cached"
+
+
+@dataclass
+class Cached:
+    """A result the model remembers, and the command that produced it."""
+
+    answer: Expected
+    op: Op | None
+    digested: bool = True
+    """False once restored from a version-1 snapshot: then it answers any command."""
 
 
 @dataclass
 class ModelSession:
     responded_to: int = 0
     """The highest ``responded_to`` any entry of this client carried (it only moves forward)."""
-    cache: dict[int, Expected] = field(default_factory=dict)
+    cache: dict[int, Cached] = field(default_factory=dict)
 
 
 class ReferenceModel:
@@ -277,10 +299,20 @@ class ReferenceModel:
         ms.cache = {series: r for series, r in ms.cache.items() if series > ms.responded_to}
         if s.series_id <= ms.responded_to:  # rule 7; ALREADY_RESPONDED (we differ)
             return Outcome.ALREADY_RESPONDED, expect(Code.ALREADY_RESPONDED)
-        if s.series_id in ms.cache:  # rule 8
-            return Outcome.CACHED, ms.cache[s.series_id]
-        ms.cache[s.series_id] = run_op(self.data, op)  # rule 9
-        return Outcome.APPLIED, ms.cache[s.series_id]
+        if s.series_id in ms.cache:
+            cached = ms.cache[s.series_id]
+            if cached.op == op:  # rule 8
+                return Outcome.CACHED, cached.answer
+            if not cached.digested:  # rule 8, for a result that cannot tell
+                return Outcome.CACHED_WITHOUT_DIGEST, cached.answer
+            return Outcome.REUSED, expect(Code.SERIES_REUSED)  # rule 8b (ours)
+        ms.cache[s.series_id] = Cached(run_op(self.data, op), op)  # rule 9
+        return Outcome.APPLIED, ms.cache[s.series_id].answer
+
+    def forget_commands(self) -> None:
+        """A restore from a version-1 snapshot: no cached result knows its command any more."""
+        for ms in self.sessions.values():
+            ms.cache = {series: Cached(c.answer, c.op, False) for series, c in ms.cache.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,7 +394,7 @@ class SessionModelMachine(RuleBasedStateMachine):
         key = (session.client_id, session.series_id)
         if outcome is Outcome.APPLIED:
             self.applied_bytes[key] = actual
-        if outcome is Outcome.CACHED:
+        if outcome in (Outcome.CACHED, Outcome.CACHED_WITHOUT_DIGEST):
             assert actual == self.applied_bytes[key], "rule 8: a retry must get the same bytes"
         if outcome is Outcome.EXPIRED:
             assert session.client_id not in self.sm.sessions
@@ -373,8 +405,9 @@ class SessionModelMachine(RuleBasedStateMachine):
         return self.apply(session, op, encode_entry(session, command))
 
     def give_up_if_expired(self, client: Client, outcome: Outcome) -> None:
-        """SESSION_EXPIRED means "open a new session" (where we differ): this one is done."""
-        if outcome is Outcome.EXPIRED and client in self.clients:
+        """SESSION_EXPIRED means "open a new session" (where we differ): this one is done. So
+        does SERIES_REUSED: another client used this session's series id."""
+        if outcome in (Outcome.EXPIRED, Outcome.REUSED) and client in self.clients:
             self.clients.remove(client)
             self.gone.append(client)
 
@@ -499,6 +532,28 @@ class SessionModelMachine(RuleBasedStateMachine):
             session = Session(CLUSTER, NOT_SESSION_MANAGED_CLIENT_ID, series_id, responded_to)
         self.send(session, op)
 
+    # -- copies of a session (client mistakes) ----------------------------------------------
+
+    @precondition(lambda self: any(c.pending or c.completed for c in self.everyone))
+    @rule(data=st.data(), op=OPS)
+    def propose_from_a_copy_under_a_used_series(self, data: st.DataObject, op: Op) -> None:
+        """A copy of the session, as it was when the owner sent one of its proposals, proposes
+        ``op``: another command is SERIES_REUSED while the result is cached (rule 8b), the same
+        command a retry (rule 8), either ALREADY_RESPONDED once acknowledged (rule 7)."""
+        client = data.draw(st.sampled_from([c for c in self.everyone if c.pending or c.completed]))
+        used = [p for p in (client.pending, *client.completed) if p is not None]
+        proposal = data.draw(st.sampled_from(used))
+        self.send(dataclasses.replace(proposal.session), op)
+
+    @precondition(lambda self: any(c.pending is None for c in self.clients))
+    @rule(data=st.data(), op=OPS)
+    def a_copy_takes_the_next_series_first(self, data: st.DataObject, op: Op) -> None:
+        """A copy of an idle client's session proposes ``op`` under the series id the owner is
+        about to use: the copy's command applies (rule 9), and the owner's own proposal, if it
+        is another command, is SERIES_REUSED."""
+        client = data.draw(st.sampled_from([c for c in self.clients if c.pending is None]))
+        self.send(dataclasses.replace(client.session), op)
+
     # -- replicas ---------------------------------------------------------------------------
 
     @rule()
@@ -511,6 +566,17 @@ class SessionModelMachine(RuleBasedStateMachine):
         assert fresh.sessions.capacity == self.model.capacity
         assert fresh.snapshot() == image
         self.sm = fresh
+
+    @rule()
+    def continue_on_a_replica_restored_from_a_version_1_snapshot(self) -> None:
+        """The upgrade path: the same state as the build before digests wrote it restores, its
+        results answer any command until acknowledged, and new results get digests."""
+        image = as_version_1(self.sm.snapshot())
+        fresh = StateMachine(CLUSTER)
+        fresh.restore(image)
+        assert fresh.snapshot() == image, "a store restored from version 1 re-encodes exactly"
+        self.sm = fresh
+        self.model.forget_commands()
 
     # -- invariants -------------------------------------------------------------------------
 
@@ -525,18 +591,21 @@ class SessionModelMachine(RuleBasedStateMachine):
 
     @invariant()
     def cached_series_equal_model(self) -> None:
-        """Rule 6: cached answers up to responded_to are dropped, the rest kept."""
+        """Rule 6: cached answers up to responded_to are dropped, the rest kept; those whose
+        command is known have a digest (rule 9), the ones from a version-1 snapshot none."""
         for s in self.sm.sessions:
             ms = self.model.sessions[s.client_id]
             assert (s.responded_to, sorted(s.responses)) == (ms.responded_to, sorted(ms.cache))
+            digested = sorted(series for series, c in ms.cache.items() if c.digested)
+            assert sorted(s.command_digests) == digested
 
 
 MODEL_SETTINGS = settings(max_examples=200, stateful_step_count=30, deadline=None)
 
 
 def test_state_machine_follows_the_session_rules_of_the_reference_model() -> None:
-    """Thesis 6.3 and session-api.md rules 1-9, step by step; and the run must have reached
-    every rule, or a green result would prove little."""
+    """Thesis 6.3, session-api.md rules 1-9 and our rule 8b, step by step; and the run must
+    have reached every rule, or a green result would prove little."""
     OUTCOMES_SEEN.clear()
     run_state_machine_as_test(SessionModelMachine, settings=MODEL_SETTINGS)
     missing = set(Outcome) - OUTCOMES_SEEN
