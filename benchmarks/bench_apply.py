@@ -16,19 +16,28 @@ sizes. Two measurements:
    the median round of each and the ratios.
 2. ``snapshot()`` time, ``restore()`` time and snapshot size for a store of 100k keys with 100 B
    values and 4096 sessions (dragonboat's default capacity), each holding one cached response.
+
+``--baseline DIR`` instead compares the apply path of this tree's code with the code in DIR (a
+checkout of another commit: ``git worktree add --detach /tmp/base main``). Each side runs in a
+worker process of its own (``PYTHONPATH``), on the same entries; the rounds alternate between
+the two, which side goes first alternating too, and the report is each side's median and the
+median of the per-round ratios: what a change costs, measured side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from google.protobuf.internal import api_implementation
 
@@ -100,13 +109,17 @@ def time_round(workload: Workload) -> float:
     return time.thread_time() - start
 
 
-def bench_apply(args: argparse.Namespace) -> list[tuple[str, str]]:
+def all_workloads(args: argparse.Namespace) -> list[Workload]:
     value = b"v" * args.value_size
-    workloads = [
+    return [
         session_workload(args.entries, args.pool, value, args.keys),
         noop_workload(args.entries, args.pool, value, args.keys),
         retried_workload(args.entries, args.pool, value, args.keys),
     ]
+
+
+def bench_apply(args: argparse.Namespace) -> list[tuple[str, str]]:
+    workloads = all_workloads(args)
     seconds: dict[str, list[float]] = {w.name: [] for w in workloads}
     time_round(workloads[0])  # warm-up, not counted: imports, caches, allocator
     for r in range(args.rounds):
@@ -127,6 +140,72 @@ def bench_apply(args: argparse.Namespace) -> list[tuple[str, str]]:
     rows.append(("ratio each-twice / no-op",
                  f"{rate['session-managed, each twice'] / noop_rate:>10.2f}"))
     rows.append(("session cost per entry", f"{overhead_us:>10.2f} us"))
+    return rows
+
+
+def serve_rounds(args: argparse.Namespace) -> None:
+    """Worker of ``--baseline`` (``--serve``): builds the workloads with the code on its
+    ``PYTHONPATH``, then for each workload name read from stdin times one round and answers
+    with the number of entries and the CPU seconds."""
+    workloads = {w.name: w for w in all_workloads(args)}
+    time_round(next(iter(workloads.values())))  # warm-up, not counted
+    print("ready", flush=True)
+    for line in sys.stdin:
+        workload = workloads[line.strip()]
+        print(len(workload.entries), time_round(workload), flush=True)
+
+
+class Worker:
+    """A ``--serve`` process running the code of one source tree."""
+
+    def __init__(self, root: Path, args: argparse.Namespace) -> None:
+        forwarded = ["--entries", str(args.entries), "--pool", str(args.pool), "--keys",
+                     str(args.keys), "--value-size", str(args.value_size)]
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--serve", *forwarded],
+            env={**os.environ, "PYTHONPATH": str(root)},
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.requests, self.answers = self.process.stdin, self.process.stdout
+        if self.answers.readline().strip() != "ready":
+            raise RuntimeError(f"the worker for {root} did not start")
+
+    def rate(self, workload: str) -> float:
+        """Entries per CPU second of one round of ``workload``."""
+        self.requests.write(workload + "\n")
+        self.requests.flush()
+        entries, seconds = self.answers.readline().split()
+        return int(entries) / float(seconds)
+
+    def close(self) -> None:
+        self.requests.close()
+        self.process.wait(timeout=60)
+
+
+def bench_against(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """This tree's apply path against the one in ``args.baseline``, round by round."""
+    names = [w.name for w in all_workloads(argparse.Namespace(**{**vars(args), "entries": 2}))]
+    base = Worker(Path(args.baseline).resolve(), args)
+    this = Worker(Path(__file__).resolve().parents[1], args)
+    rates: dict[tuple[str, str], list[float]] = {}
+    try:
+        for r in range(args.rounds):
+            for name in names:
+                for side, worker in [("base", base), ("this", this)][:: 1 if r % 2 else -1]:
+                    rates.setdefault((side, name), []).append(worker.rate(name))
+    finally:
+        base.close()
+        this.close()
+    rows = []
+    for name in names:
+        ratios = sorted(t / b for b, t in zip(rates["base", name], rates["this", name]))
+        rows.append((f"{name}: baseline / this tree",
+                     f"{statistics.median(rates['base', name]):>10,.0f} / "
+                     f"{statistics.median(rates['this', name]):,.0f} entries/s"))
+        rows.append((f"{name}: this / baseline",
+                     f"{statistics.median(ratios):>10.3f}   (median of the rounds' ratios; "
+                     f"{ratios[0]:.3f} .. {ratios[-1]:.3f})"))
     return rows
 
 
@@ -194,12 +273,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--snapshot-keys", type=int, default=100_000)
     parser.add_argument("--snapshot-sessions", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3, help="timings per snapshot measure")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="compare the apply path with the code in DIR instead (see above)")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve:
+        serve_rounds(args)
+        return
 
     print(f"python {platform.python_version()} ({platform.machine()}), "
           f"protobuf backend {api_implementation.Type()}, "
           f"{args.rounds} rounds x {args.entries:,} entries per kind, pool of {args.pool} sessions")
     started = time.perf_counter()
+    if args.baseline:
+        print_table(f"apply path against {args.baseline} (CPU time, alternating rounds)",
+                    bench_against(args))
+        print(f"\ntotal {time.perf_counter() - started:.1f} s")
+        return
     print_table("apply path (median of rounds, CPU time)", bench_apply(args))
     print_table(f"snapshot (median of {args.repeats})", bench_snapshot(args))
     print(f"\ntotal {time.perf_counter() - started:.1f} s")
