@@ -404,7 +404,15 @@ class TestWhatIsDigested:
         stored = sm.sessions.peek(client.session.client_id)
         assert stored is not None
         assert stored.command_digest(1) == command_digest(command_bytes(entry))
-        assert len(command_digest(b"")) == COMMAND_DIGEST_SIZE == 8
+
+    def test_the_digest_is_xxh3_64_and_never_changes(self) -> None:
+        """Digests are replicated state and live in snapshots: a library whose output moved
+        would make replicas disagree. XXH3-64 of the empty input is xxHash's published value."""
+        assert command_digest(b"") == bytes.fromhex("2d06800538d394c2")
+        get_k = command_bytes(encode_entry(Session(CLUSTER, 1, 1, 0), ops.get(b"k")))
+        assert get_k == bytes.fromhex("12051a030a016b")
+        assert command_digest(get_k) == bytes.fromhex("87f20d2942553dc6")
+        assert len(command_digest(b"x" * 1000)) == COMMAND_DIGEST_SIZE == 8
 
     @pytest.mark.parametrize(
         "session",
