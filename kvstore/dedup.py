@@ -36,6 +36,7 @@ from collections.abc import Callable
 import xxhash
 
 from kvstore import results
+from kvstore.entry import command_bytes
 from kvstore.proto.log_pb2 import Code
 from kvstore.session_store import SessionStore
 from session.constants import (
@@ -71,12 +72,13 @@ def command_digest(command: bytes) -> bytes:
 
 
 def apply_with_session(
-    store: SessionStore, session: SessionPB, command: bytes, execute: Execute
+    store: SessionStore, session: SessionPB, entry: bytes, execute: Execute
 ) -> bytes:
     """Applies one committed entry from ``session``; returns the serialized result.
 
-    ``command`` is the entry's command as the log encodes it (``kvstore.entry.command_bytes``):
-    a retry repeats it byte for byte. ``execute`` is called at most once, and only when the
+    ``entry`` is the entry's canonical bytes, as the log holds them; only its command part
+    (``kvstore.entry.command_bytes``), which a retry repeats byte for byte, is digested, and
+    only for the rules that need it. ``execute`` is called at most once, and only when the
     command must take effect.
     """
     client_id, series_id = session.client_id, session.series_id
@@ -117,7 +119,7 @@ def apply_with_session(
                 f"acknowledged (responded_to={client.responded_to})",
             )
         )
-    digest = command_digest(command)
+    digest = command_digest(command_bytes(entry))
     cached = client.cached_response(series_id)
     if cached is not None:
         # 8. A retry of a proposal that was applied: answer from the cache, do not apply

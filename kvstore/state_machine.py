@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 
 from kvstore import commands, dedup, results, snapshot
-from kvstore.entry import command_bytes, decode_batch, decode_entry
+from kvstore.entry import decode_batch, decode_entry
 from kvstore.limits import DEFAULT_SESSION_CAPACITY
 from kvstore.proto.log_pb2 import Code, Command, Result
 from kvstore.session_store import SessionStore
@@ -51,7 +51,7 @@ class StateMachine:
         return dedup.apply_with_session(
             self.sessions,
             decoded.session,
-            command_bytes(entry),
+            entry,
             lambda: results.encode(commands.execute(self.data, decoded.command)),
         )
 
