@@ -25,6 +25,10 @@ cp "$session" "$session.old"                 # what a client that loses an answe
 run kv incr orders --session "$session"
 run kv incr orders --session "$session.old"  # a retry: the cached answer, applied once
 run kv get orders
+cp "$session" "$session.copy"                # a second client handed the same file (a bug)
+run kv incr orders --session "$session"
+run kv put orders 0 --session "$session.copy"  # request 2 again, another command: exit code 3
+run kv get orders                            # 2: the put was not applied
 run kv session close --session "$session"
 
 run kv cluster status
