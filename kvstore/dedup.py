@@ -13,10 +13,10 @@ every copy. The client's ``responded_to`` lets the store drop results the client
 A retry is the *same* proposal again, so the cache answers only the command that produced
 it. With each cached result the store keeps a digest of that command (XXH3-64 of the command
 as the log encodes it, computed here during apply, so every replica computes it from the same
-bytes). Another command under a cached series id is not a retry but a series id
-used twice: two clients sharing one session, or a session file restored from an old copy.
-Answering it from the cache would tell its caller that a command nobody ran succeeded, so it
-gets ``SERIES_REUSED`` instead (rule 8b), and nothing is applied or cached. Only the command is
+bytes). Another command under a cached series id is not a retry but a series id used twice:
+two clients sharing one session, or a session file restored from an old copy. Answering it
+from the cache would tell its caller that a command nobody ran succeeded, so it gets
+``SERIES_REUSED`` instead (rule 8b), and nothing is applied or cached. Only the command is
 digested: the session fields are the cache's key already (client and series id) or may differ
 between copies of one proposal without changing what it asks for (``responded_to`` says what
 the client has received, not what it wants done). TigerBeetle does the same: it refuses a
@@ -64,9 +64,9 @@ def command_digest(command: bytes) -> bytes:
     Part of the replicated state (snapshots carry it), so it must never change without a new
     snapshot format version; XXH3's output is frozen since xxHash 0.8.0, and a test pins a
     known value. Not a cryptographic hash, and it need not be (see ``COMMAND_DIGEST_SIZE``).
-    Chosen for its speed, measured on the apply path (``benchmarks/bench_apply.py``): about
-    0.1 us for a 100 B command and 35 us for 1 MiB, where BLAKE2b-64 took 0.4-0.6 us and
-    1.3-2.3 ms (3.4 times the rest of applying a 1 MiB put) and SHA-256 0.45 us and 0.6 ms.
+    Chosen for its speed on the apply path (``benchmarks/bench_digest.py``): it added 0.25 us
+    to a 9 us apply of a 100 B put and 45 us to 0.8 ms for 1 MiB; BLAKE2b-64 added 1.2 us and
+    1.36 ms (a 1 MiB put 2.7 times slower), SHA-256 1.6 us and 0.73 ms.
     """
     return xxhash.xxh3_64_digest(command)
 
