@@ -6,7 +6,10 @@ were waiting for.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -33,3 +36,67 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def flock_waiters(path: str | os.PathLike[str]) -> int:
+    """How many ``flock`` calls are blocked waiting for a lock on the file (Linux /proc/locks:
+    a waiter's line reads ``N: -> FLOCK ...``, with the file as major:minor:inode)."""
+    st = os.stat(path)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with open("/proc/locks") as locks:
+        return sum(1 for line in locks
+                   if "->" in line.split() and "FLOCK" in line.split() and inode in line.split())
+
+
+# -- what is on disk, seen from outside the process that wrote it ------------------------------
+
+_CACHESTAT = 451
+"""cachestat(2) (Linux 6.5+; the same number on every architecture): page-cache statistics of
+a file's range, among them how many of its pages are dirty (written, not yet on the disk)."""
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in
+                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+
+def dirty_pages(path: str | os.PathLike[str]) -> int:
+    """How many pages of the file are in memory only: dirty, or still being written back.
+
+    The page cache is shared: this sees what any process wrote to the file (``write`` or a
+    shared ``mmap``) and did not yet get onto the disk. Zero means a power loss now would find
+    the file's data as it reads now. (The file's size and name are metadata: not counted.)
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        whole_file, stat = _CachestatRange(0, 0), _Cachestat()
+        if libc.syscall(_CACHESTAT, fd, ctypes.byref(whole_file), ctypes.byref(stat), 0) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"cachestat({path}): {os.strerror(errno)}")
+        return int(stat.nr_dirty + stat.nr_writeback)
+    finally:
+        os.close(fd)
+
+
+def why_dirty_pages_cannot_tell(directory: str | os.PathLike[str]) -> str | None:
+    """None if ``dirty_pages`` works for files under ``directory``: a file written there shows
+    dirty pages, and none once fsynced. Otherwise the reason (an old kernel, or tmpfs, which
+    has no disk to write back to), for a test to skip with."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory) as probe:
+            probe.write(b"x" * 4096)
+            probe.flush()
+            written = dirty_pages(probe.name)
+            os.fsync(probe.fileno())
+            synced = dirty_pages(probe.name)
+    except OSError as exc:
+        return f"cachestat(2) is not available: {exc}"
+    if written == 0 or synced != 0:
+        return (f"the file system of {directory} does not show writeback in the page cache "
+                f"(dirty pages: {written} after a write, {synced} after fsync)")
+    return None

@@ -13,7 +13,12 @@ The fence wraps the transport's message callback (which runs on the tick thread)
 * follower side: an append that does not conflict is trimmed to start after our last matching
   entry; one that is entirely covered, when our last entry has the sender's term (one leader per
   term, so by log matching our whole log is the leader's), becomes a heartbeat at our last index.
-  Real conflicts pass through untouched and PySyncObj truncates, as Raft says.
+  Real conflicts pass through untouched and PySyncObj truncates, as Raft says; so does an
+  append whose ``prevLogTerm`` does not match ours (PySyncObj rejects it, as Raft says).
+
+The follower side needs no term check of its own: PySyncObj drops an append from an older term
+before it reads anything else, so what the fence makes of one changes nothing. Each rule has its
+test in ``tests/unit/test_d6_fence.py``.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ def install(syncobj: SyncObj, internals: Internals, counters: Counter[str]) -> N
             kind = message.get("type")
             if kind == "append_entries" and "prevLogIdx" in message and "transmission" not in message:
                 try:
-                    _trim_follower_append(syncobj, internals, counters, message)
+                    _trim_follower_append(internals, counters, message)
                 except Exception:
                     log.exception("d6 fence (follower) failed; message passed through unchanged")
             elif (kind == "next_node_idx" and message.get("success") and not message.get("reset")
@@ -54,9 +59,9 @@ def install(syncobj: SyncObj, internals: Internals, counters: Counter[str]) -> N
     internals.transport.setOnMessageReceivedCallback(on_message)
 
 
-def _trim_follower_append(syncobj: SyncObj, internals: Internals, counters: Counter[str],
+def _trim_follower_append(internals: Internals, counters: Counter[str],
                           message: dict[str, Any]) -> None:
-    if message["term"] < syncobj.raftCurrentTerm or message.get("prevLogIdx") is None:
+    if message.get("prevLogIdx") is None:
         return
     raft_log = internals.raft_log
     first, last = raft_log[0][1], raft_log[-1][1]

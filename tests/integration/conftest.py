@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -122,6 +124,17 @@ class Cluster:
     def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
         """Polls ``predicate`` until it returns something truthy, which is returned."""
         return support.wait_for(predicate, timeout, what)
+
+
+def read_line(stream: Any, timeout: float, what: str) -> str:
+    """The next line of a child's output, or a failure naming ``what`` after ``timeout``
+    seconds (a bare ``readline()`` would hang the run if the child never prints)."""
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: lines.put(stream.readline()), daemon=True).start()
+    try:
+        return lines.get(timeout=timeout)
+    except queue.Empty:
+        raise AssertionError(f"no line from {what} within {timeout} s") from None
 
 
 def bring_down(cluster: Cluster) -> None:

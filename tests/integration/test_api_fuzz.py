@@ -228,6 +228,7 @@ def test_the_api_survives_the_fuzzer(cluster: Cluster, client: Client) -> None:
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(1800)  # 100,000 requests: far longer than the per-test default
 def test_soak_the_api_survives_100k_fuzzed_requests(cluster: Cluster, client: Client,
                                                      request: pytest.FixtureRequest) -> None:
     # `pytest -m integration` replaces the default `-m 'not soak'` and would select this test

@@ -20,7 +20,7 @@ import pytest
 from cli import exits
 from cli.cluster_dir import ClusterDir
 from kvstore.limits import MAX_VALUE_BYTES
-from tests.integration.conftest import Cluster
+from tests.integration.conftest import COMMAND_DEADLINE, Cluster, read_line
 
 pytestmark = pytest.mark.integration
 
@@ -331,7 +331,7 @@ def test_down_keeps_the_data_and_a_foreground_up_stops_on_ctrl_c(
     foreground = single.popen("cluster", "up")
     try:
         assert foreground.stdout is not None
-        assert "is up" in foreground.stdout.readline()
+        assert "is up" in read_line(foreground.stdout, COMMAND_DEADLINE, "kv cluster up")
         assert single.pid("n1") is not None
         assert single.run("get", "durable", check=True).stdout == "durable\nyes\n"
         foreground.send_signal(signal.SIGINT)

@@ -8,8 +8,11 @@ unrelated events share a timestamp. A correct checker must call every such histo
 false alarms) and every corruption that no execution could explain invalid.
 
 ``check_register`` is also compared with ``linearizable_by_definition``, a search with none of
-its reductions, on small histories both random and slightly damaged: every reduction it makes
-is claimed to change no verdict.
+its reductions, on histories of up to three keys (checked key by key: linearizability is local),
+random and damaged, about a quarter of them not linearizable: every reduction it makes is
+claimed to change no verdict. Each kind of violation the checkers report is also planted in
+generated histories: stale and never-written reads; lost, phantom, duplicate, out-of-order and
+future list values; counters over and under, impossible and repeated increment answers.
 """
 
 from __future__ import annotations
@@ -25,10 +28,17 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from kvstore.check.counter import check_counter
-from kvstore.check.history import Op
+from kvstore.check.counter import OUT_OF_BOUNDS, REPEATED_VALUE, UNDER, check_counter
+from kvstore.check.history import Op, by_key
 from kvstore.check.linearizable import NONLINEARIZABLE, check_register
-from kvstore.check.list_append import DUPLICATE, PHANTOM, check_list_append
+from kvstore.check.list_append import (
+    DUPLICATE,
+    FUTURE,
+    LOST,
+    ORDER,
+    PHANTOM,
+    check_list_append,
+)
 
 Request = tuple[str, str, Any]  # kind, key, value
 
@@ -219,11 +229,20 @@ def linearizable_by_definition(ops: list[Op]) -> bool:
     return completes(frozenset(), None)
 
 
+def linearizable_by_definition_per_key(ops: list[Op]) -> bool:
+    """Linearizability is local (Herlihy & Wing 1990): a history of several registers is
+    linearizable exactly when each register's own history is."""
+    return all(linearizable_by_definition(key_ops) for key_ops in by_key(ops).values())
+
+
 def damage(ops: list[Op], rng: random.Random) -> None:
-    """Changes one op a little: a result, or a status between fail and unknown."""
+    """Changes one op a little: a read's result (often to a value the key held earlier: a stale
+    read), a cas's answer, or a status between fail and unknown."""
     op = rng.choice(ops)
     if op.status == "ok" and op.kind == "get":
-        op.result = rng.choice([None, "a", "b", "v1", "v3", "v5"])
+        written = [o.value if o.kind == "put" else o.value[1]
+                   for o in ops if o.key == op.key and o.kind in ("put", "cas")]
+        op.result = rng.choice([None, "a", "b", *written])
     elif op.status == "ok" and op.kind == "cas":
         op.result = not op.result
     elif op.status == "unknown":
@@ -232,16 +251,65 @@ def damage(ops: list[Op], rng: random.Random) -> None:
         op.status = "unknown"
 
 
-@settings(max_examples=400, deadline=None)
-@given(rng=st.randoms(use_true_random=False), processes=st.integers(1, 4),
-       n_ops=st.integers(1, 10), tiny=st.booleans(), damaged=st.booleans())
-def test_check_register_agrees_with_the_definition(rng: random.Random, processes: int,
-                                                    n_ops: int, tiny: bool, damaged: bool) -> None:
-    ops = simulate((TinyRegister if tiny else Register)(["x"]), rng, processes, n_ops,
+ORACLE_KEYS = ("x", "y", "z")
+ORACLE_OPS_PER_KEY = 12
+"""The brute-force oracle is exponential in the ops of one key: keep each key's history small,
+and make the whole history long by using several keys."""
+
+
+def oracle_history(rng: random.Random) -> list[Op]:
+    """A history for the oracle comparison: 1-3 keys, up to 5 processes, up to 36 ops; often
+    damaged once or more, so that a good share are not linearizable
+    (``test_the_oracle_comparison_sees_both_verdicts`` holds it to that)."""
+    keys = list(ORACLE_KEYS[:rng.randint(1, len(ORACLE_KEYS))])
+    register = (TinyRegister if rng.random() < 0.5 else Register)(keys)
+    ops = simulate(register, rng, rng.randint(1, 5), rng.randint(1, ORACLE_OPS_PER_KEY * len(keys)),
                    p_fail=0.15, p_unknown=0.3)
-    if damaged:
-        damage(ops, rng)
-    assert check_register(ops).valid == linearizable_by_definition(ops)
+    if rng.random() < 0.7:
+        for _ in range(rng.randint(1, 3)):
+            damage(ops, rng)
+    return ops
+
+
+@settings(max_examples=400, deadline=None)
+@given(rng=st.randoms(use_true_random=False))
+def test_check_register_agrees_with_the_definition(rng: random.Random) -> None:
+    ops = oracle_history(rng)
+    assert check_register(ops).valid == linearizable_by_definition_per_key(ops)
+
+
+def test_the_oracle_comparison_sees_both_verdicts() -> None:
+    """The comparison above proves little if nearly every history is valid: over 300 fixed
+    seeds, between a quarter and three quarters must be non-linearizable."""
+    verdicts = [linearizable_by_definition_per_key(oracle_history(random.Random(seed)))
+                for seed in range(300)]
+    share = verdicts.count(False) / len(verdicts)
+    assert 0.25 <= share <= 0.75, share
+
+
+def _writes_before(ops: list[Op], get: Op) -> list[Op]:
+    """The ok writes of ``get``'s key that returned before ``get`` was invoked."""
+    return [o for o in ops if o.key == get.key and o.status == "ok" and o.kind == "put"
+            and o.return_ns < get.call_ns]
+
+
+@settings(max_examples=60, deadline=None)
+@given(**longer_histories)
+def test_a_stale_read_is_not_linearizable(rng: random.Random, processes: int, n_ops: int) -> None:
+    """A read returning a value that was certainly overwritten before it was invoked: put A
+    returned, then put B was invoked and returned, then the read began; it cannot see A."""
+    ops = simulate(Register(["x", "y"]), rng, processes, n_ops)
+    candidates = []
+    for get in (op for op in ops if op.kind == "get" and op.status == "ok"):
+        before = _writes_before(ops, get)
+        candidates += [(get, old) for old in before
+                       if any(new.call_ns > old.return_ns for new in before)]
+    assume(candidates)
+    get, old = rng.choice(candidates)
+    get.result = old.value
+    result = check_register(ops)
+    assert result.outcome == "invalid"
+    assert (NONLINEARIZABLE, get.key) in [(v.kind, v.key) for v in result.violations]
 
 
 # --- list-append -------------------------------------------------------------------------------
@@ -284,6 +352,54 @@ def test_a_value_read_twice_is_a_duplicate(rng: random.Random, processes: int,
     assert DUPLICATE in {v.kind for v in check_list_append(ops).violations}
 
 
+many_ops = {**histories, "n_ops": st.integers(20, 60)}
+
+
+@settings(max_examples=60, deadline=None)
+@given(**longer_histories)
+def test_a_read_missing_an_acknowledged_append_is_lost(rng: random.Random, processes: int,
+                                                       n_ops: int) -> None:
+    """A read invoked after an append of value v returned ok, and without v."""
+    ops = simulate(ListAppend(["a", "b"]), rng, processes, n_ops)
+    candidates = [(read, append) for read in _nonempty_reads(ops) for append in ops
+                  if append.kind == "append" and append.status == "ok" and append.key == read.key
+                  and append.return_ns < read.call_ns and append.value in read.result]
+    assume(candidates)
+    read, append = rng.choice(candidates)
+    read.result.remove(append.value)
+    assert LOST in {v.kind for v in check_list_append(ops).violations}
+
+
+@settings(max_examples=60, deadline=None)
+@given(**many_ops)
+def test_two_reads_in_different_orders_are_an_order_violation(rng: random.Random,
+                                                              processes: int, n_ops: int) -> None:
+    """Two reads of one key that agree on their first two values; one of them is made to hold
+    those two the other way round: no single list has both as prefixes."""
+    ops = simulate(ListAppend(["a", "b"]), rng, processes, n_ops)
+    reads = [r for r in _nonempty_reads(ops) if len(r.result) >= 2]
+    pairs = [(r, other) for r in reads for other in reads
+             if other is not r and other.key == r.key and other.result[:2] == r.result[:2]]
+    assume(pairs)
+    read, _ = rng.choice(pairs)
+    read.result[0], read.result[1] = read.result[1], read.result[0]
+    assert ORDER in {v.kind for v in check_list_append(ops).violations}
+
+
+@settings(max_examples=60, deadline=None)
+@given(**longer_histories)
+def test_a_read_of_an_append_invoked_after_it_returned_is_from_the_future(
+        rng: random.Random, processes: int, n_ops: int) -> None:
+    ops = simulate(ListAppend(["a", "b"]), rng, processes, n_ops)
+    candidates = [(read, append) for read in ops if read.kind == "read" and read.status == "ok"
+                  for append in ops if append.kind == "append" and append.status != "fail"
+                  and append.key == read.key and append.call_ns > read.return_ns]
+    assume(candidates)
+    read, append = rng.choice(candidates)
+    read.result.append(append.value)
+    assert FUTURE in {v.kind for v in check_list_append(ops).violations}
+
+
 # --- counter -----------------------------------------------------------------------------------
 
 
@@ -304,6 +420,53 @@ def test_a_counter_beyond_every_increment_is_over(rng: random.Random, processes:
     ops = simulate(Counter(["c"]), rng, processes, n_ops)
     everything = sum(op.value for op in ops if op.status != "fail")
     assert "over" in {v.kind for v in check_counter(ops, everything + 1).violations}
+
+
+def _ok_incrs(ops: list[Op]) -> list[Op]:
+    return [op for op in ops if op.kind == "incr" and op.status == "ok"]
+
+
+@settings(max_examples=50, deadline=None)
+@given(**histories)
+def test_a_counter_short_of_its_acknowledged_increments_is_under(
+        rng: random.Random, processes: int, n_ops: int) -> None:
+    """An acknowledged increment lost: the final value below the sum of the ok deltas."""
+    ops = simulate(Counter(["c"]), rng, processes, n_ops)
+    acknowledged = sum(op.value for op in _ok_incrs(ops))
+    assume(acknowledged > 0)
+    assert UNDER in {v.kind for v in check_counter(ops, acknowledged - 1).violations}
+
+
+@settings(max_examples=60, deadline=None)
+@given(**histories, above=st.booleans())
+def test_an_impossible_answer_to_an_increment_is_out_of_bounds(
+        rng: random.Random, processes: int, n_ops: int, above: bool) -> None:
+    """An ok incr answered with more than every increment of the history adds up to, or with
+    less than its own delta (the counter starts at 0 and only grows)."""
+    counter = Counter(["c"])
+    ops = simulate(counter, rng, processes, n_ops)
+    done = _ok_incrs(ops)
+    assume(done)
+    op = rng.choice(done)
+    everything = sum(o.value for o in ops if o.status != "fail")
+    op.result = everything + 1 if above else op.value - 1
+    final = max(counter.data.get("c", 0), op.result)
+    assert OUT_OF_BOUNDS in {v.kind for v in check_counter(ops, final).violations}
+
+
+@settings(max_examples=50, deadline=None)
+@given(**longer_histories)
+def test_two_increments_answered_alike_are_a_repeated_value(
+        rng: random.Random, processes: int, n_ops: int) -> None:
+    """One increment answered with another's result (a retry answered from the wrong cache)."""
+    counter = Counter(["c"])
+    ops = simulate(counter, rng, processes, n_ops)
+    done = _ok_incrs(ops)
+    assume(len(done) >= 2)
+    first, second = rng.sample(done, 2)
+    second.result = first.result
+    kinds = {v.kind for v in check_counter(ops, counter.data["c"]).violations}
+    assert REPEATED_VALUE in kinds
 
 
 # --- performance -------------------------------------------------------------------------------
@@ -339,3 +502,11 @@ def test_a_2000_op_list_append_history_checks_quickly() -> None:
     result, seconds = _timed(lambda: check_list_append(ops))
     print(f"\ncheck_list_append, 2000 ops, 10 processes, 5 keys: valid in {seconds:.3f} s")
     assert result.valid, result.violations
+    assert seconds < 10  # a generous ceiling: the rules are O(n log n) per key, not quadratic
+
+    read = max(_nonempty_reads(ops), key=lambda op: len(op.result))
+    read.result.append(read.result[0])
+    result, seconds = _timed(lambda: check_list_append(ops))
+    print(f"  ... one read corrupted: {result.outcome} in {seconds:.3f} s")
+    assert DUPLICATE in {v.kind for v in result.violations}
+    assert seconds < 10

@@ -6,11 +6,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from cli.node_cmd import check_exposure
 from cli.settings import Settings, global_options
 from kvstore.config import ConfigError
 from session import Session
+from tests.support import flock_waiters, wait_for
 
 # -- output ----------------------------------------------------------------------------------------
 
@@ -132,7 +133,7 @@ def test_a_waiting_command_sees_the_session_its_predecessor_wrote(tmp_path: Path
         first_has_lock.set()
         waiter = threading.Thread(target=second)
         waiter.start()
-        time.sleep(0.2)  # let the waiter open the old inode and block on its lock
+        wait_for(lambda: flock_waiters(path), 5, "the second command to block on the lock")
         assert not seen
         s.proposal_completed()
         session_file.write(path, s)
@@ -350,8 +351,28 @@ def test_errors_are_one_line_with_their_exit_code(args: list[str], code: int, me
     assert err.startswith("Error: ") and message in err and err.count("\n") == 1
 
 
-def test_ctrl_c_exits_5() -> None:
-    assert exits.describe(KeyboardInterrupt()) == (exits.INTERRUPTED, "interrupted")
+def test_ctrl_c_exits_5_with_one_line(tmp_path: Path) -> None:
+    """A real ``kv`` process, interrupted while it waits for an answer, exits 5 with one line.
+    The "node" is a socket that accepts and never answers: once it accepted, the command is
+    inside its request, where a user would press Ctrl-C."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KV_")}
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(30)
+        endpoint = "127.0.0.1:%d" % silent.getsockname()[1]
+        command = subprocess.Popen(
+            [sys.executable, "-m", "cli", "--endpoints", endpoint, "--timeout", "60", "get", "k"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+        try:
+            connection, _ = silent.accept()
+            with connection:
+                command.send_signal(signal.SIGINT)
+                out, err = command.communicate(timeout=30)
+        finally:
+            command.kill()
+    assert command.returncode == exits.INTERRUPTED == 5
+    assert (out, err) == (b"", b"Error: interrupted\n")
 
 
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,7 +11,7 @@ import pytest
 from kvstore import StateMachine, encode_entry, ops, results
 from kvstore.limits import INT64_MAX, INT64_MIN, MAX_KEY_BYTES, MAX_VALUE_BYTES
 from kvstore.proto.log_pb2 import Code, Command, Result
-from session import new_noop_session
+from session import new_noop_session, new_session
 
 CLUSTER = 3
 
@@ -148,7 +148,15 @@ def test_limits_are_inclusive(sm: StateMachine) -> None:
 
 
 def test_query_reads_locally_without_touching_sessions(sm: StateMachine) -> None:
-    run(sm, ops.put(b"k", b"v"))
+    """A local read changes nothing a snapshot holds, the session store's LRU order and cached
+    results included: replicas answer reads differently, and must still evict alike."""
+    oldest, newest = new_session(CLUSTER), new_session(CLUSTER)
+    for session in (oldest, newest):  # registered in this order: ``oldest`` is evicted first
+        session.prepare_for_register()
+        sm.apply(encode_entry(session))
+        session.prepare_for_propose()
+        sm.apply(encode_entry(session, ops.put(b"k", b"v")))  # a cached result each
+    assert [s.client_id for s in sm.sessions] == [oldest.client_id, newest.client_id]
     before = sm.snapshot()
     assert sm.query(ops.get(b"k")).value == b"v"
     assert sm.query(ops.put(b"k", b"x")).code == Code.INVALID_ARGUMENT

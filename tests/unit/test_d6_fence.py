@@ -8,12 +8,8 @@ entries"), although nothing conflicts. Raft (thesis 3.5) deletes a follower's en
 conflict, and moves a leader's nextIndex back only when a follower rejects an append.
 
 How the tests drive it, deterministically: one ``RaftNode`` in this process, and the test plays
-its only peer. The peer's address is one nobody listens on and that sorts after the node's own,
-so the node never dials it (PySyncObj: only the larger address dials) and nothing arrives from
-the network. The test hands each message to the transport's message callback
-(``transport._onMessageReceivedCallback``, which ``kvstore.node.d6_fence`` wraps) on the node's
-tick thread (``RaftNode.on_tick_thread``), which is where and how PySyncObj handles a message that
-arrived on a socket. What the node answers goes nowhere (the transport has no connection).
+its only peer, message by message (``tests/unit/raft_harness.py``); what the node answers is
+recorded where it leaves for the network.
 
 Plain vs fenced: the plain node is the same ``RaftNode`` built with ``RaftOptions(d6_fence=False)``.
 The fence is the only code of ours on the message path, so that node handles messages exactly as
@@ -28,29 +24,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
-from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 
 from kvstore.node import OutcomeUnknown
-from kvstore.node.raft_node import RaftNode, RaftOptions
-from kvstore.node.timers import TimerProfile
-from kvstore.state_machine import StateMachine
-from tests import support
-from tests.support import free_port
+from tests.unit.raft_harness import LAST, Harness, append, harnesses, next_node_idx, wait_for
 
-T = TypeVar("T")
-
-NO_OP = bytes([_COMMAND_TYPE.NO_OP])
-"""A log entry PySyncObj applies as nothing: the tests are about the log, not the state."""
-FAST = TimerProfile("unit", tick_period=0.01, append_entries_period=0.05, raft_min_timeout=0.2,
-                    raft_max_timeout=0.3, leader_fallback_timeout=5.0, driven=True)
-"""The shipped (driven) tick loop with short election timeouts, so becoming leader is quick."""
-TICK_TIMEOUT = 2.0
-SETUP_DEADLINE = 5.0
-LAST = 10
-"""The follower's log holds entries 1..LAST."""
 TRUNCATION_LOG = "truncating already-applied log entries"
 
 FENCED = pytest.param(True, id="fenced")
@@ -76,114 +55,10 @@ PLAIN_HAS_D6 = pytest.param(False, id="plain", marks=pytest.mark.xfail(
     reason="D6 is present in plain PySyncObj 0.3.17: it breaks the Raft rule asserted here"))
 
 
-
-def wait_for(predicate: Callable[[], T], what: str) -> T:
-    """Polls ``predicate`` until it returns something truthy. Raises ``TimeoutError`` (not an
-    ``AssertionError``: a set-up failure must not pass for the expected D6 failure)."""
-    return support.wait_for(predicate, SETUP_DEADLINE, what, error=TimeoutError, poll=0.01)
-
-
-class Harness:
-    """A node under test and the peer the test plays."""
-
-    def __init__(self, node: RaftNode) -> None:
-        self.node = node
-        (self.peer,) = node.otherNodes
-
-    def on_tick(self, task: Callable[[], T]) -> T:
-        return self.node.on_tick_thread(task, TICK_TIMEOUT)
-
-    def receive(self, message: dict[str, Any]) -> None:
-        """The node handles ``message`` as one that came from the peer (on the tick thread)."""
-        self.on_tick(lambda: self.node.internals.transport._onMessageReceivedCallback(
-            self.peer, message))
-
-    def log(self) -> list[tuple[int, int]]:
-        """(index, term) of every entry of the node's log."""
-        return self.on_tick(lambda: [(e[1], e[2]) for e in self.node.internals.raft_log[:]])
-
-    # -- the node as a follower -----------------------------------------------------------
-
-    def follow(self, entries_term: int, commit: int) -> None:
-        """Makes the node a follower of the peer holding entries 2..LAST of ``entries_term``
-        (entry 1 is PySyncObj's initial no-op of term 0), with ``commit`` of them applied."""
-        self.receive(append(entries_term, prev=(1, 0), entries=range(2, LAST + 1), commit=commit))
-        expected = [(1, 0)] + [(i, entries_term) for i in range(2, LAST + 1)]
-        wait_for(lambda: self.log() == expected and self.node.raftLastApplied == commit,
-                 f"the follower to hold 1..{LAST} and apply up to {commit}")
-
-    # -- the node as a leader -------------------------------------------------------------
-
-    def lead(self) -> None:
-        """Makes the node leader: the peer "connects" (the transport's connected callback) and
-        votes for it in the first election it starts."""
-        self.on_tick(lambda: self.node.internals.transport._onNodeConnected(self.peer))
-
-        def vote_if_candidate() -> bool:
-            if self.node.getStatus()["state"] == _RAFT_STATE.CANDIDATE:
-                self.node.internals.transport._onMessageReceivedCallback(
-                    self.peer, {"type": "response_vote", "term": self.node.raftCurrentTerm})
-            return self.node.is_leader()
-
-        wait_for(lambda: self.on_tick(vote_if_candidate), "the node to win an election")
-
-    def leader_indexes(self) -> tuple[int, int]:
-        """The leader's (nextIndex, matchIndex) for the peer."""
-        internals = self.node.internals
-        return self.on_tick(lambda: (internals.next_index[self.peer],
-                                     internals.match_index[self.peer]))
-
-    def reply(self, message: dict[str, Any]) -> tuple[int, int]:
-        """Delivers the peer's ``message`` to the node, which must still lead; returns the
-        (nextIndex, matchIndex) right after it, before the node's next append re-sends."""
-        internals = self.node.internals
-
-        def deliver_and_read() -> tuple[int, int]:
-            if not self.node.is_leader():
-                raise RuntimeError("the node lost its leadership during the test")
-            internals.transport._onMessageReceivedCallback(self.peer, message)
-            return internals.next_index[self.peer], internals.match_index[self.peer]
-
-        return self.on_tick(deliver_and_read)
-
-
-def append(term: int, prev: tuple[int, int], entries: range, commit: int) -> dict[str, Any]:
-    """An append_entries message as a leader of ``term`` sends it: after entry ``prev`` (index,
-    term), the entries at the indexes ``entries``, all of ``term``."""
-    return {"type": "append_entries", "term": term, "commit_index": commit,
-            "prevLogIdx": prev[0], "prevLogTerm": prev[1],
-            "entries": [(NO_OP, index, term) for index in entries]}
-
-
-def next_node_idx(next_index: int, *, success: bool, reset: bool) -> dict[str, Any]:
-    """A follower's answer to an append, as PySyncObj sends it."""
-    return {"type": "next_node_idx", "next_node_idx": next_index, "success": success, "reset": reset}
-
-
 @pytest.fixture
 def make_harness(tmp_path: Path) -> Iterator[Callable[[bool], Harness]]:
-    nodes: list[RaftNode] = []
-
-    def make(fenced: bool) -> Harness:
-        port = free_port()
-        node = RaftNode(StateMachine(cluster_id=1), RaftOptions(
-            self_address=f"127.0.0.1:{port}",
-            # Sorts after the node's address, so the node never dials it; nobody listens there.
-            peers=(f"127.0.0.2:{port}",),
-            data_dir=str(tmp_path / f"node{len(nodes)}"),
-            password="d6-unit-test",
-            profile=FAST,
-            d6_fence=fenced,
-            # Plain means plain: no code of ours on the message path (our membership filter
-            # wraps it too), so the plain node is PySyncObj 0.3.17's.
-            membership_fence=fenced,
-        ))
-        nodes.append(node)
-        return Harness(node)
-
-    yield make
-    for node in nodes:
-        node.stop()
+    with harnesses(tmp_path) as make:
+        yield lambda fenced: make(fenced=fenced)
 
 
 def truncations(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -245,6 +120,95 @@ def test_a_genuine_conflict_still_truncates(make_harness: Callable[[bool], Harne
     log_after = h.log()
     with raft_rule("thesis 3.5: a conflicting entry and all that follow it are deleted"):
         assert log_after == [(1, 0)] + [(i, 1) for i in range(2, 6)] + [(6, 2), (7, 2)]
+
+
+@pytest.mark.parametrize("fenced", [FENCED, PLAIN])
+def test_a_conflict_behind_entries_the_follower_lacks_still_truncates(
+        make_harness: Callable[[bool], Harness], fenced: bool) -> None:
+    """The fence's per-entry conflict check. Raft (thesis 3.5, Figure 3.1 receiver rule 3): if
+    an existing entry conflicts with a new one (same index, different term), delete it and all
+    that follow it. A follower holding uncommitted 6..10 of term 1 gets 6..12 from a leader of
+    term 2: it must end with the leader's 6..12. Trimming the append to the entries it lacks
+    (11..12) would keep the conflicting term-1 entries 6..10 under the leader's 11..12, and break
+    Log Matching. (Sending only 6..7 would not show this: the tail-term rule passes such an
+    append through untouched.)"""
+    h = make_harness(fenced)
+    h.follow(entries_term=1, commit=5)
+
+    h.receive(append(2, prev=(5, 1), entries=range(6, LAST + 3), commit=5))
+
+    log_after = h.log()
+    with raft_rule("thesis 3.5: a conflicting entry and all that follow it are deleted"):
+        assert log_after == [(1, 0)] + [(i, 1) for i in range(2, 6)] + [
+            (i, 2) for i in range(6, LAST + 3)]
+        assert h.last_reply() == next_node_idx(LAST + 3, success=True, reset=False)
+
+
+@pytest.mark.parametrize("fenced", [FENCED, PLAIN])
+def test_an_append_whose_prev_term_does_not_match_is_rejected(
+        make_harness: Callable[[bool], Harness], fenced: bool) -> None:
+    """The fence's prevLogTerm check. Raft (Figure 3.1, AppendEntries receiver rule 2): reply
+    false if the log holds no entry at prevLogIndex whose term matches prevLogTerm, whatever
+    follows. The follower holds 2..10 of term 2; an append of term 2 after (5, term 1)
+    carrying 6..7 of term 2 (which match what it holds) must be rejected, and change nothing.
+
+    Under Log Matching an honest leader never sends this (entries 6..7 match, so entry 5
+    matches too): the check is defence in depth. Without it the fence would count 6..7 as
+    held, turn the append into a heartbeat at our last entry (tail-term rule) and answer
+    success up to 10: a log that already diverged would be vouched for instead of repaired."""
+    h = make_harness(fenced)
+    h.follow(entries_term=2, commit=LAST)
+    held = h.log()
+
+    h.receive(append(2, prev=(5, 1), entries=range(6, 8), commit=LAST))
+
+    log_after = h.log()
+    with raft_rule("Figure 3.1: reply false if the entry at prevLogIndex has another term"):
+        assert h.last_reply() == next_node_idx(5, success=False, reset=True)
+        assert log_after == held
+
+
+@pytest.mark.parametrize("fenced", [FENCED, PLAIN])
+def test_a_covered_append_from_a_newer_term_vouches_only_for_what_it_carried(
+        make_harness: Callable[[bool], Harness], fenced: bool) -> None:
+    """The fence's tail-term rule. Raft (Figure 3.1): a success reply tells the leader the
+    follower's log matches its own up to the append's last entry (the leader sets matchIndex
+    to prevLogIndex + len(entries)), no further. The follower holds 2..10 of term 1; a leader
+    of term 2 re-sends 4..5 (held, no conflict). Entries 6..10 of term 1 may be absent from
+    that leader's log, so the answer must be "up to 5". Only when our last entry carries the
+    sender's own term (one leader per term: our whole log is then its prefix) may the fence
+    answer for everything we hold, as ``test_d6_a_stale_copy_of_held_entries_deletes_nothing``
+    does at term 1; dropping the rule would answer "up to 10" here, and the leader could count
+    this follower for entries it does not hold."""
+    h = make_harness(fenced)
+    h.follow(entries_term=1, commit=5)
+
+    h.receive(append(2, prev=(3, 1), entries=range(4, 6), commit=5, entries_term=1))
+
+    with raft_rule("Figure 3.1: a success reply vouches for the append's entries, no more"):
+        assert h.last_reply() == next_node_idx(6, success=True, reset=False)
+        assert h.log()[:6] == [(1, 0)] + [(i, 1) for i in range(2, 6)]
+
+
+@pytest.mark.parametrize("fenced", [FENCED, PLAIN])
+def test_an_append_from_an_older_term_is_ignored(make_harness: Callable[[bool], Harness],
+                                                 fenced: bool) -> None:
+    """Why the fence needs no term check of its own. Raft (Figure 3.1, AppendEntries receiver
+    rule 1): reply false if term < currentTerm. PySyncObj drops such an append before it reads
+    any field (it does not even answer), so whatever the fence made of it changes nothing. The
+    follower is at term 2 holding 2..10 of term 2; a stale leader of term 1 re-sends 4..12 of
+    term 1 after entry 3, whose term conflicts: nothing may change, nothing is vouched for."""
+    h = make_harness(fenced)
+    h.follow(entries_term=2, commit=LAST)
+    held, replies = h.log(), len(h.replies())
+
+    h.receive(append(1, prev=(3, 2), entries=range(4, LAST + 3), commit=LAST, entries_term=1))
+
+    log_after = h.log()
+    with raft_rule("Figure 3.1: an append from an older term is refused"):
+        assert log_after == held
+        assert len(h.replies()) == replies
+        assert h.node.raftCurrentTerm == 2
 
 
 # -- leader side --------------------------------------------------------------------------------

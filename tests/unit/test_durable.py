@@ -1,0 +1,143 @@
+"""The durable mode (``kvstore.node.durable``): what a node vouches for is on disk when it says so.
+
+Raft (thesis 3.8, 10.2.1): a server stores its log entries, term and vote on stable storage
+before it answers a message that relies on them. Each test drives one real node message by
+message (``tests/unit/raft_harness.py``) and looks, from outside the node's code, at the files
+it wrote: ``tests.support.dirty_pages`` asks the kernel how many of a file's pages are still only
+in memory. A process crash keeps those pages; a power loss does not. (Simulating the power loss
+itself is a separate piece of work, a file system that drops what was never synced.)
+
+Each test also runs on a node without ``fsync``, marked ``xfail(strict=True, raises=NotOnDisk)``:
+there the same check must fail, and only on the durability assertions. That shows the check can
+fail, and that it is the durable mode which makes it pass.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pysyncobj.journal import MetaStorer
+
+from kvstore.node import OutcomeUnknown
+from tests.support import dirty_pages, why_dirty_pages_cannot_tell
+from tests.unit.raft_harness import LAST, Harness, append, harnesses, next_node_idx, wait_for
+
+
+class NotOnDisk(AssertionError):
+    """A durability assertion failed (see ``on_disk_rule``)."""
+
+
+@contextmanager
+def on_disk_rule(rule: str) -> Iterator[None]:
+    try:
+        yield
+    except AssertionError as exc:
+        raise NotOnDisk(f"{rule}: {exc}") from exc
+
+
+DURABLE = pytest.param(True, id="fsync")
+NOT_DURABLE = pytest.param(False, id="no-fsync", marks=pytest.mark.xfail(
+    strict=True, raises=NotOnDisk,
+    reason="without --fsync the journal and the term stay in the page cache for a while"))
+
+
+@pytest.fixture
+def make_harness(tmp_path: Path) -> Iterator[Callable[[bool], Harness]]:
+    reason = why_dirty_pages_cannot_tell(tmp_path)
+    if reason:
+        pytest.skip(reason)
+    with harnesses(tmp_path) as make:
+        yield lambda fsync: make(fsync=fsync)
+
+
+def journal(h: Harness) -> Path:
+    return Path(h.node._n_options.data_dir) / "raft.journal"
+
+
+def kind(message: Any) -> Any:
+    return message.get("type") if type(message) is dict else None
+
+
+@pytest.mark.parametrize("fsync", [DURABLE, NOT_DURABLE])
+def test_a_follower_acknowledges_only_entries_that_are_on_disk(
+        make_harness: Callable[[bool], Harness], fsync: bool) -> None:
+    """A follower's success reply makes the leader count its copy toward a commit: when the
+    reply leaves, the entries it acknowledges must be on disk (no dirty page in the journal).
+    The end-of-tick flush comes too late for that: the reply left before it."""
+    h = make_harness(fsync)
+    h.wire.probe = lambda m: dirty_pages(journal(h)) if kind(m) == "next_node_idx" else None
+
+    h.follow(entries_term=1, commit=1)
+    h.receive(append(1, prev=(LAST, 1), entries=range(LAST + 1, LAST + 3), commit=1))
+
+    acks = [(m, dirty) for m, dirty in h.wire.probed if kind(m) == "next_node_idx"]
+    assert [m["next_node_idx"] for m, _ in acks] == [LAST + 1, LAST + 3]
+    with on_disk_rule("a follower's acknowledged entries are on disk when it acknowledges"):
+        assert [dirty for _, dirty in acks] == [0, 0]
+
+
+@pytest.mark.parametrize("fsync", [DURABLE, NOT_DURABLE])
+def test_a_leader_has_its_entries_on_disk_before_it_counts_an_acknowledgement(
+        make_harness: Callable[[bool], Harness], fsync: bool) -> None:
+    """The leader counts its own copy toward every commit. Its append goes out first (the
+    followers store theirs meanwhile, thesis 10.2.1), but its journal must be on disk before
+    the tick that reads the acknowledgement, which is when PySyncObj commits."""
+    h = make_harness(fsync)
+    h.lead()  # its no-op is entry 2
+    with pytest.raises(OutcomeUnknown):
+        h.node.propose(b"entry", timeout=0.0)  # entry 3; the silent peer lets nothing commit
+    wait_for(lambda: h.on_tick(lambda: any(
+        kind(m) == "append_entries" and any(e[1] == 3 for e in m.get("entries") or [])
+        for m in h.wire.sent)), "the leader to send entry 3")
+
+    dirty_before_the_ack = h.on_tick(lambda: dirty_pages(journal(h)))
+    h.reply(next_node_idx(4, success=True, reset=False))
+    wait_for(lambda: h.node.raftCommitIndex >= 3, "entry 3 to commit")
+
+    assert h.node.counters["commit_before_flush"] == 0
+    with on_disk_rule("the leader's entries are on disk before it reads acknowledgements"):
+        assert dirty_before_the_ack == 0
+
+
+@pytest.mark.parametrize("fsync", [DURABLE, NOT_DURABLE])
+def test_term_and_vote_are_on_disk_before_the_node_asks_for_votes(
+        make_harness: Callable[[bool], Harness], fsync: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raft (thesis 3.8, Figure 3.1): currentTerm and votedFor are on stable storage before a
+    server answers or sends a message. A candidate that asked for votes, crashed and lost its
+    vote could vote again in the same term. PySyncObj writes the meta file anew and renames it
+    into place: the file's data must be on disk, and so must the rename (an fsync of the
+    directory, which only a record of the fsync calls shows: the real ones still run)."""
+    fsynced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    h = make_harness(fsync)
+    meta = str(journal(h)) + ".meta"
+
+    def at_vote_request(message: Any) -> Any:
+        if kind(message) != "request_vote":
+            return None
+        return (message["term"], MetaStorer(meta).getMeta().get("currentTerm"),
+                dirty_pages(meta), list(fsynced))
+
+    h.wire.probe = at_vote_request
+    h.lead()
+
+    requests = [seen for m, seen in h.wire.probed if kind(m) == "request_vote"]
+    assert requests, "the node never asked for votes"
+    term, stored_term, dirty, fsynced_then = requests[0]
+    assert stored_term == term
+    with on_disk_rule("term and vote are on disk before the node asks for votes"):
+        assert dirty == 0
+        assert fsynced_then[-2:] == [os.path.realpath(meta),
+                                     os.path.realpath(h.node._n_options.data_dir)]
