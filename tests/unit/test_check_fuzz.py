@@ -78,34 +78,42 @@ def client_id_zero() -> bytes:
 
 
 CASES = [
-    # (method, request bytes, what the contract says), the invalid ones first.
-    ("Propose", b"x" * (MAX_MESSAGE_BYTES + 1), OVERSIZE),
-    ("Status", b"\xff", MALFORMED),
-    ("Propose", b"\x0a\x05ab", MALFORMED),  # a length prefix past the end
-    ("Read", b"\x08", MALFORMED),  # a varint cut short
-    ("Propose", propose(registered(CLUSTER + 1), ops.put(b"k", b"v")), REFUSED),
-    ("Propose", propose(registered(), ops.put(b"k" * (MAX_KEY_BYTES + 1), b"v")), REFUSED),
-    ("Propose", propose(registered(), ops.put(b"", b"v")), REFUSED),
-    ("Propose", propose(registered(), pb.Command()), REFUSED),  # no command
-    ("Propose", responded_past_series(), REFUSED),
-    ("Propose", client_id_zero(), REFUSED),
-    ("Propose", session_op(registered()), REFUSED),  # a SessionRequest: no command
-
-    ("Read", read(ops.get(b"k"), cluster=CLUSTER + 1), REFUSED),
-    ("Read", read(ops.put(b"k", b"v")), REFUSED),  # a write sent to Read
-    ("RegisterSession", session_op(registered()), REFUSED),  # not the register series id
-    ("RegisterSession", register_request(CLUSTER + 1), REFUSED),
-    ("UnregisterSession", register_request(), REFUSED),
+    # (method, request bytes, what the contract says): the invalid ones first.
+    pytest.param("Propose", b"x" * (MAX_MESSAGE_BYTES + 1), OVERSIZE, id="oversize"),
+    pytest.param("Status", b"\xff", MALFORMED, id="undecodable-status"),
+    pytest.param("Propose", b"\x0a\x05ab", MALFORMED, id="length-past-the-end"),
+    pytest.param("Read", b"\x08", MALFORMED, id="varint-cut-short"),
+    pytest.param("Propose", propose(registered(CLUSTER + 1), ops.put(b"k", b"v")), REFUSED,
+                 id="wrong-cluster"),
+    pytest.param("Propose", propose(registered(), ops.put(b"k" * (MAX_KEY_BYTES + 1), b"v")),
+                 REFUSED, id="key-too-long"),
+    pytest.param("Propose", propose(registered(), ops.put(b"", b"v")), REFUSED, id="empty-key"),
+    pytest.param("Propose", propose(registered(), pb.Command()), REFUSED, id="no-command"),
+    pytest.param("Propose", responded_past_series(), REFUSED, id="responded-past-series"),
+    pytest.param("Propose", client_id_zero(), REFUSED, id="client-id-zero"),
+    pytest.param("Propose", session_op(registered()), REFUSED, id="session-request-as-proposal"),
+    pytest.param("Read", read(ops.get(b"k"), cluster=CLUSTER + 1), REFUSED,
+                 id="read-wrong-cluster"),
+    pytest.param("Read", read(ops.put(b"k", b"v")), REFUSED, id="write-sent-to-read"),
+    pytest.param("RegisterSession", session_op(registered()), REFUSED,
+                 id="register-without-its-series-id"),
+    pytest.param("RegisterSession", register_request(CLUSTER + 1), REFUSED,
+                 id="register-wrong-cluster"),
+    pytest.param("UnregisterSession", register_request(), REFUSED,
+                 id="unregister-with-the-register-series-id"),
     # Valid requests.
-    ("Status", b"", HARMLESS),
-    ("Read", read(ops.get(b"k"), consistency=api_pb2.SERIALIZABLE), HARMLESS),
-    ("Read", read(ops.get(b"k")), MAY_APPLY),
-    ("Propose", propose(registered(), ops.put(b"k", b"v")), MAY_APPLY),
-    ("Propose", propose(new_noop_session(CLUSTER), ops.incr(b"n")), MAY_APPLY),
+    pytest.param("Status", b"", HARMLESS, id="status"),
+    pytest.param("Read", read(ops.get(b"k"), consistency=api_pb2.SERIALIZABLE), HARMLESS,
+                 id="serializable-read"),
+    pytest.param("Read", read(ops.get(b"k")), MAY_APPLY, id="linearizable-read"),
+    pytest.param("Propose", propose(registered(), ops.put(b"k", b"v")), MAY_APPLY, id="proposal"),
+    pytest.param("Propose", propose(new_noop_session(CLUSTER), ops.incr(b"n")), MAY_APPLY,
+                 id="noop-proposal"),
     # Registration is the state machine's to judge (SESSION_EXPIRED), not the contract's.
-    ("Propose", propose(new_session(CLUSTER), ops.put(b"k", b"v")), MAY_APPLY),
-    ("RegisterSession", register_request(), MAY_APPLY),
-    ("UnregisterSession", unregister_request(), MAY_APPLY),
+    pytest.param("Propose", propose(new_session(CLUSTER), ops.put(b"k", b"v")), MAY_APPLY,
+                 id="unregistered-proposal"),
+    pytest.param("RegisterSession", register_request(), MAY_APPLY, id="register"),
+    pytest.param("UnregisterSession", unregister_request(), MAY_APPLY, id="unregister"),
 ]
 
 

@@ -362,7 +362,8 @@ def test_ctrl_c_exits_5_with_one_line(tmp_path: Path) -> None:
         silent.settimeout(30)
         endpoint = "127.0.0.1:%d" % silent.getsockname()[1]
         command = subprocess.Popen(
-            [sys.executable, "-m", "cli", "--endpoints", endpoint, "--timeout", "60", "get", "k"],
+            [sys.executable, "-m", "cli", "--endpoints", endpoint, "--timeout", "60",
+             "--dial-timeout", "60", "get", "k"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
         try:
             connection, _ = silent.accept()
@@ -371,8 +372,8 @@ def test_ctrl_c_exits_5_with_one_line(tmp_path: Path) -> None:
                 out, err = command.communicate(timeout=30)
         finally:
             command.kill()
-    assert command.returncode == exits.INTERRUPTED == 5
-    assert (out, err) == (b"", b"Error: interrupted\n")
+    assert (command.returncode, out, err) == (exits.INTERRUPTED, b"", b"Error: interrupted\n")
+    assert exits.INTERRUPTED == 5
 
 
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,188 @@
+"""``make mutate``: mutation testing of the safety modules, and the record of what survives.
+
+A safety rule that no test defends will break. mutmut changes the modules listed under
+``[tool.mutmut] only_mutate`` in ``pyproject.toml`` one small edit at a time (a ``<`` for a
+``<=``, a ``return`` of ``None``, a deleted call...) and runs the unit tests that reach the
+changed function against each such *mutant*. A mutant the tests fail on is killed; one they pass
+on *survived*: a rule of ours that no test would miss.
+
+Every survivor must be killed by a new test, or listed in ``survivors.toml`` beside this file
+with the reason no test can kill it (an equivalent mutant: it behaves exactly like the original,
+or differs only where nothing can observe it here). This script runs mutmut from scratch, then
+compares: a survivor the file does not list fails the run (it is added to the file marked
+``UNEXPLAINED``, for its author to kill or explain), and an entry whose mutant no longer survives
+is removed. So the committed file always says exactly what survives and why.
+
+A mutant is named in the file by its module, its function and the lines it changes (compared
+without indentation), not by mutmut's numbers, which shift whenever a function changes.
+
+    python tests/mutation/run.py [--max-children N]     # what `make mutate` runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SURVIVORS = Path(__file__).with_name("survivors.toml")
+UNEXPLAINED = "UNEXPLAINED: kill this mutant with a test, or say why no test can."
+KILLED = frozenset({"killed", "timeout", "segfault", "caught by type check"})
+"""mutmut's verdicts that mean the tests noticed (a crash or a hang counts: the test run failed)."""
+HEADER = """\
+# Mutants of the safety modules that survive the unit tests, and why no test can kill them.
+# Kept current by `make mutate` (tests/mutation/run.py): a survivor missing here fails the run
+# and is added with the reason UNEXPLAINED; an entry whose mutant no longer survives is
+# removed. `change` is what the mutant changes (lines without their indentation).
+"""
+
+
+@dataclass(frozen=True)
+class Mutant:
+    file: str
+    function: str
+    change: str
+
+    def key(self) -> tuple[str, str, str]:
+        return self.file, self.function, self.change
+
+
+@dataclass
+class Outcome:
+    statuses: Counter[str]
+    survivors: list[tuple[str, Mutant, str]]
+    """(mutmut's name, the mutant, its status) for each mutant the tests did not notice."""
+
+
+def run_mutmut(max_children: int) -> None:
+    shutil.rmtree(ROOT / "mutants", ignore_errors=True)  # from scratch: no stale verdicts
+    mutmut = Path(sys.executable).with_name("mutmut")
+    done = subprocess.run([str(mutmut), "run", "--max-children", str(max_children)], cwd=ROOT,
+                          check=False)
+    if done.returncode != 0:
+        sys.exit(f"make mutate: mutmut run exited {done.returncode}")
+
+
+def change_of(diff: str) -> str:
+    """The lines a mutant removes and adds, without indentation."""
+    lines = []
+    for line in diff.splitlines():
+        if line.startswith(("---", "+++")) or not line.startswith(("-", "+")):
+            continue
+        lines.append(f"{line[0]} {line[1:].strip()}".rstrip())
+    return "\n".join(lines)
+
+
+def collect() -> Outcome:
+    """mutmut's verdicts, read back through its own API (pinned in the ``mutate`` extra)."""
+    from mutmut.configuration import config
+    from mutmut.mutation.data import SourceFileMutationData
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+    from mutmut.stats import status_by_exit_code
+    from mutmut.utils.file_utils import walk_mutatable_files
+    from mutmut.utils.format_utils import orig_function_and_class_names_from_key
+
+    config()  # reads [tool.mutmut] from the current directory
+    statuses: Counter[str] = Counter()
+    survivors = []
+    for path in sorted(walk_mutatable_files()):
+        data = SourceFileMutationData(path=path)
+        data.load()
+        for name, exit_code in sorted(data.exit_code_by_key.items()):
+            status = status_by_exit_code[exit_code]
+            statuses[status] += 1
+            if status in KILLED:
+                continue
+            function, cls = orig_function_and_class_names_from_key(name)
+            mutant = Mutant(str(path), f"{cls}.{function}" if cls else function,
+                            change_of(get_diff_for_mutant(name, path=path)))
+            survivors.append((name, mutant, status))
+    return Outcome(statuses, survivors)
+
+
+def load_explanations() -> list[tuple[Mutant, str]]:
+    if not SURVIVORS.exists():
+        return []
+    entries = tomllib.loads(SURVIVORS.read_text()).get("survivor", [])
+    return [(Mutant(e["file"], e["function"], e["change"].strip("\n")), e["reason"].strip("\n"))
+            for e in entries]
+
+
+def _literal(text: str) -> str:
+    if "'''" in text:
+        raise ValueError(f"cannot write ''' in a literal string: {text!r}")
+    return f"'''\n{text}\n'''"
+
+
+def save_explanations(entries: list[tuple[Mutant, str]]) -> None:
+    blocks = [HEADER]
+    for mutant, reason in sorted(entries, key=lambda e: e[0].key()):
+        blocks.append("\n".join([
+            "[[survivor]]",
+            f'file = "{mutant.file}"',
+            f'function = "{mutant.function}"',
+            f"change = {_literal(mutant.change)}",
+            f"reason = {_literal(reason)}",
+        ]))
+    SURVIVORS.write_text("\n\n".join(blocks) + "\n")
+
+
+def reconcile(outcome: Outcome) -> tuple[list[tuple[Mutant, str]], list[tuple[str, Mutant]],
+                                         list[Mutant]]:
+    """The file's new entries, the survivors without a reason, and the entries now stale."""
+    explained: dict[tuple[str, str, str], list[str]] = {}
+    for mutant, reason in load_explanations():
+        explained.setdefault(mutant.key(), []).append(reason)
+    kept, unexplained = [], []
+    for name, mutant, _ in outcome.survivors:
+        reasons = explained.get(mutant.key())
+        reason = reasons.pop(0) if reasons else UNEXPLAINED
+        kept.append((mutant, reason))
+        if reason == UNEXPLAINED:
+            unexplained.append((name, mutant))
+    stale = [Mutant(*key) for key, reasons in explained.items() for _ in reasons]
+    return kept, unexplained, stale
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)
+    started = time.monotonic()
+    run_mutmut(args.max_children)
+    outcome = collect()
+    kept, unexplained, stale = reconcile(outcome)
+    save_explanations(kept)
+    minutes, seconds = divmod(round(time.monotonic() - started), 60)
+
+    total = sum(outcome.statuses.values())
+    print(f"\nmake mutate: {total} mutants in {minutes} min {seconds:02d} s: "
+          + ", ".join(f"{n} {status}" for status, n in outcome.statuses.most_common()))
+    print(f"  survivors explained in {SURVIVORS.relative_to(ROOT)}: "
+          f"{len(kept) - len(unexplained)}")
+    for mutant in stale:
+        print(f"  no longer survives, removed from the file: {mutant.file} {mutant.function}: "
+              f"{mutant.change!r}")
+    for name, mutant in unexplained:
+        print(f"\nUNEXPLAINED survivor {name} ({mutant.file}, {mutant.function}):\n"
+              + "\n".join("    " + line for line in mutant.change.splitlines()))
+    if unexplained:
+        print(f"\nmake mutate: {len(unexplained)} unexplained survivors: kill each with a test, "
+              f"or give the reason no test can in {SURVIVORS.relative_to(ROOT)} "
+              "(`mutmut show NAME` shows the whole mutant).")
+        return 1
+    print("make mutate: every survivor is explained")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
