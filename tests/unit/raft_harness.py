@@ -14,11 +14,12 @@ Used by ``test_d6_fence.py`` (the D6 fence) and ``test_durable.py`` (the durable
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pysyncobj.pickle as pysyncobj_pickle
 from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 from pysyncobj.tcp_connection import CONNECTION_STATE
 
@@ -111,6 +112,20 @@ class Harness:
         wait_for(lambda: self.log() == expected and self.node.raftLastApplied == commit,
                  f"the follower to hold 1..{LAST} and apply up to {commit}")
 
+    def follow_in_two_terms(self, commit: int) -> None:
+        """Like ``follow(1, commit)``, then a leader of term 2 replaces entry LAST: the
+        follower holds 2..LAST-1 of term 1 and LAST of term 2 (``commit`` < LAST)."""
+        self.follow(entries_term=1, commit=commit)
+        self.receive(append(2, prev=(LAST - 1, 1), entries=[LAST], commit=commit))
+        expected = [(1, 0)] + [(i, 1) for i in range(2, LAST)] + [(LAST, 2)]
+        wait_for(lambda: self.log() == expected, f"the follower to hold 2..{LAST - 1} of term 1 "
+                 f"and {LAST} of term 2")
+
+    def fence_counts(self) -> dict[str, int]:
+        """What the D6 fence says it did (``RaftNode.counters``, the ``d6_`` ones)."""
+        return self.on_tick(lambda: {k: v for k, v in self.node.counters.items()
+                                     if k.startswith("d6_") and v})
+
     # -- the node as a leader -------------------------------------------------------------
 
     def lead(self) -> None:
@@ -146,15 +161,28 @@ class Harness:
         return self.on_tick(deliver_and_read)
 
 
-def append(term: int, prev: tuple[int, int], entries: range, commit: int, *,
-           entries_term: int | None = None) -> dict[str, Any]:
+def append(term: int, prev: tuple[int, int], entries: Iterable[int] | Iterable[tuple[int, int]],
+           commit: int, *, entries_term: int | None = None) -> dict[str, Any]:
     """An append_entries message as a leader of ``term`` sends it: after entry ``prev`` (index,
     term), the entries at the indexes ``entries``, all of ``entries_term`` (default: ``term``;
-    a leader re-sends older entries with the terms they were made in)."""
+    a leader re-sends older entries with the terms they were made in), or given as (index,
+    term) pairs."""
     made_in = term if entries_term is None else entries_term
+    made = [e if isinstance(e, tuple) else (e, made_in) for e in entries]
     return {"type": "append_entries", "term": term, "commit_index": commit,
             "prevLogIdx": prev[0], "prevLogTerm": prev[1],
-            "entries": [(NO_OP, index, made_in) for index in entries]}
+            "entries": [(NO_OP, index, t) for index, t in made]}
+
+
+def transmission(term: int, prev: tuple[int, int], entry: tuple[int, int], commit: int
+                 ) -> list[dict[str, Any]]:
+    """How PySyncObj's leader sends one entry too large for an append: the pickled entry in
+    chunks, each an append_entries with ``transmission`` start, process..., finish."""
+    data = pysyncobj_pickle.dumps((NO_OP, *entry))
+    chunks = [data[:len(data) // 2], data[len(data) // 2:]]
+    return [{"type": "append_entries", "term": term, "commit_index": commit,
+             "prevLogIdx": prev[0], "prevLogTerm": prev[1], "transmission": stage, "data": chunk}
+            for stage, chunk in zip(("start", "finish"), chunks, strict=True)]
 
 
 def next_node_idx(next_index: int, *, success: bool, reset: bool) -> dict[str, Any]:

@@ -24,13 +24,23 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kvstore.node import OutcomeUnknown
-from tests.unit.raft_harness import LAST, Harness, append, harnesses, next_node_idx, wait_for
+from tests.unit.raft_harness import (
+    LAST,
+    Harness,
+    append,
+    harnesses,
+    next_node_idx,
+    transmission,
+    wait_for,
+)
 
 TRUNCATION_LOG = "truncating already-applied log entries"
+FENCE_LOGGER = "kvstore.node.d6"
 
 FENCED = pytest.param(True, id="fenced")
 PLAIN = pytest.param(False, id="plain")
@@ -61,6 +71,15 @@ def make_harness(tmp_path: Path) -> Iterator[Callable[[bool], Harness]]:
         yield lambda fenced: make(fenced=fenced)
 
 
+@pytest.fixture(autouse=True)
+def the_fence_never_fails(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """No message of any test makes the fence itself raise (it would log and pass the message
+    on unchanged, which hides a bug: see ``test_if_the_fence_fails_the_message_passes_unchanged``)."""
+    yield
+    failures = [r.getMessage() for r in caplog.get_records("call") if r.name == FENCE_LOGGER]
+    assert not failures
+
+
 def truncations(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if TRUNCATION_LOG in r.getMessage()]
 
@@ -80,12 +99,16 @@ def test_d6_a_stale_copy_of_held_entries_deletes_nothing(
     h.follow(entries_term=1, commit=LAST)
     held = h.log()
 
-    h.receive(append(1, prev=(3, 1), entries=range(4, 6), commit=LAST))
+    for _ in range(2):  # the same stale copy, twice
+        h.receive(append(1, prev=(3, 1), entries=range(4, 6), commit=LAST))
 
     log_after = h.log()
     with raft_rule("thesis 3.5: a follower deletes entries only at a conflict"):
         assert log_after == held
         assert not truncations(caplog)
+    # The fence answers for its whole log: the leader's own term is its last entry's.
+    assert h.last_reply() == next_node_idx(LAST + 1, success=True, reset=False)
+    assert h.fence_counts() == {"d6_follower_tail_kept": 2}
 
 
 @pytest.mark.parametrize("fenced", [FENCED, PLAIN_HAS_D6])
@@ -99,11 +122,14 @@ def test_d6_a_stale_copy_with_new_entries_appends_them_and_deletes_nothing(
     h.follow(entries_term=1, commit=LAST)
 
     h.receive(append(1, prev=(3, 1), entries=range(4, LAST + 3), commit=LAST))
+    h.receive(append(1, prev=(3, 1), entries=range(4, LAST + 5), commit=LAST))
 
     log_after = h.log()
     with raft_rule("thesis 3.5: a follower deletes entries only at a conflict"):
-        assert log_after == [(1, 0)] + [(i, 1) for i in range(2, LAST + 3)]
+        assert log_after == [(1, 0)] + [(i, 1) for i in range(2, LAST + 5)]
         assert not truncations(caplog), "applied entries were deleted (and written again)"
+    assert h.last_reply() == next_node_idx(LAST + 5, success=True, reset=False)
+    assert h.fence_counts() == {"d6_follower_trimmed": 2}
 
 
 @pytest.mark.parametrize("fenced", [FENCED, PLAIN])
@@ -120,6 +146,7 @@ def test_a_genuine_conflict_still_truncates(make_harness: Callable[[bool], Harne
     log_after = h.log()
     with raft_rule("thesis 3.5: a conflicting entry and all that follow it are deleted"):
         assert log_after == [(1, 0)] + [(i, 1) for i in range(2, 6)] + [(6, 2), (7, 2)]
+    assert h.fence_counts() == {}  # a conflict is PySyncObj's to handle
 
 
 @pytest.mark.parametrize("fenced", [FENCED, PLAIN])
@@ -183,11 +210,13 @@ def test_a_covered_append_from_a_newer_term_vouches_only_for_what_it_carried(
     h = make_harness(fenced)
     h.follow(entries_term=1, commit=5)
 
-    h.receive(append(2, prev=(3, 1), entries=range(4, 6), commit=5, entries_term=1))
+    for _ in range(2):
+        h.receive(append(2, prev=(3, 1), entries=range(4, 6), commit=5, entries_term=1))
 
     with raft_rule("Figure 3.1: a success reply vouches for the append's entries, no more"):
-        assert h.last_reply() == next_node_idx(6, success=True, reset=False)
+        assert h.replies()[-2:] == [next_node_idx(6, success=True, reset=False)] * 2
         assert h.log()[:6] == [(1, 0)] + [(i, 1) for i in range(2, 6)]
+    assert h.fence_counts() == ({"d6_follower_passthrough": 2} if fenced else {})
 
 
 @pytest.mark.parametrize("fenced", [FENCED, PLAIN])
@@ -209,6 +238,148 @@ def test_an_append_from_an_older_term_is_ignored(make_harness: Callable[[bool], 
         assert log_after == held
         assert len(h.replies()) == replies
         assert h.node.raftCurrentTerm == 2
+
+
+@pytest.mark.parametrize("fenced", [FENCED, PLAIN_HAS_D6])
+def test_d6_a_stale_copy_in_a_log_of_two_terms_deletes_nothing(
+        make_harness: Callable[[bool], Harness], fenced: bool,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """D6 as above, on a log whose last entry has a newer term than the rest: the follower holds
+    2..9 of term 1 and 10 of term 2; the leader of term 2 re-sends 9 (term 1) after 8. Nothing
+    conflicts, so nothing may go; the follower answers for everything it holds (its last entry
+    is the leader's term), which only a match on entry 8's own term and entry 10's allows."""
+    h = make_harness(fenced)
+    h.follow_in_two_terms(commit=5)
+    held = h.log()
+
+    h.receive(append(2, prev=(LAST - 2, 1), entries=[(LAST - 1, 1)], commit=5))
+
+    log_after = h.log()
+    with raft_rule("thesis 3.5: a follower deletes entries only at a conflict"):
+        assert log_after == held
+    assert h.last_reply() == next_node_idx(LAST + 1, success=True, reset=False)
+    assert h.fence_counts() == {"d6_follower_tail_kept": 1}
+
+
+@pytest.mark.parametrize("fenced", [FENCED, PLAIN_HAS_D6])
+def test_d6_new_entries_after_a_stale_copy_in_two_terms_follow_the_newest(
+        make_harness: Callable[[bool], Harness], fenced: bool,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The trimmed append must carry our last entry's term as its prevLogTerm: the follower
+    holds 2..9 of term 1 and 10 of term 2; an append after 5 carrying 6..9 (term 1), 10 and 11
+    (term 2) adds 11 and deletes nothing (plain PySyncObj deletes 6..10, applied, and writes
+    them again)."""
+    h = make_harness(fenced)
+    h.follow_in_two_terms(commit=LAST - 1)
+
+    entries = [(i, 1) for i in range(6, LAST)] + [(LAST, 2), (LAST + 1, 2)]
+    h.receive(append(2, prev=(5, 1), entries=entries, commit=LAST - 1))
+
+    log_after = h.log()
+    with raft_rule("thesis 3.5: a follower deletes entries only at a conflict"):
+        assert log_after == [(1, 0)] + [(i, 1) for i in range(2, LAST)] + [(LAST, 2), (LAST + 1, 2)]
+        assert not truncations(caplog)
+    assert h.last_reply() == next_node_idx(LAST + 2, success=True, reset=False)
+    assert h.fence_counts() == {"d6_follower_trimmed": 1}
+
+
+@pytest.mark.parametrize("fenced", [FENCED, PLAIN_HAS_D6])
+def test_d6_a_stale_copy_from_the_first_entry_deletes_nothing(
+        make_harness: Callable[[bool], Harness], fenced: bool,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The fence covers a re-send from the very first entry of the log (prevLogIdx 1, the
+    initial no-op), not only from later ones."""
+    h = make_harness(fenced)
+    h.follow(entries_term=1, commit=LAST)
+    held = h.log()
+
+    h.receive(append(1, prev=(1, 0), entries=range(2, 6), commit=LAST))
+
+    log_after = h.log()
+    with raft_rule("thesis 3.5: a follower deletes entries only at a conflict"):
+        assert log_after == held
+        assert not truncations(caplog)
+
+
+@pytest.mark.parametrize("fenced", [FENCED, PLAIN])
+def test_a_conflict_at_the_followers_last_entry_still_truncates(
+        make_harness: Callable[[bool], Harness], fenced: bool) -> None:
+    """The conflict check starts at the first entry of the append: the follower holds 2..10 of
+    term 1; a leader of term 2 sends 10 and 11 of term 2 after 9. Entry 10 conflicts, so it goes
+    and the leader's 10..11 take its place (the fence must not take 10 for held and send only
+    11 on top of our conflicting 10)."""
+    h = make_harness(fenced)
+    h.follow(entries_term=1, commit=5)
+
+    h.receive(append(2, prev=(LAST - 1, 1), entries=range(LAST, LAST + 2), commit=5))
+
+    log_after = h.log()
+    with raft_rule("thesis 3.5: a conflicting entry and all that follow it are deleted"):
+        assert log_after == [(1, 0)] + [(i, 1) for i in range(2, LAST)] + [(LAST, 2), (LAST + 1, 2)]
+    assert h.fence_counts() == {}
+
+
+@pytest.mark.parametrize("fenced", [FENCED, PLAIN])
+def test_appends_at_and_past_the_end_of_the_log_are_pysyncobjs(
+        make_harness: Callable[[bool], Harness], fenced: bool) -> None:
+    """The fence only handles appends that start inside the follower's log. One right after its
+    last entry is a plain append; one past it (a gap) is rejected, PySyncObj asking for what
+    follows its last entry (Figure 3.1: reply false if the log has no entry at prevLogIndex)."""
+    h = make_harness(fenced)
+    h.follow(entries_term=1, commit=LAST)
+
+    h.receive(append(1, prev=(LAST + 2, 1), entries=range(LAST + 3, LAST + 4), commit=LAST))
+    gap_reply = h.last_reply()
+    h.receive(append(1, prev=(LAST, 1), entries=range(LAST + 1, LAST + 3), commit=LAST))
+
+    assert gap_reply == next_node_idx(LAST + 1, success=False, reset=True)
+    assert h.log() == [(1, 0)] + [(i, 1) for i in range(2, LAST + 3)]
+    assert h.last_reply() == next_node_idx(LAST + 3, success=True, reset=False)
+    assert h.fence_counts() == {}
+
+
+@pytest.mark.parametrize("fenced", [FENCED, PLAIN])
+def test_a_transmitted_entry_is_left_to_pysyncobj(make_harness: Callable[[bool], Harness],
+                                                  fenced: bool) -> None:
+    """An entry too large for one append is sent in chunks (``transmission`` start...finish)
+    that carry no ``entries``; the fence leaves them alone, so the entry lands at its own index
+    after prevLogIdx. (Trimmed like an append, the last chunk would put it after our last
+    entry instead, out of order.) The fence does not protect this path from D6: PySyncObj
+    truncates after prevLogIdx, as it does for every append without the fence."""
+    h = make_harness(fenced)
+    h.follow(entries_term=1, commit=LAST)
+
+    for chunk in transmission(1, prev=(3, 1), entry=(4, 1), commit=LAST):
+        h.receive(chunk)
+
+    assert h.log() == [(1, 0)] + [(i, 1) for i in range(2, 5)]
+    assert h.last_reply() == next_node_idx(5, success=True, reset=False)
+    assert h.fence_counts() == {}
+
+
+def test_if_the_fence_fails_the_message_passes_unchanged(
+        make_harness: Callable[[bool], Harness], caplog: pytest.LogCaptureFixture) -> None:
+    """The fence runs inside PySyncObj's message handling: if it raises, the message must still
+    reach PySyncObj unchanged (a lost append would stall the follower), and the failure is
+    logged. Made to fail here by handing it a log it cannot read (PySyncObj keeps its own)."""
+    h = make_harness(True)
+    h.follow(entries_term=1, commit=5)
+
+    class Unreadable:
+        def __getitem__(self, index: object) -> Any:
+            raise RuntimeError("unreadable log")
+
+    readable, h.node.internals.raft_log = h.node.internals.raft_log, Unreadable()
+    try:
+        h.receive(append(2, prev=(5, 1), entries=range(6, 8), commit=5))
+    finally:
+        h.node.internals.raft_log = readable
+
+    assert h.log() == [(1, 0)] + [(i, 1) for i in range(2, 6)] + [(6, 2), (7, 2)]
+    failures = [r for r in caplog.get_records("call") if r.name == FENCE_LOGGER]
+    assert [(r.getMessage(), r.exc_info is not None) for r in failures] == [
+        ("d6 fence (follower) failed; message passed through unchanged", True)]
+    caplog.clear()  # expected here: the autouse check is for every other test
 
 
 # -- leader side --------------------------------------------------------------------------------
@@ -241,10 +412,30 @@ def test_d6_a_success_reply_to_an_older_append_does_not_move_next_index_back(
     last = lead_with_pipelined_appends(h)
 
     next_index, match_index = h.reply(next_node_idx(3, success=True, reset=False))
+    again = h.reply(next_node_idx(4, success=True, reset=False))  # and to the next one
 
     with raft_rule("Figure 3.1: nextIndex moves back only when a follower rejects an append"):
         assert match_index == 2
         assert next_index == last + 1, "a success reply moved nextIndex back"
+        assert again == (last + 1, 3)
+    assert h.fence_counts() == {"d6_leader_next_index_kept": 2}
+
+
+@pytest.mark.parametrize("fenced", [FENCED, PLAIN])
+def test_a_success_reply_still_moves_next_index_forward(make_harness: Callable[[bool], Harness],
+                                                        fenced: bool) -> None:
+    """The fence holds nextIndex back from moving back, never from moving on. Raft (Figure
+    3.1): after a rejection the leader retries from an earlier entry; the follower's success
+    reply to that retry moves nextIndex and matchIndex forward to what it now holds."""
+    h = make_harness(fenced)
+    last = lead_with_pipelined_appends(h)
+    assert h.reply(next_node_idx(3, success=False, reset=True)) == (3, 0)
+
+    next_index, match_index = h.reply(next_node_idx(last + 1, success=True, reset=False))
+
+    with raft_rule("Figure 3.1: a success reply moves matchIndex and nextIndex forward"):
+        assert (next_index, match_index) == (last + 1, last)
+    assert h.fence_counts() == {}
 
 
 @pytest.mark.parametrize("fenced", [FENCED, PLAIN])

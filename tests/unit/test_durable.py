@@ -47,6 +47,21 @@ NOT_DURABLE = pytest.param(False, id="no-fsync", marks=pytest.mark.xfail(
 
 
 @pytest.fixture
+def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The path of every file or directory ``os.fsync`` is called on, in order (a record of
+    the calls: the real fsync still runs)."""
+    calls: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        calls.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return calls
+
+
+@pytest.fixture
 def make_harness(tmp_path: Path) -> Iterator[Callable[[bool], Harness]]:
     reason = why_dirty_pages_cannot_tell(tmp_path)
     if reason:
@@ -106,28 +121,20 @@ def test_a_leader_has_its_entries_on_disk_before_it_counts_an_acknowledgement(
 
 @pytest.mark.parametrize("fsync", [DURABLE, NOT_DURABLE])
 def test_term_and_vote_are_on_disk_before_the_node_asks_for_votes(
-        make_harness: Callable[[bool], Harness], fsync: bool,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        make_harness: Callable[[bool], Harness], fsync: bool, fsynced: list[str]) -> None:
     """Raft (thesis 3.8, Figure 3.1): currentTerm and votedFor are on stable storage before a
     server answers or sends a message. A candidate that asked for votes, crashed and lost its
     vote could vote again in the same term. PySyncObj writes the meta file anew and renames it
     into place: the file's data must be on disk, and so must the rename (an fsync of the
-    directory, which only a record of the fsync calls shows: the real ones still run)."""
-    fsynced: list[str] = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    directory, which only a record of the fsync calls shows)."""
     h = make_harness(fsync)
     meta = str(journal(h)) + ".meta"
 
     def at_vote_request(message: Any) -> Any:
         if kind(message) != "request_vote":
             return None
-        return (message["term"], MetaStorer(meta).getMeta().get("currentTerm"),
+        stored = MetaStorer(meta).getMeta()
+        return (message["term"], stored.get("currentTerm"), stored.get("votedForNodeId"),
                 dirty_pages(meta), list(fsynced))
 
     h.wire.probe = at_vote_request
@@ -135,9 +142,52 @@ def test_term_and_vote_are_on_disk_before_the_node_asks_for_votes(
 
     requests = [seen for m, seen in h.wire.probed if kind(m) == "request_vote"]
     assert requests, "the node never asked for votes"
-    term, stored_term, dirty, fsynced_then = requests[0]
-    assert stored_term == term
+    term, stored_term, stored_vote, dirty, fsynced_then = requests[0]
+    assert (stored_term, stored_vote) == (term, h.node.selfNode.id)  # it voted for itself
     with on_disk_rule("term and vote are on disk before the node asks for votes"):
         assert dirty == 0
         assert fsynced_then[-2:] == [os.path.realpath(meta),
                                      os.path.realpath(h.node._n_options.data_dir)]
+
+
+def journal_fsyncs(h: Harness, fsynced: list[str]) -> int:
+    return fsynced.count(os.path.realpath(journal(h)))
+
+
+def test_one_flush_per_write_and_none_when_nothing_was_written(
+        make_harness: Callable[[bool], Harness], fsynced: list[str]) -> None:
+    """The durable mode costs one fsync of the journal per batch of new entries (group commit
+    amortises it), none on a tick or an acknowledgement that stored nothing; and
+    ``journal_fsyncs`` counts exactly those."""
+    h = make_harness(True)
+    h.follow(entries_term=1, commit=1)
+    after_setup = journal_fsyncs(h, fsynced)
+
+    h.receive(append(1, prev=(LAST, 1), entries=range(LAST + 1, LAST + 3), commit=1))
+    assert journal_fsyncs(h, fsynced) == after_setup + 1
+    h.receive(append(1, prev=(LAST + 2, 1), entries=[], commit=1))  # a heartbeat
+    for _ in range(5):
+        h.on_tick(lambda: None)  # ticks with nothing new
+
+    assert h.last_reply() == next_node_idx(LAST + 3, success=True, reset=False)
+    assert journal_fsyncs(h, fsynced) == after_setup + 1
+    assert h.node.counters["journal_fsyncs"] == journal_fsyncs(h, fsynced)
+
+
+def test_a_leaders_append_leaves_before_its_flush(make_harness: Callable[[bool], Harness]) -> None:
+    """The leader writes its log in parallel with replication (Raft thesis 10.2.1): its append
+    goes out while its journal is still dirty, and the flush follows in the same tick (as
+    ``test_a_leader_has_its_entries_on_disk_before_it_counts_an_acknowledgement`` checks),
+    so the followers' fsyncs and its own overlap."""
+    h = make_harness(True)
+    h.wire.probe = lambda m: dirty_pages(journal(h)) if kind(m) == "append_entries" else None
+    h.lead()
+    with pytest.raises(OutcomeUnknown):
+        h.node.propose(b"entry", timeout=0.0)
+    wait_for(lambda: h.on_tick(lambda: any(
+        kind(m) == "append_entries" and any(e[1] == 3 for e in m.get("entries") or [])
+        for m, _ in h.wire.probed)), "the leader to send entry 3")
+
+    dirty_when_sent = next(dirty for m, dirty in h.wire.probed if kind(m) == "append_entries"
+                           and any(e[1] == 3 for e in m.get("entries") or []))
+    assert dirty_when_sent > 0
