@@ -123,7 +123,7 @@ def _literal(text: str) -> str:
 
 
 def save_explanations(entries: list[tuple[Mutant, str]]) -> None:
-    blocks = [HEADER]
+    blocks = [HEADER.rstrip("\n")]
     for mutant, reason in sorted(entries, key=lambda e: e[0].key()):
         blocks.append("\n".join([
             "[[survivor]]",

@@ -452,6 +452,17 @@ def test_a_rejection_still_moves_next_index_back(make_harness: Callable[[bool], 
         assert (next_index, match_index) == (3, 0)
 
 
+def test_an_acknowledgement_of_everything_sent_leaves_next_index_alone(
+        make_harness: Callable[[bool], Harness]) -> None:
+    """The common case: the follower acknowledges the leader's last append; nextIndex stays
+    just past it, matchIndex reaches it, and the fence has nothing to hold back."""
+    h = make_harness(True)
+    last = lead_with_pipelined_appends(h)
+
+    assert h.reply(next_node_idx(last + 1, success=True, reset=False)) == (last + 1, last)
+    assert h.fence_counts() == {}
+
+
 def test_the_plain_node_handles_messages_with_pysyncobj_alone(
         make_harness: Callable[[bool], Harness]) -> None:
     """What makes the plain variant plain: without the fence, the transport hands messages

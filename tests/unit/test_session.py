@@ -151,7 +151,7 @@ class TestValidity:
 
     def test_broken_invariant_raises(self) -> None:
         s = Session(cluster_id=1, client_id=5, series_id=3, responded_to=4)
-        with pytest.raises(SessionInvariantError):
+        with pytest.raises(SessionInvariantError, match="^responded_to 4 is past series_id 3$"):
             s.valid_for_proposal(1)
 
     def test_valid_for_session_op_only_for_reserved_series(self) -> None:

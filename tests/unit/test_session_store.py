@@ -124,7 +124,7 @@ class TestLRU:
 
     def test_restore_refuses_duplicates_and_overflow(self) -> None:
         store = SessionStore(capacity=2)
-        with pytest.raises(ValueError, match="duplicate"):
+        with pytest.raises(ValueError, match="^duplicate client id in the sessions to restore$"):
             store.restore([ClientSession(1), ClientSession(1)])
-        with pytest.raises(ValueError, match="capacity"):
+        with pytest.raises(ValueError, match="^3 sessions exceed the capacity 2$"):
             store.restore([ClientSession(1), ClientSession(2), ClientSession(3)])
