@@ -191,3 +191,26 @@ def test_a_leaders_append_leaves_before_its_flush(make_harness: Callable[[bool],
     dirty_when_sent = next(dirty for m, dirty in h.wire.probed if kind(m) == "append_entries"
                            and any(e[1] == 3 for e in m.get("entries") or []))
     assert dirty_when_sent > 0
+
+
+def test_the_order_check_counts_a_commit_beyond_what_the_leader_flushed(
+        make_harness: Callable[[bool], Harness]) -> None:
+    """``commit_before_flush`` is the mode's own alarm: at the end of each tick it counts a
+    commit index past what the leader has flushed, which cannot happen while the flush comes
+    first (``test_a_leader_has_its_entries_on_disk_before_it_counts_an_acknowledgement``
+    checks that order from outside). To see that the alarm works, a tick is shown such a state:
+    its commit index is set one past the flushed log before the tick's end, and put back after."""
+    h = make_harness(True)
+    h.lead()
+    node = h.node
+    flushed = h.on_tick(lambda: node.internals.raft_log[-1][1])
+    real_commit = h.on_tick(lambda: node.raftCommitIndex)
+
+    def put_back() -> None:
+        node._SyncObj__raftCommitIndex = real_commit  # after the mode's check in this tick
+
+    node.add_tick_hook(put_back)
+    for _ in range(2):
+        h.on_tick(lambda: setattr(node, "_SyncObj__raftCommitIndex", flushed + 1))
+    assert h.on_tick(lambda: node.raftCommitIndex) == real_commit
+    assert node.counters["commit_before_flush"] == 2
