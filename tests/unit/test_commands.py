@@ -75,14 +75,17 @@ def test_incr_counts_from_zero_and_returns_the_new_value(sm: StateMachine) -> No
      b"-9223372036854775809"])
 def test_incr_on_a_non_integer_is_wrong_type(sm: StateMachine, stored: bytes) -> None:
     sm.data[b"n"] = stored
-    assert run(sm, ops.incr(b"n")).code == Code.WRONG_TYPE
+    result = run(sm, ops.incr(b"n"))
+    assert (result.code, result.message) == (Code.WRONG_TYPE, "the value is not a decimal int64")
     assert sm.data[b"n"] == stored
 
 
 @pytest.mark.parametrize(("start", "delta"), [(INT64_MAX, 1), (INT64_MIN, -1)])
 def test_incr_out_of_int64_range_is_refused(sm: StateMachine, start: int, delta: int) -> None:
     sm.data[b"n"] = str(start).encode()
-    assert run(sm, ops.incr(b"n", delta)).code == Code.OUT_OF_RANGE
+    result = run(sm, ops.incr(b"n", delta))
+    assert (result.code, result.message) == (
+        Code.OUT_OF_RANGE, f"{start} + {delta} leaves the int64 range")
     assert sm.data[b"n"] == str(start).encode()
 
 
@@ -94,7 +97,8 @@ def test_append_returns_the_new_length(sm: StateMachine) -> None:
 
 def test_append_past_the_value_limit_is_refused(sm: StateMachine) -> None:
     sm.data[b"l"] = b"x" * MAX_VALUE_BYTES
-    assert run(sm, ops.append(b"l", b"y")).code == Code.VALUE_TOO_LARGE
+    result = run(sm, ops.append(b"l", b"y"))
+    assert (result.code, result.message) == (Code.VALUE_TOO_LARGE, TOO_LONG_VALUE)
     assert len(sm.data[b"l"]) == MAX_VALUE_BYTES
 
 
@@ -120,25 +124,34 @@ def test_cas_with_empty_expected_does_not_match_an_absent_key(sm: StateMachine) 
     assert not run(sm, ops.cas(b"k", b"v", expected=b"")).swapped
 
 
+TOO_LONG_KEY = f"key is {MAX_KEY_BYTES + 1} bytes, over {MAX_KEY_BYTES}"
+TOO_LONG_VALUE = f"value is {MAX_VALUE_BYTES + 1} bytes, over {MAX_VALUE_BYTES}"
+
+
 @pytest.mark.parametrize(
-    ("command", "code"),
+    ("command", "code", "message"),
     [
-        (ops.put(b"", b"v"), Code.INVALID_ARGUMENT),
-        (ops.put(b"k" * (MAX_KEY_BYTES + 1), b"v"), Code.KEY_TOO_LARGE),
-        (ops.put(b"k", b"v" * (MAX_VALUE_BYTES + 1)), Code.VALUE_TOO_LARGE),
-        (ops.get(b"k" * (MAX_KEY_BYTES + 1)), Code.KEY_TOO_LARGE),
-        (ops.incr(b""), Code.INVALID_ARGUMENT),
-        (ops.cas(b"k", b"v" * (MAX_VALUE_BYTES + 1), expected=None), Code.VALUE_TOO_LARGE),
-        (ops.range_(b"p" * (MAX_KEY_BYTES + 1)), Code.KEY_TOO_LARGE),
-        (Command(), Code.INVALID_ARGUMENT),
+        (ops.put(b"", b"v"), Code.INVALID_ARGUMENT, "the key is empty"),
+        (ops.put(b"k" * (MAX_KEY_BYTES + 1), b"v"), Code.KEY_TOO_LARGE, TOO_LONG_KEY),
+        (ops.put(b"k", b"v" * (MAX_VALUE_BYTES + 1)), Code.VALUE_TOO_LARGE, TOO_LONG_VALUE),
+        (ops.get(b"k" * (MAX_KEY_BYTES + 1)), Code.KEY_TOO_LARGE, TOO_LONG_KEY),
+        (ops.delete(b"k" * (MAX_KEY_BYTES + 1)), Code.KEY_TOO_LARGE, TOO_LONG_KEY),
+        (ops.append(b"k" * (MAX_KEY_BYTES + 1), b"v"), Code.KEY_TOO_LARGE, TOO_LONG_KEY),
+        (ops.incr(b""), Code.INVALID_ARGUMENT, "the key is empty"),
+        (ops.cas(b"k", b"v" * (MAX_VALUE_BYTES + 1), expected=None), Code.VALUE_TOO_LARGE,
+         TOO_LONG_VALUE),
+        (ops.range_(b"p" * (MAX_KEY_BYTES + 1)), Code.KEY_TOO_LARGE,
+         f"prefix is {MAX_KEY_BYTES + 1} bytes, over {MAX_KEY_BYTES}"),
+        (Command(), Code.INVALID_ARGUMENT, "the request carries no command"),
     ],
 )
 def test_bad_commands_are_error_results_and_change_nothing(
-    sm: StateMachine, command: Command, code: int
+    sm: StateMachine, command: Command, code: int, message: str
 ) -> None:
+    """The whole message too: every replica returns these bytes, and a client shows them."""
     before = sm.snapshot()
     result = run(sm, command)
-    assert result.code == code and result.message
+    assert (result.code, result.message) == (code, message)
     assert sm.snapshot() == before
 
 
