@@ -174,3 +174,31 @@ def test_query_reads_locally_without_touching_sessions(sm: StateMachine) -> None
     assert sm.query(ops.get(b"k")).value == b"v"
     assert sm.query(ops.put(b"k", b"x")).code == Code.INVALID_ARGUMENT
     assert sm.snapshot() == before
+
+
+def test_every_field_of_each_answer(sm: StateMachine) -> None:
+    """What each command answers, field by field (the tests above look at one field each)."""
+    run(sm, ops.put(b"a/1", b"x"))
+    assert run(sm, ops.delete(b"a/", prefix=True)) == results.ok(count=1, found=True)
+    assert run(sm, ops.delete(b"a/", prefix=True)) == results.ok(count=0, found=False)
+    assert run(sm, ops.delete(b"gone")) == results.ok(count=0, found=False)
+    assert run(sm, ops.get(b"gone")) == results.ok(found=False, value=b"")
+    assert run(sm, ops.cas(b"c", b"new", expected=None)) == results.ok(
+        swapped=True, found=True, value=b"new")
+    assert run(sm, ops.cas(b"absent", b"new", expected=b"old")) == results.ok(
+        swapped=False, found=False, value=b"")
+    assert run(sm, ops.put(b"p", b"v")) == results.ok()
+    assert run(sm, ops.incr(b"n", 5)) == results.ok(number=5)
+    assert run(sm, ops.append(b"l", b"ab")) == results.ok(length=2)
+
+
+def test_a_prefix_delete_takes_the_prefix_limit_and_an_empty_prefix(sm: StateMachine) -> None:
+    """A prefix is bounded like a key but may be empty: an empty prefix deletes every key, as
+    in etcd."""
+    too_long = run(sm, ops.delete(b"p" * (MAX_KEY_BYTES + 1), prefix=True))
+    assert (too_long.code, too_long.message) == (
+        Code.KEY_TOO_LARGE, f"prefix is {MAX_KEY_BYTES + 1} bytes, over {MAX_KEY_BYTES}")
+    for key in (b"a", b"b"):
+        run(sm, ops.put(key, b"v"))
+    assert run(sm, ops.delete(b"", prefix=True)) == results.ok(count=2, found=True)
+    assert sm.data == {}
