@@ -62,13 +62,24 @@ class Outcome:
     """(mutmut's name, the mutant, its status) for each mutant the tests did not notice."""
 
 
+LOG = ROOT / "mutants" / "mutmut.log"
+"""mutmut's own output (``debug = true`` in ``[tool.mutmut]``: every pytest run, verbose)."""
+
+
 def run_mutmut(max_children: int) -> None:
     shutil.rmtree(ROOT / "mutants", ignore_errors=True)  # from scratch: no stale verdicts
+    LOG.parent.mkdir()
     mutmut = Path(sys.executable).with_name("mutmut")
-    done = subprocess.run([str(mutmut), "run", "--max-children", str(max_children)], cwd=ROOT,
-                          check=False)
+    print(f"make mutate: mutmut runs with {max_children} workers; its output goes to "
+          f"{LOG.relative_to(ROOT)}", flush=True)
+    with LOG.open("w") as log:
+        done = subprocess.run([str(mutmut), "run", "--max-children", str(max_children)],
+                              cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
-        sys.exit(f"make mutate: mutmut run exited {done.returncode}")
+        tail = LOG.read_text(errors="replace").replace("\r", "\n").splitlines()[-60:]
+        print("\n".join(tail))
+        sys.exit(f"make mutate: mutmut run exited {done.returncode} (the end of its output "
+                 f"is above; all of it in {LOG.relative_to(ROOT)})")
 
 
 def change_of(diff: str) -> str:
