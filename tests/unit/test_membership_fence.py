@@ -39,7 +39,8 @@ from kvstore.node.outcomes import NotApplied
 from kvstore.node.raft_node import RaftNode, RaftOptions
 from kvstore.state_machine import StateMachine
 from tests.support import free_port
-from tests.unit.test_d6_fence import FAST, NO_OP, RaftRuleBroken, next_node_idx, raft_rule, wait_for
+from tests.unit.raft_harness import FAST, NO_OP, next_node_idx, wait_for
+from tests.unit.test_d6_fence import RaftRuleBroken, raft_rule
 
 T = TypeVar("T")
 TICK_TIMEOUT = 2.0
