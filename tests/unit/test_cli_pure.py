@@ -6,15 +6,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
 import threading
+from concurrent import futures
 from collections.abc import Iterator
 from pathlib import Path
 
 import click
+import grpc
 import pytest
 
 from cli import exits, main, output, processes, session_file
@@ -353,25 +354,37 @@ def test_errors_are_one_line_with_their_exit_code(args: list[str], code: int, me
 
 def test_ctrl_c_exits_5_with_one_line(tmp_path: Path) -> None:
     """A real ``kv`` process, interrupted while it waits for an answer, exits 5 with one line.
-    The "node" is a socket that accepts and never answers: once it accepted, the command is
-    inside its request, where a user would press Ctrl-C."""
+    The "node" is a gRPC server whose every method waits and never answers: once a request has
+    arrived there, the command is inside its call, where a user would press Ctrl-C."""
+    arrived, release = threading.Event(), threading.Event()
+
+    def never_answers(request: bytes, context: grpc.ServicerContext) -> bytes:
+        arrived.set()
+        release.wait(30)
+        return b""
+
+    class AnyMethod(grpc.GenericRpcHandler):
+        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(never_answers)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[AnyMethod()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KV_")}
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen()
-        silent.settimeout(30)
-        endpoint = "127.0.0.1:%d" % silent.getsockname()[1]
+    try:
         command = subprocess.Popen(
-            [sys.executable, "-m", "cli", "--endpoints", endpoint, "--timeout", "60",
-             "--dial-timeout", "60", "get", "k"],
+            [sys.executable, "-m", "cli", "--endpoints", f"127.0.0.1:{port}", "--timeout", "60",
+             "get", "k"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
         try:
-            connection, _ = silent.accept()
-            with connection:
-                command.send_signal(signal.SIGINT)
-                out, err = command.communicate(timeout=30)
+            assert arrived.wait(30), "the command's request never reached the server"
+            command.send_signal(signal.SIGINT)
+            out, err = command.communicate(timeout=30)
         finally:
             command.kill()
+    finally:
+        release.set()
+        server.stop(None)
     assert (command.returncode, out, err) == (exits.INTERRUPTED, b"", b"Error: interrupted\n")
     assert exits.INTERRUPTED == 5
 
