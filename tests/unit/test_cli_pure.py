@@ -375,7 +375,10 @@ def test_ctrl_c_exits_5_with_one_line(tmp_path: Path) -> None:
         command = subprocess.Popen(
             [sys.executable, "-m", "cli", "--endpoints", f"127.0.0.1:{port}", "--timeout", "60",
              "get", "k"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
+            # As from a terminal: a test runner started in the background (or mutmut's
+            # workers) ignores SIGINT, and a child would inherit that.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             assert arrived.wait(30), "the command's request never reached the server"
             command.send_signal(signal.SIGINT)
