@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from kvstore import StateMachine, encode_entry, ops, results
+from kvstore.commands import static_error
 from kvstore.limits import INT64_MAX, INT64_MIN, MAX_KEY_BYTES, MAX_VALUE_BYTES
 from kvstore.proto.log_pb2 import Code, Command, Result
 from session import new_noop_session, new_session
@@ -202,3 +203,16 @@ def test_a_prefix_delete_takes_the_prefix_limit_and_an_empty_prefix(sm: StateMac
         run(sm, ops.put(key, b"v"))
     assert run(sm, ops.delete(b"", prefix=True)) == results.ok(count=2, found=True)
     assert sm.data == {}
+
+
+@pytest.mark.parametrize("command", [
+    ops.put(b"k", b"v" * (MAX_VALUE_BYTES + 1)),
+    ops.append(b"k", b"v" * (MAX_VALUE_BYTES + 1)),
+    ops.cas(b"k", b"v" * (MAX_VALUE_BYTES + 1), expected=None),
+], ids=["put", "append", "cas"])
+def test_an_oversize_value_is_refused_before_the_log(command: Command) -> None:
+    """``static_error`` is what the API server checks before a command reaches the log; every
+    command that writes a value is bounded there, not only inside apply."""
+    refused = static_error(command)
+    assert refused is not None
+    assert (refused.code, refused.message) == (Code.VALUE_TOO_LARGE, TOO_LONG_VALUE)

@@ -11,7 +11,14 @@ from __future__ import annotations
 import pytest
 
 from session import Session, SessionDecodeError
-from session.wire import MAX_FIELD_NUMBER, MAX_GROUP_DEPTH, WireDecodeError, decode_varint_fields
+from session.session_pb2 import SessionPB
+from session.wire import (
+    MAX_FIELD_NUMBER,
+    MAX_GROUP_DEPTH,
+    WireDecodeError,
+    decode_varint_fields,
+    parse,
+)
 
 KNOWN = range(1, 5)
 
@@ -86,3 +93,14 @@ def test_a_session_that_does_not_decode_says_why() -> None:
         session.unmarshal(tag(1, 0) + b"\x80")
     assert str(refused.value) == "not a valid session: truncated varint"
     assert (session.cluster_id, session.client_id, session.series_id) == (1, 2, 3)  # unchanged
+
+
+def test_parse_refuses_what_is_not_bytes_and_bytes_that_do_not_decode() -> None:
+    """``parse`` maps every failure to one error, naming the message type; the decoder's own
+    words follow and differ between protobuf backends, so only the start is checked."""
+    with pytest.raises(WireDecodeError) as refused:
+        parse(SessionPB, "\x08\x01")  # type: ignore[arg-type]
+    assert str(refused.value) == "expected bytes, got str"
+    with pytest.raises(WireDecodeError) as refused:
+        parse(SessionPB, b"\x08")
+    assert str(refused.value).startswith("not a valid SessionPB: ")
