@@ -1,9 +1,15 @@
 """The cluster under test in ``kv check``: node processes whose Raft traffic runs through link
-proxies, so the harness can kill, pause and partition them.
+proxies, so the harness can kill, pause and partition them, and (with ``power_loss``) whose data
+directories are power-loss file systems, so it can cut their power.
 
 Every directed link between two nodes goes through its own proxy on 127.0.0.1
 (``kvstore.check.proxy.Network``); a node dials its peers through them (``--dial-via``) while
 keeping their real addresses as their identities. Cutting a link needs no root and no firewall.
+
+A power loss (``power_off``) of several nodes is simultaneous: every one is frozen (SIGSTOP)
+before any disk is cut, so none acknowledges anything after the first cut; then each disk drops
+what was not synced (``kvstore.check.powerfs_mount``), the processes are killed and the mounts
+go. ``power_on`` mounts the durable images and starts the nodes again.
 """
 
 from __future__ import annotations
@@ -17,22 +23,38 @@ from pathlib import Path
 from cli import processes
 from cli.cluster_dir import ClusterDir, ClusterSpec, NodeSpec
 from kvstore import errors
+from kvstore.check.powerfs_mount import PowerMount
 from kvstore.check.proxy import Network
 from kvstore.client import Client
 
 STOP_TIMEOUT = 10.0
+RESTART_TIMEOUT = 30.0
+"""Seconds a node restarted after a power loss gets to answer its status RPC."""
 
 
 class CheckCluster:
-    def __init__(self, root: Path, nodes: int, *, snapshot_count: int,
-                 planted_bug: str | None = None) -> None:
+    def __init__(self, root: Path, nodes: int, *, snapshot_count: int, fsync: bool,
+                 planted_bug: str | None = None, power_loss: bool = False) -> None:
         self.dir = ClusterDir(root)
-        self.spec: ClusterSpec = self.dir.create(nodes, snapshot_count=snapshot_count)
+        self.spec: ClusterSpec = self.dir.create(nodes, snapshot_count=snapshot_count,
+                                                 fsync=fsync)
         self.dir.prepare_node_dirs(self.spec)
         self.network = Network([node.raft for node in self.spec.nodes])
         self.planted_bug = planted_bug
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self.paused: set[str] = set()
+        self.powered_off: set[str] = set()
+        self.disks: dict[str, PowerMount] = {}
+        if power_loss:
+            try:
+                for node in self.spec.nodes:
+                    disk = PowerMount(self.dir.data_dir(node), self.dir.node_dir(node.id) / "disk")
+                    self.disks[node.id] = disk
+                    disk.mount()
+            except BaseException:
+                self._unmount_all()
+                self.network.close()
+                raise
 
     @property
     def node_ids(self) -> list[str]:
@@ -78,11 +100,58 @@ class CheckCluster:
             os.kill(self._procs[node_id].pid, signal.SIGCONT)
         self.paused.discard(node_id)
 
+    def power_off(self, node_ids: list[str], torn_seed: int | None = None) -> None:
+        """A simultaneous power loss of ``node_ids``: frozen, disks cut, killed, unmounted.
+
+        With ``torn_seed``, the disks tear their last unsynced writes (``powerfs.Volume.cut``)."""
+        running = [n for n in node_ids if self.running(n)]
+        for node_id in running:
+            os.kill(self._procs[node_id].pid, signal.SIGSTOP)
+        for node_id in node_ids:
+            self.disks[node_id].cut(None if torn_seed is None else torn_seed + len(node_id))
+        for node_id in running:
+            self._procs[node_id].kill()
+        for node_id in running:
+            self._procs[node_id].wait(STOP_TIMEOUT)
+        for node_id in node_ids:
+            self.paused.discard(node_id)
+            self.disks[node_id].unmount()
+            self.powered_off.add(node_id)
+
+    def power_on(self, node_ids: list[str]) -> list[str]:
+        """Boots ``node_ids`` from their durable images; returns a line for each one that did
+        not come back (its process exited, or it did not answer within ``RESTART_TIMEOUT``)."""
+        for node_id in node_ids:
+            self.disks[node_id].mount()
+            self.powered_off.discard(node_id)
+            self.start(node_id)
+        return [problem for node_id in node_ids if (problem := self._await_up(node_id))]
+
+    def _await_up(self, node_id: str) -> str | None:
+        client = Client([self.node(node_id).api], timeout=2)
+        try:
+            deadline = time.monotonic() + RESTART_TIMEOUT
+            while time.monotonic() < deadline:
+                if not self.running(node_id):
+                    log = processes.last_start_log(self.dir.log_file(node_id), lines=1)
+                    return f"{node_id} exited after its restart: {' '.join(log) or '(no log)'}"
+                try:
+                    client.status(self.node(node_id).api, timeout=0.5)
+                    return None
+                except errors.Unavailable:
+                    time.sleep(0.1)
+            return f"{node_id} did not answer within {RESTART_TIMEOUT:.0f} s of its restart"
+        finally:
+            client.close()
+
     def heal(self) -> None:
-        """Ends every fault: links healed, paused nodes resumed, killed nodes restarted."""
+        """Ends every fault: links healed, paused nodes resumed, killed or powered-off nodes
+        restarted."""
         self.network.heal()
         for node_id in list(self.paused):
             self.resume(node_id)
+        if self.powered_off:
+            self.power_on(sorted(self.powered_off))
         for node_id in self.node_ids:
             if not self.running(node_id):
                 self.start(node_id)
@@ -102,6 +171,11 @@ class CheckCluster:
                 proc.kill()
                 proc.wait(STOP_TIMEOUT)
         self.network.close()
+        self._unmount_all()
+
+    def _unmount_all(self) -> None:
+        for disk in self.disks.values():
+            disk.unmount()
 
     # -- observation --------------------------------------------------------------------------
 

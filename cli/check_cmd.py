@@ -17,13 +17,17 @@ import click
 from cli.check_run import CheckOptions, run_check
 from cli.exits import ERROR, CliError
 from cli.kv_click import KvCommand
-from cli.nemesis import FAULT_KINDS
+from cli.nemesis import FAULT_KINDS, POWER_LOSS_SCOPES
 from cli.output import Report, emit
 from cli.params import Duration, Integer
 from cli.settings import Settings, global_options
 from kvstore.check.workloads import WORKLOADS
 
 PLANTED_BUGS = ("no-dedup",)
+
+
+class Everything(list[str]):
+    """``all``: every choice, told apart from the same names listed one by one."""
 
 
 def _names(choices: tuple[str, ...], allow_none: bool) -> click.ParamType:
@@ -36,7 +40,7 @@ def _names(choices: tuple[str, ...], allow_none: bool) -> click.ParamType:
                 return value
             text = str(value).strip()
             if text == "all":
-                return list(choices)
+                return Everything(choices)
             if allow_none and text in ("", "none"):
                 return []
             names = [n.strip() for n in text.split(",") if n.strip()]
@@ -62,17 +66,28 @@ def _names(choices: tuple[str, ...], allow_none: bool) -> click.ParamType:
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("kv-check-report"), show_default=True,
               help="Directory for history.jsonl, faults.json, verdict.json, report.html.")
+@click.option("--fsync/--no-fsync", default=False, show_default=True,
+              help="Run the nodes in durable mode (kv node run --fsync).")
+@click.option("--power-loss-scope", type=click.Choice(POWER_LOSS_SCOPES), default="any",
+              show_default=True, help="Which nodes a power-loss fault takes down at once: one, "
+              "a minority, all, or any of these at random.")
 @click.option("--planted-bug", type=click.Choice(PLANTED_BUGS), hidden=True,
               help="Run nodes with a known bug, to show the checkers catch it.")
 @global_options
 def check(workloads: list[str], faults: list[str], duration: float, seed: int | None,
-          clients: int, nodes: int, report_dir: Path, planted_bug: str | None) -> None:
-    """Runs workloads against a local cluster under faults and checks the history."""
+          clients: int, nodes: int, report_dir: Path, fsync: bool, power_loss_scope: str,
+          planted_bug: str | None) -> None:
+    """Runs workloads against a local cluster under faults and checks the history.
+
+    The power-loss fault puts each node's data directory on a FUSE file system that drops what
+    was not fsynced (kvstore/check/powerfs.py); it needs /dev/fuse and Debian's fuse3."""
     settings = Settings.current()
     seed = secrets.randbelow(2**31) if seed is None else seed
+    faults = _usable_faults(faults)
     options = CheckOptions(workloads=workloads, faults=faults, duration=duration, seed=seed,
                            clients=clients, nodes=nodes, planted_bug=planted_bug,
-                           report_dir=report_dir)
+                           report_dir=report_dir, fsync=fsync,
+                           power_loss_scope=power_loss_scope)
     tty = sys.stderr.isatty()
     click.echo(f"kv check: seed {seed}, workloads {','.join(workloads)}, faults "
                f"{','.join(faults) or 'none'}, {duration:.0f} s", err=True)
@@ -92,6 +107,22 @@ def check(workloads: list[str], faults: list[str], duration: float, seed: int | 
                 rows=[(k, str(v)) for k, v in summary.items()], simple=lines), settings.write_out)
     if not outcome.valid:
         raise CliError(f"the history is not valid (seed {seed}); see {outcome.report}", ERROR)
+
+
+def _usable_faults(faults: list[str]) -> list[str]:
+    """The faults to inject: power-loss needs FUSE; without it, ``all`` leaves it out (and says
+    so) and naming it is an error."""
+    if "power-loss" not in faults:
+        return faults
+    from kvstore.check.powerfs_mount import fuse_unusable
+
+    reason = fuse_unusable()
+    if reason is None:
+        return faults
+    if isinstance(faults, Everything):
+        click.echo(f"kv check: no power-loss faults: {reason}", err=True)
+        return [f for f in faults if f != "power-loss"]
+    raise CliError(f"the power-loss fault cannot run here: {reason}")
 
 
 def _verdict_lines(s: dict[str, Any], violations: list[Any]) -> list[str]:

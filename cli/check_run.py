@@ -28,7 +28,7 @@ from cli.nemesis import Nemesis
 from kvstore import errors
 from kvstore.check import history as history_io
 from kvstore.check.history import Op, Recorder
-from kvstore.check.verdict import check_convergence
+from kvstore.check.verdict import check_convergence, check_restarts
 from kvstore.check.report import write_report
 from kvstore.check.workloads import OP_DEADLINE, WORKLOADS, Worker, run_workers
 from kvstore.client import Client
@@ -74,6 +74,9 @@ class CheckOptions:
     snapshot_count: int = 500
     planted_bug: str | None = None
     report_dir: Path | None = None
+    fsync: bool = False
+    """The nodes' durable mode (``kv node run --fsync``)."""
+    power_loss_scope: str = "any"
 
 
 @dataclass
@@ -87,8 +90,9 @@ class CheckOutcome:
 def run_check(options: CheckOptions, progress: Callable[[str], None]) -> CheckOutcome:
     with tempfile.TemporaryDirectory(prefix="kv-check-") as tmp:
         cluster = CheckCluster(Path(tmp) / "cluster", options.nodes,
-                               snapshot_count=options.snapshot_count,
-                               planted_bug=options.planted_bug)
+                               snapshot_count=options.snapshot_count, fsync=options.fsync,
+                               planted_bug=options.planted_bug,
+                               power_loss="power-loss" in options.faults)
         clients: list[Client] = []
         try:
             cluster.start_all()
@@ -116,7 +120,7 @@ def _run(options: CheckOptions, cluster: CheckCluster, admin: Client, clients: l
         threads += run_workers(workload, mine, recorder, options.seed, stop, first_process=first)
         labels |= {first + i: workload.name for i in range(options.clients)}
     nemesis = Nemesis(cluster, options.faults, random.Random(f"{options.seed}/nemesis"),
-                      lambda: cluster.leader_id(admin))
+                      lambda: cluster.leader_id(admin), options.power_loss_scope)
     if options.faults:
         nemesis.start()
     started = time.monotonic()
@@ -139,6 +143,9 @@ def _run(options: CheckOptions, cluster: CheckCluster, admin: Client, clients: l
     results = {w.name: w.check([op for op in ops if op.key.startswith(w.name + "/")])
                for w in workloads}
     results["convergence"] = check_convergence(digests)
+    restarted = sum(len(f.target.split(" ")[0].split(","))
+                    for f in nemesis.faults if f.kind == "power-loss")
+    results["restarts"] = check_restarts(nemesis.restart_failures, restarted)
     violations = [v for result in results.values() for v in result.violations]
     valid = all(result.valid for result in results.values())
     summary = _summary(options, ops, nemesis, results, valid)
@@ -182,6 +189,7 @@ def _summary(options: CheckOptions, ops: list[Op], nemesis: Nemesis, results: di
         "duration_s": options.duration,
         "clients_per_workload": options.clients,
         "nodes": options.nodes,
+        "fsync": options.fsync,
         "planted_bug": options.planted_bug or "none",
         "ops_ok": statuses["ok"],
         "ops_failed": statuses["fail"],

@@ -1,5 +1,9 @@
 """The nemesis of ``kv check``: faults injected at random moments, each held for a while, then
 healed. Everything is bounded: one fault at a time, each held a few seconds, none after ``stop``.
+
+``power-loss`` cuts the power of one node, a minority or every node at once (``scope``), half
+the time with torn writes, keeps them off for the hold, then boots them; a node that does not
+come back is recorded in ``restart_failures`` (a violation in the verdict).
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from dataclasses import asdict, dataclass
 
 from cli.check_cluster import CheckCluster
 
-FAULT_KINDS = ("kill", "pause", "partition")
+FAULT_KINDS = ("kill", "pause", "partition", "power-loss")
+POWER_LOSS_SCOPES = ("any", "one", "minority", "all")
+"""Which nodes a power loss takes: one node, a minority, every node, or any of the three."""
 QUIET = (0.5, 2.0)
 """Seconds between faults (uniform)."""
 HOLD = (0.5, 2.5)
@@ -32,12 +38,14 @@ class Fault:
 
 class Nemesis(threading.Thread):
     def __init__(self, cluster: CheckCluster, kinds: list[str], rng: random.Random,
-                 leader: Callable[[], str | None]) -> None:
+                 leader: Callable[[], str | None], power_loss_scope: str = "any") -> None:
         super().__init__(name="nemesis", daemon=True)
         self.cluster, self.kinds, self.rng, self.leader = cluster, kinds, rng, leader
+        self.power_loss_scope = power_loss_scope
         self.stop_event = threading.Event()
         self.faults: list[Fault] = []
         self.errors: list[str] = []
+        self.restart_failures: list[str] = []
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -47,7 +55,7 @@ class Nemesis(threading.Thread):
         while not self.stop_event.wait(self.rng.uniform(*QUIET)):
             kind = self.rng.choice(self.kinds)
             try:
-                getattr(self, f"_{kind}")()
+                getattr(self, "_" + kind.replace("-", "_"))()
             except Exception as exc:  # noqa: BLE001 - recorded and reported, the run goes on
                 self.errors.append(f"{kind}: {type(exc).__name__}: {exc}")
                 self.cluster.heal()
@@ -86,3 +94,20 @@ class Nemesis(threading.Thread):
         self.cluster.network.partition(groups)
         label = " | ".join("{" + ",".join(sorted(names[a] for a in g)) + "}" for g in groups)
         self._hold(Fault("partition", label, time.monotonic_ns()), self.cluster.network.heal)
+
+    def _power_loss(self) -> None:
+        ids = self.cluster.node_ids
+        scope = self.power_loss_scope
+        if scope == "any":
+            scope = self.rng.choice(POWER_LOSS_SCOPES[1:])
+        if scope == "all":
+            targets = list(ids)
+        else:
+            size = 1 if scope == "one" else (len(ids) - 1) // 2
+            first = self._pick_target()
+            targets = [first, *self.rng.sample([n for n in ids if n != first], size - 1)]
+        torn = self.rng.randrange(2**31) if self.rng.random() < 0.5 else None
+        self.cluster.power_off(targets, torn_seed=torn)
+        label = ",".join(sorted(targets)) + (" (torn)" if torn is not None else "")
+        self._hold(Fault("power-loss", label, time.monotonic_ns()),
+                   lambda: self.restart_failures.extend(self.cluster.power_on(sorted(targets))))

@@ -19,6 +19,9 @@ BUDGET = "budget"
 DIVERGENCE = "divergence"
 """Violation kind of replicas whose state digests differ."""
 
+RESTART_FAILED = "restart-failed"
+"""Violation kind of a node that did not come back after a fault (e.g. a power loss)."""
+
 
 @dataclass(frozen=True)
 class Violation:
@@ -76,3 +79,12 @@ def check_convergence(digests: Mapping[str, str]) -> CheckResult:
     )
     message = f"the replicas hold {len(nodes_by_digest)} different states ({groups})"
     return CheckResult.of([Violation(DIVERGENCE, "", message)], stats)
+
+
+def check_restarts(failures: list[str], restarts: int) -> CheckResult:
+    """Every node restarted after its faults: ``failures`` has one line per node that did not.
+
+    A node must restart from any crash state, or refuse with a message that names the way out;
+    in a test run nobody is there to take it, so a refusal counts as a failure too."""
+    return CheckResult.of([Violation(RESTART_FAILED, "", failure) for failure in failures],
+                          {"restarts": restarts, "failed": len(failures)})
