@@ -58,8 +58,8 @@ def _compare(_ctx: click.Context, _param: click.Parameter, text: str) -> list[st
               help="Ours: each client with its own session (on) or no-op sessions (off).")
 @click.option("--nodes", type=Integer(1, 7), default=3, show_default=True,
               help="Nodes of each cluster started (ours, etcd members, raw).")
-@click.option("--fsync", is_flag=True,
-              help="Start our nodes with --fsync (an error if this build's nodes lack it).")
+@click.option("--fsync/--no-fsync", default=None,
+              help="Start our nodes in durable mode (the default) or with --no-fsync.")
 @click.option("--compare", default="none", show_default=True, callback=_compare,
               metavar="etcd,raw,noop", help="Also run the same load, alternating, against etcd "
               "(the etcd binary, Debian etcd-server), a plain PySyncObj dict (raw), and/or our "
@@ -68,7 +68,7 @@ def _compare(_ctx: click.Context, _param: click.Parameter, text: str) -> list[st
               show_default=True, help="Client worker processes (threads inside).")
 @global_options
 def bench(clients: list[int], duration: float, warmup: float, rounds: int, value_size: int,
-          read_ratio: float, consistency: str, sessions: str, nodes: int, fsync: bool,
+          read_ratio: float, consistency: str, sessions: str, nodes: int, fsync: bool | None,
           compare: list[str], workers: int) -> None:
     """Closed-loop load: ops/s, latency percentiles, errors, client and node CPU per op.
 
@@ -85,10 +85,12 @@ def bench(clients: list[int], duration: float, warmup: float, rounds: int, value
     if "noop" in compare and sessions == "off":
         raise CliError("--compare noop compares sessions with no-op sessions: it needs "
                        "--sessions on", BAD_ARGUMENTS)
-    if fsync:
-        if settings.endpoints:
-            raise CliError("--fsync applies to the cluster kv bench starts, not to --endpoints",
-                           BAD_ARGUMENTS)
+    if fsync is not None and settings.endpoints:
+        raise CliError("--fsync/--no-fsync apply to the cluster kv bench starts, not to "
+                       "--endpoints", BAD_ARGUMENTS)
+    if fsync is None:
+        fsync = True
+    elif fsync:
         from cli.bench.ours import fsync_supported
 
         if not fsync_supported():

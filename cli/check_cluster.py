@@ -33,7 +33,7 @@ RESTART_TIMEOUT = 30.0
 
 
 class CheckCluster:
-    def __init__(self, root: Path, nodes: int, *, snapshot_count: int, fsync: bool,
+    def __init__(self, root: Path, nodes: int, *, snapshot_count: int, fsync: bool = True,
                  planted_bug: str | None = None, power_loss: bool = False) -> None:
         self.dir = ClusterDir(root)
         self.spec: ClusterSpec = self.dir.create(nodes, snapshot_count=snapshot_count,

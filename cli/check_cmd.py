@@ -66,8 +66,8 @@ def _names(choices: tuple[str, ...], allow_none: bool) -> click.ParamType:
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("kv-check-report"), show_default=True,
               help="Directory for history.jsonl, faults.json, verdict.json, report.html.")
-@click.option("--fsync/--no-fsync", default=False, show_default=True,
-              help="Run the nodes in durable mode (kv node run --fsync).")
+@click.option("--fsync/--no-fsync", default=True, show_default=True,
+              help="Run the nodes in durable mode (the default) or without fsync.")
 @click.option("--power-loss-scope", type=click.Choice(POWER_LOSS_SCOPES), default="any",
               show_default=True, help="Which nodes a power-loss fault takes down at once: one, "
               "a minority, all, or any of these at random.")

@@ -74,8 +74,8 @@ class CheckOptions:
     snapshot_count: int = 500
     planted_bug: str | None = None
     report_dir: Path | None = None
-    fsync: bool = False
-    """The nodes' durable mode (``kv node run --fsync``)."""
+    fsync: bool = True
+    """The nodes' durable mode (``kv node run --fsync``, the default)."""
     power_loss_scope: str = "any"
 
 

@@ -58,7 +58,8 @@ cluster.add_command(remove_node)
                    f"[default {DEFAULT_SNAPSHOT_COUNT}].")
 @click.option("--fsync/--no-fsync", default=None,
               help="Durable mode (new cluster): nodes fsync their journal before acknowledging "
-                   "entries, so acknowledged writes survive power loss [default: off].")
+                   "entries, so acknowledged writes survive power loss [default: on]; "
+                   "--no-fsync trades that for speed.")
 @click.option("--start-timeout", type=Duration(), default="30s", show_default=True,
               metavar="DURATION", help="How long to wait for a leader.")
 @global_options
@@ -156,7 +157,7 @@ def _load_or_create(cluster_dir: ClusterDir, wanted: dict[str, int | bool | None
             wanted["nodes"] or DEFAULT_NODES,
             session_capacity=wanted["session_capacity"] or DEFAULT_SESSION_CAPACITY,
             snapshot_count=wanted["snapshot_count"] or DEFAULT_SNAPSHOT_COUNT,
-            fsync=bool(wanted["fsync"]),
+            fsync=wanted["fsync"] is not False,
         )
         click.echo(f"created cluster {spec.cluster_id} in {cluster_dir.path}", err=True)
         return spec

@@ -57,8 +57,8 @@ class ClusterSpec:
     moment, so every node gets the same capacity."""
     snapshot_count: int = DEFAULT_SNAPSHOT_COUNT
     """Log entries between snapshots, the same on every node for predictable restarts."""
-    fsync: bool = False
-    """Durable mode on every node (``kv cluster up --fsync``)."""
+    fsync: bool = True
+    """Durable mode on every node (the default; ``kv cluster up --no-fsync`` turns it off)."""
 
     @property
     def endpoints(self) -> list[str]:
@@ -101,7 +101,7 @@ class ClusterDir:
         return self.spec_file.is_file()
 
     def create(self, node_count: int, *, session_capacity: int = DEFAULT_SESSION_CAPACITY,
-               snapshot_count: int = DEFAULT_SNAPSHOT_COUNT, fsync: bool = False,
+               snapshot_count: int = DEFAULT_SNAPSHOT_COUNT, fsync: bool = True,
                cluster_id: int | None = None) -> ClusterSpec:
         """Describes a new cluster of ``node_count`` nodes on free loopback ports and saves it.
 
@@ -226,7 +226,7 @@ def decode_spec(path: Path, data: bytes) -> ClusterSpec:
         )
         if not nodes:
             raise ValueError("no nodes")
-        fsync = doc.get("fsync", False)  # absent in files written before the durable mode
+        fsync = doc.get("fsync", True)  # absent in files written before the durable mode
         if not isinstance(fsync, bool):
             raise ValueError("fsync must be true or false")
     except KeyError as exc:

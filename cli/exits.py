@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from kvstore.config import ConfigError
+from kvstore.config import CannotRestart, ConfigError
 from kvstore.errors import KVError
 from session import SessionError
 
@@ -46,6 +46,8 @@ def describe(exc: BaseException) -> tuple[int, str] | None:
         return INTERRUPTED, "interrupted"
     if isinstance(exc, (CliError, KVError)):
         return exc.exit_code, str(exc)
+    if isinstance(exc, CannotRestart):
+        return ERROR, str(exc)
     if isinstance(exc, (ConfigError, SessionError)):
         return INVALID_INPUT, str(exc)
     if isinstance(exc, OSError):

@@ -55,6 +55,13 @@ def cell(row: Row, name: str) -> str:
     return str(value)
 
 
+def _fsync(row: Row) -> str:
+    """Durable mode, or a warning that it is off (acknowledged writes die with the power)."""
+    if "fsync" not in row:
+        return ""
+    return "yes" if row["fsync"] else "NO (--no-fsync)"
+
+
 def _errors(row: Row) -> str:
     """Why the node did not answer, else its alarms (etcdctl's ERRORS column)."""
     return cell(row, "error") or cell(row, "alarms")
@@ -66,6 +73,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("pid", local=True),
     Column("alive", local=True, in_table=False),
     Column("role", lambda s: s.role),
+    Column("fsync", lambda s: s.fsync, cell=_fsync),
     Column("leader", lambda s: s.leader_api_address, in_table=False),
     Column("term", lambda s: s.term),
     Column("commit", lambda s: s.commit_index),

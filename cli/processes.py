@@ -48,8 +48,7 @@ def node_argv(cluster: ClusterDir, spec: ClusterSpec, node: NodeSpec,
         if peer.id != node.id:
             argv += ["--peer", f"{peer.id}={peer.raft}={peer.api}"]
     argv += ["--data-dir", str(cluster.data_dir(node)), "--secret-file", str(cluster.secret_file)]
-    if spec.fsync:
-        argv.append("--fsync")
+    argv.append("--fsync" if spec.fsync else "--no-fsync")
     if node.join:
         argv.append("--join")  # added after the cluster was created (kv cluster add-node)
     return argv + list(extra_args)

@@ -17,6 +17,11 @@ class ConfigError(ValueError):
     """A configuration that must not run (for example a public address without a secret)."""
 
 
+class CannotRestart(ConfigError):
+    """A data directory the node cannot restart from safely (``kvstore.node.recovery``): one
+    line that names the file and the way out."""
+
+
 @dataclass(frozen=True)
 class Member:
     """One node as the others know it: where Raft talks to it and where clients do."""
@@ -38,8 +43,9 @@ class NodeConfig:
     """The cluster secret. PySyncObj unpickles what arrives on its port (defect D1), so every
     node encrypts and authenticates Raft traffic with it; a node never runs without one."""
     session_capacity: int = DEFAULT_SESSION_CAPACITY
-    fsync: bool = False
-    """Durable mode: fsync the journal before acknowledging entries (``kvstore.node.durable``)."""
+    fsync: bool = True
+    """Durable mode: fsync the journal before acknowledging entries (``kvstore.node.durable``).
+    False (``--no-fsync``) is faster, and loses acknowledged writes if a majority loses power."""
     snapshot_count: int = DEFAULT_SNAPSHOT_COUNT
     """Log entries after which the node snapshots its state and compacts its log (as etcd's
     ``--snapshot-count``); PySyncObj also snapshots every five minutes."""

@@ -369,6 +369,7 @@ def status_message(view: NodeStatusView, config: NodeConfig) -> api_pb2.NodeStat
         lag=max(view.commit_index - view.applied_index, 0),
         has_quorum=view.has_quorum,
         pid=os.getpid(),
+        fsync=config.fsync,
         peers=[
             api_pb2.PeerStatus(
                 raft_address=m.info.raft_address,

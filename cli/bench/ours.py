@@ -48,7 +48,7 @@ class OursTarget:
     name = "ours"
 
     def __init__(self, pool: WorkerPool, *, nodes: int, endpoints: Sequence[str] = (),
-                 fsync: bool = False, sessions: bool = True, dial_timeout: float = 2.0) -> None:
+                 fsync: bool = True, sessions: bool = True, dial_timeout: float = 2.0) -> None:
         self.pool = pool
         self.nodes = nodes
         self.given_endpoints = list(endpoints)
@@ -75,8 +75,7 @@ class OursTarget:
         if self.guard is not None:
             self.guard.register("ours", self._tmp)
         args = ["cluster", "up", "--detach", "--dir", str(cluster.path), "--nodes", str(self.nodes)]
-        if self.fsync:
-            args.append("--fsync")
+        args.append("--fsync" if self.fsync else "--no-fsync")
         try:
             done = _kv(*args, timeout=START_TIMEOUT)
         except subprocess.TimeoutExpired as exc:
@@ -156,8 +155,8 @@ class OursTarget:
             "fsync": ("unknown (an existing cluster)" if self.given_endpoints else
                       "on: nodes run with --fsync (journal flushed before acknowledging)"
                       if self.fsync else
-                      "off: the journal is an mmap, not fsynced "
-                      "(survives kill -9, not power loss)"),
+                      "off: nodes run with --no-fsync (journal written, not fsynced: "
+                      "survives kill -9, not power loss)"),
             "node_cpu": "measured" if self.pids else "not measured (nodes not on this machine)",
             "dir": str(self._tmp) if self._tmp else None,
         }

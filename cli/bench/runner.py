@@ -36,7 +36,7 @@ class BenchOptions:
     consistency: str = "l"
     sessions: bool = True
     nodes: int = 3
-    fsync: bool = False
+    fsync: bool = True
     compare: list[str] = field(default_factory=list)
     endpoints: list[str] = field(default_factory=list)
     op_timeout: float = 5.0

@@ -7,8 +7,11 @@ does about each defect of ``shared/reference/pysyncobj-0.3.17.md``:
   peer message is sealed with AES-GCM under a key derived from it (``kvstore.node.wire_crypto``,
   cheaper than PySyncObj's Fernet); a message that does not open is never unpickled.
 * D2 (binds 0.0.0.0): ``bindAddress`` is always the node's own address.
-* D3 (no fsync): our dump file is fsynced, and so is its directory after the rename. The journal
-  is not: acknowledged writes survive ``kill -9`` of any number of nodes, not power loss.
+* D3, D9, D10, D12 (persistence: a journal never fsynced, a meta file renamed without fsync, an
+  empty journal that cannot be opened, a tail dropped after a snapshot): PySyncObj's journal is
+  replaced by ours (``kvstore.node.journal``, ``meta_file``), checked and repaired before start
+  (``kvstore.node.recovery``); in durable mode (the default) entries are synced before they are
+  acknowledged (``kvstore.node.durable``). Our dump file and its directory are fsynced.
 * D4 (journal without dump loses everything): both, always.
 * D5 (an apply that raises wedges the node): the state machine never raises; if it ever does,
   the node stops itself and reports it rather than run on with a state that may differ.
@@ -40,8 +43,9 @@ from pysyncobj.node import TCPNode
 from pysyncobj.poller import POLL_EVENT_TYPE
 
 from kvstore.entry import encode_batch
-from kvstore.node import d6_fence, dial, dump_file, durable, membership
+from kvstore.node import d6_fence, dial, dump_file, durable, journal_hook, membership, recovery
 from kvstore.node.internals import Internals
+from kvstore.node.journal import JournalFailed
 from kvstore.node.member_table import MemberInfo, Role, Table, bootstrap
 from kvstore.node.outcomes import (
     BatchCallback,
@@ -86,8 +90,8 @@ class RaftOptions:
     d6_fence: bool = True
     dial_via: Mapping[str, str] = field(default_factory=dict)
     """Peer raft address -> host:port to connect to instead (a fault proxy: ``kvstore.node.dial``)."""
-    fsync: bool = False
-    """Make the journal durable before acknowledging or sending entries (``kvstore.node.durable``)."""
+    fsync: bool = True
+    """Make the journal durable before acknowledging entries (``kvstore.node.durable``)."""
     members: Table | None = None
     """The bootstrap member table, used only while neither the log nor a snapshot holds one
     (default: ``self_address`` and ``peers``, all voters, without names or API addresses)."""
@@ -145,13 +149,17 @@ class RaftNode(SyncObj):
         self._n_waiting: deque[tuple[bytes, Waiter]] = deque()
         self.counters: Counter[str] = Counter()
         self._n_on_tick_hooks: list[Callable[[], None]] = []
+        self._n_sync_before_commit: Callable[[], None] | None = None
         self._n_crypto = WireCrypto(options.password)
         self._n_hold_proposals = False
         self.membership: membership.Membership | None = None
+        self._n_journal = recovery.prepare(options.data_dir)  # CannotRestart: one line
+        self._n_journal.on_failure = self._n_fail_stop
+        journal_path = os.path.join(options.data_dir, recovery.JOURNAL)
         conf = SyncObjConf(
             password=options.password,
             bindAddress=options.self_address,
-            journalFile=os.path.join(options.data_dir, "raft.journal"),
+            journalFile=journal_path,
             fullDumpFile=os.path.join(options.data_dir, dump_file.FILE_NAME),
             serializer=self._n_serialize,
             deserializer=self._n_deserialize,
@@ -173,12 +181,15 @@ class RaftNode(SyncObj):
             others = [p for p in options.peers if p != options.self_address]
             peers = dial.peer_nodes(others, options.dial_via)
         try:
-            super().__init__(options.self_address, peers, conf)
+            with journal_hook.providing(journal_path, self._n_journal):
+                super().__init__(options.self_address, peers, conf)
         except SyncObjException as exc:  # taken between our check and PySyncObj's bind
             raise OSError(f"cannot listen on {options.self_address} (the Raft port): "
                           f"{exc.errorCode}") from None
         # After SyncObj.__init__: wiring only, no new attributes.
         self.internals = Internals(self)
+        if self.internals.raft_log is not self._n_journal:
+            raise RuntimeError("PySyncObj did not take our journal (kvstore.node.journal_hook)")
         self._poller.subscribe(self._n_wake_r, self._n_on_wake, POLL_EVENT_TYPE.READ)
         self.addOnTickCallback(self._n_on_tick)
         if options.d6_fence:
@@ -190,7 +201,10 @@ class RaftNode(SyncObj):
                 hold=self._n_hold, on_fatal=self._n_fail)
             self.add_tick_hook(self.membership.on_tick)
         if options.fsync:
-            self.add_tick_hook(durable.install(self, self.internals, self.counters, alone=not others))
+            sync = durable.install(self, self.internals, self.counters, alone=not others)
+            self.add_tick_hook(sync)
+            if not others:  # a lone leader commits as soon as it ticks: sync before that
+                self._n_sync_before_commit = sync
         if profile.driven:
             self._n_thread = threading.Thread(target=self._n_drive, daemon=True,
                                               name=f"raft-tick-{options.self_address}")
@@ -332,7 +346,7 @@ class RaftNode(SyncObj):
         return bool(self._isLeader())
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stops ticking and closes sockets; PySyncObj flushes the journal's mmap on destroy."""
+        """Stops ticking and closes sockets; the journal is synced and closed on destroy."""
         if self._n_options.profile.driven:
             self._n_stopping.set()
             self._n_wake()
@@ -371,9 +385,13 @@ class RaftNode(SyncObj):
                     if last != sent:
                         internals.force_append()
                         sent = last
+                if self._n_sync_before_commit is not None:
+                    self._n_sync_before_commit()
                 # A command still queued inside PySyncObj is appended at the end of the tick:
                 # do not let the next tick sleep in poll() before shipping it.
                 self.doTick(0.0 if internals.queue else idle)
+            except JournalFailed:
+                break  # fail-stop: the journal has said why (status: fatal)
             except Exception:
                 self.counters["tick_exceptions"] += 1
                 log.exception("tick failed")
@@ -421,6 +439,11 @@ class RaftNode(SyncObj):
                 future.set_exception(exc)
         for hook in self._n_on_tick_hooks:
             hook()
+
+    def _n_fail_stop(self, reason: str) -> None:
+        """The disk failed under the journal: stop ticking, report ``fatal``, refuse proposals."""
+        self._n_fatal = f"disk failure: {reason}"
+        self._n_stopping.set()
 
     # -- snapshots ------------------------------------------------------------------------
 

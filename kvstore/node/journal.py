@@ -1,0 +1,367 @@
+"""The node's Raft log on disk, replacing PySyncObj's ``FileJournal``: checksummed records, a
+torn tail dropped at start-up, and entries forgotten only after the snapshot that covers them is
+on disk.
+
+PySyncObj's journal (``pysyncobj/journal.py``) is an mmap that is never flushed (D3), cannot be
+opened when empty (D10), has no record checksums (a torn or zero-filled tail is read as entries,
+or raises), rewrites itself in place on compaction, and drops its whole tail when the snapshot
+was renamed into place but the journal not yet compacted (D12, below). This one keeps the same
+interface (PySyncObj calls it exactly as it calls its own) on a plain file written with
+``pwrite``; ``kvstore.node.journal_hook`` puts it in PySyncObj's place.
+
+File format (``raft.journal``; little-endian)::
+
+    MAGIC (16 bytes: b"KVJOURNAL1\\n" and five zero bytes)
+    record*:  u32 payload length | u32 crc32 | u64 index | u64 term | payload
+
+The crc32 (zlib's) covers the length, index, term and payload. Indexes are consecutive and
+terms never decrease. The payload is PySyncObj's command bytes, unchanged.
+
+Rules, each in one place below:
+
+* **Durable before acknowledged** is the caller's business (``kvstore.node.durable`` calls
+  ``sync`` before an acknowledgement); ``sync`` is one ``fdatasync`` of everything appended.
+* **A torn tail is dropped, corruption is refused** (``_scan``): the first record that does not
+  check out ends the log if it is the last thing in the file (cut short, zero-filled, or a last
+  record whose checksum fails: a write the power interrupted, never acknowledged in durable
+  mode); if a valid record follows it, the disk is damaged and the node refuses to start.
+* **Forget only what a durable snapshot covers**: before ``clear`` and ``deleteEntriesTo`` drop
+  entries, the snapshot file (which PySyncObj has just renamed into place) and the directory are
+  fsynced; the compacted journal is written to a temporary file, fsynced and renamed, never
+  rewritten in place.
+* **Fail-stop**: the first failed write, truncation or fsync poisons the journal: that call and
+  every later one raise ``JournalFailed`` (after a failed fsync, the kernel may have dropped the
+  dirty pages: retrying would report success for data that is gone), and ``on_failure`` tells
+  the node, which stops.
+
+Term, vote and commit index live in ``kvstore.node.meta_file`` (PySyncObj's journal interface
+carries them, so this class forwards to it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+from kvstore.node.meta_file import Meta, MetaFile
+
+log = logging.getLogger("kvstore.node.journal")
+
+MAGIC = b"KVJOURNAL1\n\0\0\0\0\0"
+RECORD = struct.Struct("<IIQQ")
+"""payload length, crc32, index, term."""
+_CRC_FIELDS = struct.Struct("<IQQ")
+MAX_PAYLOAD = 1 << 30
+
+Entry = tuple[bytes, int, int]
+"""(command, index, term), as PySyncObj keeps them."""
+
+
+class JournalFailed(OSError):
+    """A write, truncation or fsync of the journal failed: the node must stop (fail-stop)."""
+
+
+class JournalCorrupt(Exception):
+    """The journal is damaged in a way that is not a torn tail: the node cannot trust it."""
+
+
+def crc(index: int, term: int, payload: bytes) -> int:
+    return zlib.crc32(payload, zlib.crc32(_CRC_FIELDS.pack(len(payload), index, term)))
+
+
+def encode(index: int, term: int, payload: bytes) -> bytes:
+    return RECORD.pack(len(payload), crc(index, term, payload), index, term) + payload
+
+
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Scan:
+    """What ``_scan`` found in a journal's bytes."""
+
+    def __init__(self) -> None:
+        self.entries: list[Entry] = []
+        self.offsets: list[int] = []
+        self.end = len(MAGIC)
+        """Where the valid records end (the file is cut here if it is longer)."""
+        self.problem = ""
+        """Why the records stop before the end of the file ("" if they do not)."""
+
+
+def _scan(data: bytes, name: str) -> Scan:
+    """The valid records of ``data`` (which starts with MAGIC); raises ``JournalCorrupt`` when
+    a bad record is followed by a good one."""
+    scan = Scan()
+    offset, size = len(MAGIC), len(data)
+    while offset < size:
+        problem, length = _check(data, offset, scan.entries[-1] if scan.entries else None)
+        if problem:
+            after = offset + RECORD.size + length
+            if (problem == "checksum" and after < size
+                    and not _check(data, after, None)[0]):
+                raise JournalCorrupt(
+                    f"{name}: the record at offset {offset} fails its checksum but a valid "
+                    f"record follows it: the disk is damaged, not a write cut short")
+            if problem == "out of order":
+                raise JournalCorrupt(f"{name}: the record at offset {offset} is valid but out "
+                                     "of order (its index or term does not follow)")
+            scan.problem = problem
+            break
+        _length, _crc, index, term = RECORD.unpack_from(data, offset)
+        start = offset + RECORD.size
+        scan.entries.append((data[start:start + length], index, term))
+        scan.offsets.append(offset)
+        offset = start + length
+    scan.end = offset
+    return scan
+
+
+def _check(data: bytes, offset: int, previous: Entry | None) -> tuple[str, int]:
+    """("", payload length) for a valid record at ``offset``, else (the problem, length)."""
+    if len(data) - offset < RECORD.size:
+        return "cut short", 0
+    length, checksum, index, term = RECORD.unpack_from(data, offset)
+    if length > MAX_PAYLOAD or offset + RECORD.size + length > len(data):
+        return "cut short", 0
+    payload = data[offset + RECORD.size:offset + RECORD.size + length]
+    if checksum != crc(index, term, payload):
+        return "checksum", length
+    if previous is not None and (index != previous[1] + 1 or term < previous[2]):
+        return "out of order", length
+    return "", length
+
+
+class Journal:
+    """PySyncObj's journal interface on a checksummed file. Not thread-safe: the tick thread
+    owns it."""
+
+    def __init__(self, path: str, meta: MetaFile, snapshot_path: str,
+                 entries: list[Entry], offsets: list[int], end: int) -> None:
+        self.path = path
+        self.meta_file = meta
+        self.meta: Meta = meta.load_or_default()
+        self.snapshot_path = snapshot_path
+        self.directory = os.path.dirname(path) or "."
+        self._entries = entries
+        self._offsets = offsets
+        self._end = end
+        self._fd = os.open(path, os.O_RDWR)
+        self._dirty = False
+        self.synced_index = entries[-1][1] if entries else 0
+        """The last index known to be on disk (``sync`` moves it)."""
+        self.failed: str | None = None
+        self.on_failure: Callable[[str], None] = lambda reason: None
+        self.syncs = 0
+
+    # -- creating and opening -------------------------------------------------------------
+
+    @staticmethod
+    def create(path: str) -> None:
+        """A new, empty journal, durable (file and name) before anything is appended."""
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(MAGIC)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_path(os.path.dirname(path) or ".")
+
+    @classmethod
+    def open(cls, path: str, meta: MetaFile, snapshot_path: str) -> Journal:
+        """Opens ``path`` (which starts with MAGIC), cutting a torn tail off it."""
+        with open(path, "rb") as f:
+            data = f.read()
+        scan = _scan(data, os.path.basename(path))
+        if scan.end < len(data):
+            log.warning("%s: dropped %d bytes after entry %s (%s): a write the power cut short",
+                        path, len(data) - scan.end,
+                        scan.entries[-1][1] if scan.entries else "none", scan.problem)
+            with open(path, "r+b") as f:
+                f.truncate(scan.end)
+                f.flush()
+                os.fsync(f.fileno())
+        return cls(path, meta, snapshot_path, scan.entries, scan.offsets, scan.end)
+
+    # -- what PySyncObj calls -------------------------------------------------------------
+
+    def add(self, command: Any, idx: int, term: int) -> None:
+        payload = command if isinstance(command, bytes) else bytes(command)
+        record = encode(idx, term, payload)
+        self._io("write", os.pwrite, self._fd, record, self._end)
+        self._entries.append((payload, idx, term))
+        self._offsets.append(self._end)
+        self._end += len(record)
+        self._dirty = True
+
+    def clear(self) -> None:
+        """Forgets every entry: PySyncObj does this right after loading a snapshot."""
+        self._snapshot_durable()
+        self._truncate(0)
+
+    def deleteEntriesFrom(self, entryFrom: int) -> None:  # noqa: N802 - PySyncObj's name
+        """Drops the entries from position ``entryFrom`` on (a conflict with the leader)."""
+        if entryFrom < len(self._entries):
+            self._truncate(entryFrom)
+
+    def deleteEntriesTo(self, entryTo: int) -> None:  # noqa: N802
+        """Drops the entries before position ``entryTo``: the snapshot covers them."""
+        if entryTo <= 0:
+            return
+        self._snapshot_durable()
+        self._rewrite(self._entries[entryTo:])
+
+    def __getitem__(self, item: Any) -> Any:
+        return self._entries[item]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _destroy(self) -> None:
+        """A clean stop: everything durable, then closed."""
+        if self._fd < 0:
+            return
+        try:
+            if not self.failed:
+                self.sync()
+                self.store_meta()
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+    def flush(self) -> None:
+        self.sync()
+
+    def setRaftCommitIndex(self, raftCommitIndex: int) -> None:  # noqa: N802
+        self.meta = self.meta.with_commit(raftCommitIndex)
+
+    def getRaftCommitIndex(self) -> int:  # noqa: N802
+        return self.meta.commit_index
+
+    def setCurrentTerm(self, term: int, votedForNodeId: Any) -> None:  # noqa: N802
+        """Term and vote are durable (file and directory) before this returns, so before any
+        message that reflects them is sent (Raft's Figure 3.1)."""
+        self.meta = self.meta.with_term(term, votedForNodeId)
+        self.store_meta()
+
+    def getCurrentTerm(self) -> int:  # noqa: N802
+        return self.meta.term
+
+    def getVotedForNodeId(self) -> Any:  # noqa: N802
+        return self.meta.voted_for
+
+    def onOneSecondTimer(self) -> None:  # noqa: N802
+        """Stores a new commit index now and then; it never runs ahead of the durable log."""
+        if self.meta_file.stored != self._capped(self.meta):
+            self.store_meta()
+
+    # -- ours -----------------------------------------------------------------------------
+
+    @property
+    def dirty(self) -> bool:
+        """Something was appended or truncated since the last ``sync``."""
+        return self._dirty
+
+    def sync(self) -> None:
+        """Makes every entry durable (one fdatasync)."""
+        self._check()
+        self._io("fdatasync", os.fdatasync, self._fd)
+        self._dirty = False
+        self.synced_index = self._entries[-1][1] if self._entries else 0
+        self.syncs += 1
+
+    def store_meta(self) -> None:
+        self._check()
+        try:
+            self.meta_file.store(self._capped(self.meta))
+        except OSError as exc:
+            self._fail(f"writing {self.meta_file.path} failed: {exc}", exc)
+
+    def align_to_snapshot(self, prev: Entry, last: Entry) -> None:
+        """At start-up: if the journal holds the snapshot's last two entries, drop what comes
+        before them, so PySyncObj keeps the rest.
+
+        PySyncObj keeps the journal only if its first two entries are the snapshot's
+        (``__loadDumpFile``); otherwise it clears it. After a crash between the rename of a new
+        snapshot and the compaction of the journal, the journal still starts earlier, and
+        PySyncObj would throw away every entry after the snapshot, entries this node may have
+        acknowledged (defect D12)."""
+        if not self._entries:
+            return
+        position = prev[1] - self._entries[0][1]
+        if (0 < position < len(self._entries) - 1 and self._entries[position] == tuple(prev)
+                and self._entries[position + 1] == tuple(last)):
+            log.warning("%s: the snapshot at entry %d was taken but the journal not compacted "
+                        "(a crash in between): compacting it now", self.path, last[1])
+            self._rewrite(self._entries[position:])
+
+    def _capped(self, meta: Meta) -> Meta:
+        return meta.with_commit(min(meta.commit_index, max(self.synced_index, 1)))
+
+    def _snapshot_durable(self) -> None:
+        """The snapshot that covers what is about to be forgotten, and its name, on disk."""
+        self._check()
+        try:
+            if os.path.exists(self.snapshot_path):
+                fsync_path(self.snapshot_path)
+            fsync_path(self.directory)
+        except OSError as exc:
+            self._fail(f"fsync of {self.snapshot_path} failed: {exc}", exc)
+
+    def _truncate(self, position: int) -> None:
+        end = self._offsets[position] if position < len(self._offsets) else self._end
+        self._io("truncate", os.ftruncate, self._fd, end)
+        del self._entries[position:]
+        del self._offsets[position:]
+        self._end = end
+        self._dirty = True
+
+    def _rewrite(self, keep: list[Entry]) -> None:
+        """Replaces the file with one holding ``keep``: written aside, fsynced, renamed."""
+        self._check()
+        tmp = self.path + ".tmp"
+        records = [encode(idx, term, payload) for payload, idx, term in keep]
+        offsets, offset = [], len(MAGIC)
+        for record in records:
+            offsets.append(offset)
+            offset += len(record)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(MAGIC + b"".join(records))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            fsync_path(self.directory)
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError as exc:
+            self._fail(f"compacting {self.path} failed: {exc}", exc)
+        os.close(self._fd)
+        self._fd = fd
+        self._entries, self._offsets, self._end = list(keep), offsets, offset
+        self._dirty = False
+        self.synced_index = keep[-1][1] if keep else 0
+
+    def _io(self, what: str, call: Callable[..., Any], *args: Any) -> Any:
+        self._check()
+        try:
+            return call(*args)
+        except OSError as exc:
+            self._fail(f"{what} on {self.path} failed: {exc}", exc)
+
+    def _check(self) -> None:
+        if self.failed:
+            raise JournalFailed(self.failed)
+
+    def _fail(self, reason: str, cause: OSError) -> None:
+        self.failed = reason
+        log.critical("%s: the node stops (fail-stop)", reason)
+        self.on_failure(reason)
+        raise JournalFailed(reason) from cause
