@@ -122,6 +122,23 @@ def test_entries_are_forgotten_only_after_the_snapshot_is_synced(
     assert order[dump_synced + 1] == str(tmp_path), "and the snapshot's name (its directory)"
 
 
+def test_a_snapshot_from_the_leader_is_synced_before_the_journal_is_cleared(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PySyncObj writes a received snapshot and renames it without an fsync (D13), then clears
+    the journal: clearing first syncs the snapshot and its name."""
+    journal = filled(tmp_path, 10)
+    (tmp_path / "raft.dump").write_bytes(b"snapshot from the leader")
+    order: list[str] = []
+    real_fsync, real_ftruncate = os.fsync, os.ftruncate
+    monkeypatch.setattr(os, "fsync", lambda fd: (order.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                real_fsync(fd))[1])
+    monkeypatch.setattr(os, "ftruncate", lambda fd, n: (order.append("truncate journal"),
+                                                        real_ftruncate(fd, n))[1])
+    journal.clear()
+    assert order == [str(tmp_path / "raft.dump"), str(tmp_path), "truncate journal"]
+    assert len(journal) == 0
+
+
 def test_sync_makes_the_appended_entries_durable_and_says_so(tmp_path: Path) -> None:
     journal = filled(tmp_path, 3)
     assert journal.dirty
