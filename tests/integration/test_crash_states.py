@@ -298,3 +298,29 @@ def test_a_journal_and_meta_in_pysyncobjs_format_are_converted(copy) -> None:  #
     restarts_with(data, ALL)
     assert (data / "raft.journal").read_bytes().startswith(MAGIC)
     assert not (data / "raft.journal.meta").exists()
+
+
+def test_kv_node_run_refuses_in_one_line_and_kv_node_reset_is_the_way_out(copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    data = copy("compacted")
+    (data / "raft.dump").write_bytes(b"KVSNAP1\n" + bytes(64))
+    secret = tmp_path / "secret"
+    secret.write_text("crash-states")
+    run = [sys.executable, "-m", "cli", "node", "run", "--id", "n1", "--cluster-id", "11",
+           "--raft", f"127.0.0.1:{free_port()}", "--api", f"127.0.0.1:{free_port()}",
+           "--data-dir", str(data), "--secret-file", str(secret)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KV_")}
+    refused = subprocess.run(run, capture_output=True, text=True, timeout=60, env=env)
+    assert refused.returncode == 1
+    assert "Traceback" not in refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "raft.dump" in lines[0] and "kv node reset" in lines[0], lines
+    reset = subprocess.run([sys.executable, "-m", "cli", "node", "reset", "--data-dir",
+                            str(data), "--yes"], capture_output=True, text=True, timeout=60,
+                           env=env)
+    assert reset.returncode == 0, reset.stderr
+    assert not [p.name for p in data.iterdir() if p.name.startswith("raft.")]
+    with node(data) as client:  # an empty node again (alone here, so with no data)
+        client.put(b"k", b"v")
