@@ -8,6 +8,7 @@ Exit code 0 only for a valid history.
 from __future__ import annotations
 
 import secrets
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -95,10 +96,16 @@ def check(workloads: list[str], faults: list[str], duration: float, seed: int | 
     def progress(line: str) -> None:
         click.echo(("\r" + line) if tty else line, err=True, nl=not tty)
 
+    def interrupted(*_: Any) -> None:
+        raise KeyboardInterrupt  # unwinds through every finally: nodes stopped, disks unmounted
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
     try:
         outcome = run_check(options, progress)
     except TimeoutError as exc:
         raise CliError(f"the cluster under test did not come up: {exc}") from exc
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if tty:
         click.echo(err=True)
     summary = {**outcome.summary, "report": str(outcome.report) if outcome.report else None}

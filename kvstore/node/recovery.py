@@ -138,6 +138,9 @@ def _open_journal(paths: Paths) -> Journal:
         with open(paths.journal, "rb") as f:
             head = f.read(len(MAGIC))
     except FileNotFoundError:
+        if _had_state(paths):
+            log.warning("%s is missing: its name never reached the disk; starting with an "
+                        "empty log (the node catches up from its peers)", paths.journal)
         Journal.create(paths.journal)
         return Journal.open(paths.journal, meta, paths.dump)
     if head == MAGIC:

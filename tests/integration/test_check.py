@@ -24,10 +24,17 @@ def kv_check(report: Path, *args: str,
              timeout: float = RUN_DEADLINE) -> tuple[int, dict[str, object], str]:
     """Runs ``kv check -w json`` and returns (exit code, verdict summary, stderr)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KV_")}
-    done = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "cli", "check", "-w", "json", "--seed", str(SEED),
          "--report", str(report), *args],
-        capture_output=True, text=True, env=env, timeout=timeout, check=False)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # kv check stops its nodes and unmounts its file systems on SIGTERM
+        stdout, stderr = proc.communicate(timeout=60)
+        raise AssertionError(f"kv check {' '.join(args)} ran over {timeout:.0f} s") from None
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     print(f"kv check --seed {SEED} {' '.join(args)} -> exit {done.returncode}")
     print(done.stdout)
     assert "Traceback" not in done.stderr, done.stderr

@@ -324,3 +324,13 @@ def test_kv_node_run_refuses_in_one_line_and_kv_node_reset_is_the_way_out(copy, 
     assert not [p.name for p in data.iterdir() if p.name.startswith("raft.")]
     with node(data) as client:  # an empty node again (alone here, so with no data)
         client.put(b"k", b"v")
+
+
+def test_a_missing_journal_restarts_from_the_snapshot(copy) -> None:  # type: ignore[no-untyped-def]
+    """The journal's name never reached the disk, the snapshot's did: the snapshot's state is
+    back, the entries after it are not (they are on the peers)."""
+    data = copy("compacted")
+    (data / "raft.journal").unlink()
+    with node(data) as client:
+        present = keys_present(client)
+    assert present == ALL[:len(present)]
