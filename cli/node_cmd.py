@@ -14,10 +14,8 @@ from pathlib import Path
 
 import click
 
-from cli.exits import ERROR, INVALID_INPUT, CliError
 from cli.kv_click import KvGroup
 from cli.params import Integer
-from cli.settings import Settings, global_options
 from kvstore.config import (
     DEFAULT_SNAPSHOT_COUNT,
     ConfigError,
@@ -167,53 +165,3 @@ def run(node_id: str, cluster_id: int, raft: str, api: str, peers: tuple[Member,
     from kvstore.state_machine import StateMachine
 
     run_node(config, PLANTED_BUGS[planted_bug] if planted_bug else StateMachine)
-
-
-@node.command()
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="The node's data directory.")
-@click.option("--id", "node_id", help="A node of the local cluster in --dir (instead of "
-              "--data-dir); it must be stopped.")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@global_options
-def reset(data_dir: Path | None, node_id: str | None, yes: bool) -> None:
-    """Wipes a stopped node's Raft state (log, term and vote, snapshot).
-
-    The way out when a node refuses to restart from damaged files: started again, it rejoins
-    empty and the leader sends it a snapshot. Safe only while the other nodes are a majority
-    that holds every acknowledged write: resetting a majority loses data. The node's other
-    files (its log output, its pid file) are kept.
-    """
-    from cli import processes
-    from kvstore.node.recovery import STATE_FILES
-
-    if (data_dir is None) == (node_id is None):
-        raise click.UsageError("give --data-dir DIR or --id ID")
-    if node_id is not None:
-        cluster = Settings.current().cluster
-        spec = cluster.load()
-        try:
-            member = spec.node(node_id)
-        except KeyError:
-            raise CliError(f"no node {node_id!r} in {cluster.path}", INVALID_INPUT) from None
-        if processes.running_pid(cluster, member) is not None:
-            raise CliError(f"{node_id} is running: stop it first (kv cluster down, or kill it)")
-        data_dir = cluster.data_dir(member)
-    assert data_dir is not None
-    if not data_dir.is_dir():
-        raise CliError(f"{data_dir} is not a directory", INVALID_INPUT)
-    present = [name for name in STATE_FILES if (data_dir / name).exists()]
-    if not present:
-        click.echo(f"{data_dir}: no Raft state to remove", err=True)
-        return
-    if not yes and not click.confirm(f"remove {', '.join(present)} from {data_dir}?"):
-        raise CliError("nothing removed", ERROR)
-    for name in present:
-        (data_dir / name).unlink()
-    fd = os.open(data_dir, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    click.echo(f"{data_dir}: removed {', '.join(present)}; start the node and it rejoins "
-               "from the leader's snapshot", err=True)

@@ -11,6 +11,7 @@ and returns the journal PySyncObj will use. Every case has a test in
 found                                                     what happens
 ========================================================  =========================================
 nothing                                                   a new node
+only a dump (``kv snapshot restore``)                     a new node that starts from the dump
 temporary files (``*.tmp``)                               removed: a temporary file is never in use
                                                           at start-up (it is renamed when complete)
 journal missing, empty, zero-filled, or a cut header      a new, empty journal (a warning if the
@@ -29,22 +30,22 @@ journal starting after the dump, with entries beyond it   refused (a gap)
 dump renamed but journal not yet compacted (D12)          the journal is compacted now
 ========================================================  =========================================
 
-The way out of a refusal is ``kv node reset --data-dir DIR``: it wipes the node's Raft state so
-that it rejoins as an empty node and receives a snapshot from the leader. That is safe only
-while the other nodes are a majority holding every acknowledged write.
+The way out of a refusal is to replace the node (README, Membership): a node that lost what it
+stored must not come back under its old identity, or a write committed with its help could be
+lost. Moving the data directory away keeps it for inspection.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import struct
 from dataclasses import dataclass, field
 
 from kvstore.config import CannotRestart
+from kvstore.node import dump_file
 from kvstore.node import journal as journal_mod
 from kvstore.node.journal import MAGIC, Entry, Journal, JournalCorrupt
 from kvstore.node.meta_file import VOTE_UNKNOWN, Meta, MetaFile
@@ -58,13 +59,11 @@ LEGACY_META = "raft.journal.meta"
 TEMPORARY = ("raft.journal.tmp", "raft.meta.tmp", "raft.journal.meta.tmp", "raft.dump.tmp",
              "raft.dump.1.tmp")
 """Ours and PySyncObj's (its meta, its dump, and a dump being received from the leader)."""
-STATE_FILES = (JOURNAL, META, DUMP, LEGACY_META, "raft.dump.damaged", *TEMPORARY)
-"""Everything ``kv node reset`` removes."""
 
 _LEGACY_NAME = b"PYSYNCOBJ"
 _LEGACY_FIRST_RECORD = 40
 _LEGACY_LAST_RECORD_OFFSET = 36
-_DUMP_MAGIC_V1 = b"KVSNAP1\n"
+
 _DIGEST_BYTES = 32
 
 
@@ -90,8 +89,8 @@ class Paths:
 
 
 def way_out(data_dir: str) -> str:
-    return (f"to rejoin from a peer's snapshot, wipe this node's state with 'kv node reset "
-            f"--data-dir {data_dir}' (only while the other nodes are a majority)")
+    return (f"this node must be replaced, not restarted (move {data_dir} away, then: kv cluster "
+            "remove-node ID && kv cluster add-node; or kv member remove, then add a new node)")
 
 
 def prepare(data_dir: str) -> Journal:
@@ -103,12 +102,14 @@ def prepare(data_dir: str) -> Journal:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(data_dir, name))
             log.info("removed %s, left by a crash", name)
+    seeded = not os.path.exists(paths.journal) and not os.path.exists(paths.meta)
+    """Only a dump, or nothing: a new node (``kv snapshot restore`` seeds nodes with a dump)."""
     try:
         dump = _check_dump(paths)
-        journal = _open_journal(paths)
+        journal = _open_journal(paths, seeded)
     except JournalCorrupt as exc:
         raise CannotRestart(f"{exc}; {way_out(data_dir)}") from None
-    _check_meta(paths, journal, dump)
+    _check_meta(paths, journal, dump, seeded)
     if journal:
         first = journal[0][1]
         if dump is None and first > 1:
@@ -132,13 +133,13 @@ def _refuse(paths: Paths, problem: str) -> None:
 
 # -- the journal ------------------------------------------------------------------------------
 
-def _open_journal(paths: Paths) -> Journal:
+def _open_journal(paths: Paths, seeded: bool) -> Journal:
     meta = MetaFile(paths.meta)
     try:
         with open(paths.journal, "rb") as f:
             head = f.read(len(MAGIC))
     except FileNotFoundError:
-        if _had_state(paths):
+        if not seeded and _had_state(paths):
             log.warning("%s is missing: its name never reached the disk; starting with an "
                         "empty log (the node catches up from its peers)", paths.journal)
         Journal.create(paths.journal)
@@ -203,7 +204,7 @@ def _convert_legacy(paths: Paths) -> None:
 
 # -- term and vote ----------------------------------------------------------------------------
 
-def _check_meta(paths: Paths, journal: Journal, dump: DumpInfo | None) -> None:
+def _check_meta(paths: Paths, journal: Journal, dump: DumpInfo | None, seeded: bool) -> None:
     stored, why = journal.meta_file.load()
     if stored is not None:
         journal.meta = stored
@@ -213,7 +214,7 @@ def _check_meta(paths: Paths, journal: Journal, dump: DumpInfo | None) -> None:
         journal.meta = legacy
         log.info("%s: term %d and vote taken from PySyncObj's %s", paths.meta, legacy.term,
                  LEGACY_META)
-    elif journal or dump is not None:
+    elif journal or (dump is not None and not seeded):
         terms = ([journal[-1][2]] if journal else []) + ([dump.last[2]] if dump else [])
         term = max(terms)
         journal.meta = Meta(term=term, voted_for=VOTE_UNKNOWN)
@@ -267,7 +268,7 @@ def _check_dump(paths: Paths) -> DumpInfo | None:
 def _verify_dump(path: str) -> str | None:
     """Every dump format ends with the sha256 of everything before it."""
     size = os.path.getsize(path)
-    if size < len(_DUMP_MAGIC_V1) + _DIGEST_BYTES:
+    if size < len(dump_file.MAGIC) + _DIGEST_BYTES:
         return "is empty or cut short"
     checksum = hashlib.sha256()
     with open(path, "rb") as f:
@@ -283,10 +284,7 @@ def _verify_dump(path: str) -> str | None:
 
 def _dump_entries(path: str) -> DumpInfo:
     with open(path, "rb") as f:
-        if f.read(len(_DUMP_MAGIC_V1)) != _DUMP_MAGIC_V1:
-            raise CannotRestart(f"{path}: unknown dump format")
-        (meta_len,) = struct.unpack("<I", f.read(4))
-        meta = json.loads(f.read(meta_len))
+        meta = dump_file.read_meta(f)
 
     def entry(doc: list[object]) -> Entry:
         return bytes.fromhex(str(doc[0])), int(str(doc[1])), int(str(doc[2]))
