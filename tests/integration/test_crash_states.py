@@ -2,8 +2,9 @@
 names the file and the way out (``kvstore.node.recovery``).
 
 Each test copies the data directory of a one-node cluster that wrote ``KEYS`` keys, damages it
-the way a crash or a power loss would, and starts the node again in this process. A node that
-restarts must answer, keep every entry that was intact, and accept new writes.
+the way a crash or a power loss would, and starts the node again in this process, at the same
+addresses (its snapshot records them as its membership). A node that restarts must answer, keep
+every entry that was intact, and accept new writes.
 """
 
 from __future__ import annotations
@@ -32,9 +33,18 @@ pytestmark = pytest.mark.integration
 KEYS = 12
 
 
+def member_of(data_dir: Path) -> Member:
+    """The node's addresses, kept beside its data directory (the same on every restart)."""
+    sidecar = data_dir.parent / f"{data_dir.name}.member"
+    if not sidecar.exists():
+        sidecar.write_text(f"127.0.0.1:{free_port()} 127.0.0.1:{free_port()}")
+    raft, api = sidecar.read_text().split()
+    return Member(raft, api)
+
+
 @contextmanager
 def node(data_dir: Path, snapshot_count: int = 1000) -> Iterator[Client]:
-    me = Member(f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")
+    me = member_of(data_dir)
     config = NodeConfig(cluster_id=11, node_id="n1", me=me, peers=(), data_dir=data_dir,
                         secret="crash-states", snapshot_count=snapshot_count)
     with serving(config), Client([me.api_address], timeout=10) as client:
@@ -69,6 +79,8 @@ def copy(golden: dict[str, Path], tmp_path: Path):  # type: ignore[no-untyped-de
     def make(kind: str) -> Path:
         target = tmp_path / kind
         shutil.copytree(golden[kind], target)
+        source = golden[kind]
+        shutil.copy(source.parent / f"{source.name}.member", tmp_path / f"{kind}.member")
         return target
     return make
 
