@@ -79,7 +79,8 @@ def test_a_status_is_a_table_in_a_terminal(cluster: Cluster) -> None:
         os.close(controller)
     lines = shown.decode().splitlines()
     assert done.returncode == 0, done.stderr
-    assert lines[1].split() == ["|", "ID", "|", "ENDPOINT", "|", "PID", "|", "ROLE", "|", "TERM",
+    assert lines[1].split() == ["|", "ID", "|", "ENDPOINT", "|", "PID", "|", "ROLE", "|", "FSYNC", "|",
+                                "TERM",
                                 "|", "COMMIT", "|", "APPLIED", "|", "LAG", "|", "SESSIONS", "|",
                                 "KEYS", "|", "DIGEST", "|", "ALARMS", "|"]
     piped = cluster.run("cluster", "status", check=True).stdout.splitlines()
