@@ -14,6 +14,11 @@ when they were certainly not applied.
 A ``Client`` is safe to share between threads: gRPC channels are thread-safe, and the little
 state the client keeps (the leader it last saw, the pool of sessions of the convenience
 methods) is behind a lock. A ``Session`` is not: give each thread its own.
+
+With ``tls`` (``kvstore.tls.ClientTLS``) every channel is mutual TLS. A node that refuses the
+client's certificate closes the connection at the handshake, which looks like a node going
+away; the client then asks ``kvstore.tls.explain_refusal`` and, if the credentials were the
+reason, raises ``Unauthenticated`` at once rather than retrying until its deadline.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from kvstore import api_errors, commands, errors, ops, results
 from kvstore.config import ConfigError, split_address
 from kvstore.proto import api_pb2, api_pb2_grpc
 from kvstore.proto.log_pb2 import Command, Result
+from kvstore.tls import ClientTLS, explain_refusal, open_channel
 from session.errors import ClusterMismatchError, SessionInvariantError
 from session.session import Session, new_noop_session, new_session
 
@@ -45,6 +51,8 @@ attempt goes to another node."""
 
 _CONSISTENCY = {"linearizable": api_pb2.LINEARIZABLE, "serializable": api_pb2.SERIALIZABLE}
 _NEVER_SENT = ("failed to connect", "connection refused", "dns resolution failed", "name resolution")
+_TLS_TROUBLE = ("socket closed", "handshake failed")
+"""What gRPC says when a node closed the connection at the TLS handshake (see ``kvstore.tls``)."""
 _T = TypeVar("_T")
 
 
@@ -58,6 +66,7 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         dial_timeout: float = 2.0,
         cluster_id: int | None = None,
+        tls: ClientTLS | None = None,
     ) -> None:
         if not endpoints:
             raise errors.InvalidArgument("no endpoints given")
@@ -70,6 +79,7 @@ class Client:
         self.timeout = timeout
         self.dial_timeout = dial_timeout
         self._cluster_id = cluster_id
+        self._tls = tls
         self._lock = threading.Lock()
         self._channels: dict[str, tuple[grpc.Channel, api_pb2_grpc.KVStub]] = {}
         self._preferred = self.endpoints[0]
@@ -88,10 +98,15 @@ class Client:
                timeout: float | None = None) -> api_pb2.NodeStatus:
         """One node's status; raises ``Unavailable`` if it does not answer."""
         request = api_pb2.StatusRequest(with_digest=with_digest)
+        timeout = timeout or self.dial_timeout
         try:
-            return self._stub(endpoint).Status(request, timeout=timeout or self.dial_timeout)
+            return self._stub(endpoint).Status(request, timeout=timeout)
         except grpc.RpcError as exc:
-            raise errors.Unavailable(f"{endpoint}: {_details(exc)}") from exc
+            failure = _classify(exc)
+            if isinstance(failure, errors.AccessDenied):
+                raise failure from exc
+            raise self._refusal(endpoint, exc, timeout) or errors.Unavailable(
+                f"{endpoint}: {_details(exc)}") from exc
 
     def snapshot(self, out: BinaryIO, *, timeout: float | None = None) -> int:
         """Writes a consistent snapshot of the whole state, taken by the leader, to ``out``
@@ -343,9 +358,19 @@ class Client:
     def _stub(self, endpoint: str) -> api_pb2_grpc.KVStub:
         with self._lock:
             if endpoint not in self._channels:
-                channel = grpc.insecure_channel(endpoint)
+                channel = open_channel(endpoint, self._tls)
                 self._channels[endpoint] = (channel, api_pb2_grpc.KVStub(channel))
             return self._channels[endpoint][1]
+
+    def _refusal(self, endpoint: str, exc: grpc.RpcError,
+                 timeout: float) -> errors.Unauthenticated | None:
+        """``Unauthenticated`` if ``endpoint`` closed the connection because of our TLS settings
+        (not on every failure: only when gRPC saw the connection close at the handshake)."""
+        if exc.code() != grpc.StatusCode.UNAVAILABLE or not any(
+                s in _details(exc).lower() for s in _TLS_TROUBLE):
+            return None
+        reason = explain_refusal(endpoint, self._tls, max(min(timeout, self.dial_timeout), 0.1))
+        return errors.Unauthenticated(reason) if reason else None
 
     def _discover_cluster_id(self) -> int:
         failures = []
@@ -388,6 +413,9 @@ class Client:
                     last_error = f"{endpoint}: {_details(exc)}"
                     if isinstance(failure, errors.KVError):
                         raise failure from exc
+                    refusal = None if maybe_applied else self._refusal(endpoint, exc, remaining)
+                    if refusal is not None:
+                        raise refusal from exc
                     if failure == "unknown":
                         maybe_applied = True
                         if not retry_unknown:
@@ -435,6 +463,10 @@ def _classify(exc: grpc.RpcError) -> errors.KVError | Literal["not_applied", "un
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                 grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN):
         return "unknown"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return errors.Unauthenticated(_details(exc))
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return errors.PermissionDenied(_details(exc))
     if code == grpc.StatusCode.FAILED_PRECONDITION and "cluster mismatch" in _details(exc):
         return errors.ClusterMismatch(_details(exc))
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):

@@ -7,8 +7,12 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvstore.limits import DEFAULT_SESSION_CAPACITY
+
+if TYPE_CHECKING:
+    from kvstore.tls import ServerTLS
 
 DEFAULT_SNAPSHOT_COUNT = 5000
 
@@ -58,6 +62,9 @@ class NodeConfig:
     member until one adds it (``kv member add``); ``peers`` are only the members to contact.
     Without it, ``me`` and ``peers`` are the initial members, used while the node's log and
     snapshot hold no member table."""
+    tls: ServerTLS | None = None
+    """The client API's certificate, key and client CA (``kvstore.tls``). Without it the API is
+    plaintext and open to anyone who can connect, so it must then be on a loopback address."""
 
     def __post_init__(self) -> None:
         if not self.secret:
@@ -70,6 +77,10 @@ class NodeConfig:
                 raise ConfigError(f"dial-via names {peer!r}, this node's own raft address")
             split_address(peer)
             split_address(via)
+        if self.tls is None and not is_loopback(self.me.api_address):
+            raise ConfigError(
+                f"refusing to serve the client API on {self.me.api_address} without TLS: anyone "
+                "who can reach it could read and write (pass --cert, --key and --cacert)")
         if self.cluster_id <= 0:
             raise ConfigError("the cluster id must be a positive integer")
         if self.snapshot_count < 1 or self.session_capacity < 1:

@@ -98,3 +98,19 @@ class InvalidCommand(CommandFailed):
     """
 
     exit_code = 3
+
+
+class AccessDenied(KVError):
+    """The node refused the caller's credentials or role: nothing was applied. Retrying with the
+    same credentials cannot help."""
+
+    exit_code = 6
+
+
+class Unauthenticated(AccessDenied):
+    """No acceptable client certificate: none given, one from a CA the node does not trust, an
+    expired one; or a plaintext client talking to a TLS node (or the reverse)."""
+
+
+class PermissionDenied(AccessDenied):
+    """The certificate's role does not allow the call (a ``readonly`` client writing)."""

@@ -12,6 +12,9 @@ The server is ``grpc.aio`` on one event loop in its own thread, not a pool of th
 block until their proposal commits: a batch's answers reach the loop together, and the leader's
 GIL is shared by two busy threads (the loop and the Raft tick) instead of dozens
 (``benchmarks/grpc_ceiling.py --handoff`` measures the difference).
+
+With ``config.tls`` the API is mutual TLS (``kvstore.tls``) and every RPC is authorized by the
+role in the caller's certificate before anything else (``kvstore.auth``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import grpc
 from google.protobuf import message_factory
 from google.protobuf.message import Message
 
-from kvstore import api_errors, commands, results
+from kvstore import api_errors, auth, commands, results
 from kvstore.config import NodeConfig
 from kvstore.entry import encode_entry
 from kvstore.node import KVNode, NodeStatusView, NotApplied, OutcomeUnknown
@@ -293,19 +296,22 @@ class _Malformed:
         self.reason = reason
 
 
-def _handlers(service: KVService) -> grpc.GenericRpcHandler:
-    """The service's handlers, built from the ``.proto`` descriptor, with one difference from
+def _handlers(service: KVService, authorize: bool) -> grpc.GenericRpcHandler:
+    """The service's handlers, built from the ``.proto`` descriptor, with two differences from
     the generated ``add_KVServicer_to_server``: a request that does not decode is answered
-    INVALID_ARGUMENT, a caller's mistake, rather than gRPC's INTERNAL."""
+    INVALID_ARGUMENT, a caller's mistake, rather than gRPC's INTERNAL; and with ``authorize``
+    each call is first checked against the caller's role (``kvstore.auth``). Every RPC must
+    have a permission, with TLS or without: an unclassified one stops the node here."""
     handlers = {}
     for method in api_pb2.DESCRIPTOR.services_by_name["KV"].methods:
         request_type = message_factory.GetMessageClass(method.input_type)
         response_type = message_factory.GetMessageClass(method.output_type)
+        permission = auth.required_permission(method.name)
         make, guard = ((grpc.unary_stream_rpc_method_handler, _guarded_stream)
                        if method.server_streaming else
                        (grpc.unary_unary_rpc_method_handler, _guarded))
         handlers[method.name] = make(
-            guard(getattr(service, method.name)),
+            guard(getattr(service, method.name), method.name, permission if authorize else None),
             request_deserializer=_lenient_parser(request_type),
             response_serializer=response_type.SerializeToString,
         )
@@ -322,11 +328,14 @@ def _lenient_parser(request_type: type[Message]) -> Callable[[bytes], object]:
     return deserialize
 
 
-def _guarded(behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+def _guarded(behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], method: str,
+             permission: auth.Permission | None,
              ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
-    """Refuses malformed requests and sends every ``Refused`` as its status."""
+    """Refuses callers without ``permission`` (if given), then malformed requests, and sends
+    every ``Refused`` as its status."""
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            _authorize(context, method, permission)
             if isinstance(request, _Malformed):
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.reason}")
             return await behavior(request, context)
@@ -335,11 +344,13 @@ def _guarded(behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
     return handle
 
 
-def _guarded_stream(behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+def _guarded_stream(behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
+                    method: str, permission: auth.Permission | None,
                     ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
     """``_guarded`` for a server-streaming RPC."""
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
+            _authorize(context, method, permission)
             if isinstance(request, _Malformed):
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.reason}")
             async for item in behavior(request, context):
@@ -347,6 +358,16 @@ def _guarded_stream(behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIte
         except Refused as refusal:
             await context.abort(refusal.code, refusal.message, trailing_metadata=refusal.metadata)
     return handle
+
+
+def _authorize(context: grpc.aio.ServicerContext, method: str,
+               permission: auth.Permission | None) -> None:
+    """Raises ``Refused`` unless the caller's certificate grants ``permission``; ``None`` means
+    no check (a plaintext node, on loopback only)."""
+    if permission is not None:
+        denied = auth.check(method, permission, context.auth_context())
+        if denied is not None:
+            raise Refused(grpc.StatusCode[denied.code], denied.message)
 
 
 def status_message(view: NodeStatusView, config: NodeConfig) -> api_pb2.NodeStatus:
@@ -425,9 +446,14 @@ class ApiServer:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
         ])
-        server.add_generic_rpc_handlers((_handlers(KVService(self._node, self._config)),))
+        tls = self._config.tls
+        server.add_generic_rpc_handlers(
+            (_handlers(KVService(self._node, self._config), authorize=tls is not None),))
         try:
-            server.add_insecure_port(self._config.me.api_address)
+            if tls is None:
+                server.add_insecure_port(self._config.me.api_address)
+            else:
+                server.add_secure_port(self._config.me.api_address, tls.server_credentials())
         except RuntimeError as exc:
             self._started.set_exception(
                 OSError(f"cannot listen on {self._config.me.api_address}: {exc}"))
@@ -443,6 +469,9 @@ class ApiServer:
 def serving(config: NodeConfig,
             state_machine_type: type[StateMachine] = StateMachine) -> Iterator[KVNode]:
     """A running node with its API server; both stop when the block ends."""
+    warning = config.tls.host_warning(config.me.api_address) if config.tls else None
+    if warning:
+        log.warning("%s", warning)
     node = KVNode(config, state_machine_type)
     api = ApiServer(node, config)
     try:
@@ -450,8 +479,9 @@ def serving(config: NodeConfig,
     except BaseException:
         node.stop()
         raise
-    log.info("node %s serving clients on %s, raft on %s", config.node_id,
-             config.me.api_address, config.me.raft_address)
+    log.info("node %s serving clients on %s (%s), raft on %s", config.node_id,
+             config.me.api_address, "mutual TLS" if config.tls else "plaintext, loopback only",
+             config.me.raft_address)
     try:
         yield node
     finally:
