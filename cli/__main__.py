@@ -4,6 +4,6 @@
 under the interpreter and virtual environment of the command that started them.
 """
 
-from cli.main import main
+from cli.launch import main
 
 main()

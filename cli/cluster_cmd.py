@@ -60,11 +60,15 @@ cluster.add_command(remove_node)
               help="Durable mode (new cluster): nodes fsync their journal before acknowledging "
                    "entries, so acknowledged writes survive power loss [default: on]; "
                    "--no-fsync trades that for speed.")
+@click.option("--tls/--no-tls", default=None,
+              help="Client API over mutual TLS (new cluster): a CA, node and client "
+                   "certificates in DIR/tls, found by every kv command [default: on].")
 @click.option("--start-timeout", type=Duration(), default="30s", show_default=True,
               metavar="DURATION", help="How long to wait for a leader.")
 @global_options
 def up(nodes: int | None, detach: bool, session_capacity: int | None,
-       snapshot_count: int | None, fsync: bool | None, start_timeout: float) -> None:
+       snapshot_count: int | None, fsync: bool | None, tls: bool | None,
+       start_timeout: float) -> None:
     """Creates the cluster if needed and starts every node that is not running.
 
     The number of nodes, the session capacity and the snapshot count are chosen when the
@@ -74,7 +78,7 @@ def up(nodes: int | None, detach: bool, session_capacity: int | None,
     settings = Settings.current()
     cluster_dir = settings.cluster
     wanted = {"nodes": nodes, "session_capacity": session_capacity,
-              "snapshot_count": snapshot_count, "fsync": fsync}
+              "snapshot_count": snapshot_count, "fsync": fsync, "tls": tls}
     if detach:
         spec, started = _start(cluster_dir, wanted)
         leader = _wait_ready(settings, spec, started, time.monotonic() + start_timeout)
@@ -158,12 +162,13 @@ def _load_or_create(cluster_dir: ClusterDir, wanted: dict[str, int | bool | None
             session_capacity=wanted["session_capacity"] or DEFAULT_SESSION_CAPACITY,
             snapshot_count=wanted["snapshot_count"] or DEFAULT_SNAPSHOT_COUNT,
             fsync=wanted["fsync"] is not False,
+            tls=wanted["tls"] is not False,
         )
         click.echo(f"created cluster {spec.cluster_id} in {cluster_dir.path}", err=True)
         return spec
     spec = cluster_dir.load()
     actual = {"nodes": len(spec.nodes), "session_capacity": spec.session_capacity,
-              "snapshot_count": spec.snapshot_count, "fsync": spec.fsync}
+              "snapshot_count": spec.snapshot_count, "fsync": spec.fsync, "tls": spec.tls}
     for name, value in wanted.items():
         if value is not None and value != actual[name]:
             raise CliError(
@@ -252,10 +257,18 @@ def _print_ready(settings: Settings, spec: ClusterSpec, leader: dict[str, object
         f"cluster {spec.cluster_id} is up: {len(spec.nodes)} nodes, leader {leader['id']}",
         *(f"  {node.id}  {node.api}  pid {pids[node.id]}" for node in spec.nodes),
         "Point kv at it with:",
-        f"  export KV_ENDPOINTS={','.join(spec.endpoints)}",
+        f"  export KV_ENDPOINTS={','.join(spec.endpoints)}{_tls_variables(cluster_dir, spec)}",
         f"  or: export KV_CLUSTER_DIR={cluster_dir.path}",
     ]
     emit(Report(data, ["id", "endpoint", "raft", "pid"], rows, simple), settings.write_out)
+
+
+def _tls_variables(cluster_dir: ClusterDir, spec: ClusterSpec) -> str:
+    """The client certificate variables that go with KV_ENDPOINTS, for a TLS cluster."""
+    if not spec.tls:
+        return ""
+    cert, key = cluster_dir.certs.client_files("readwrite")
+    return f" KV_CACERT={cluster_dir.certs.ca_file} KV_CERT={cert} KV_KEY={key}"
 
 
 @contextmanager

@@ -5,6 +5,7 @@ Layout::
     DIR/cluster.json    the cluster id, the node settings, and per node its id, addresses and
                     data directory
     DIR/secret          the cluster secret, mode 0600 (Raft traffic is authenticated with it)
+    DIR/tls/            with TLS: the CA, node and client certificates (``cli.certs``)
     DIR/lock            locked while ``cluster up``/``cluster down`` start or stop nodes
     DIR/<id>/data/      the node's Raft log and snapshots
     DIR/<id>/node.log   the node's stdout and stderr, appended to on every start
@@ -24,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from cli.certs import ClusterCerts
 from cli.exits import INVALID_INPUT, CliError
 from cli.files import write_atomic
 from kvstore.config import DEFAULT_SNAPSHOT_COUNT
@@ -59,6 +61,9 @@ class ClusterSpec:
     """Log entries between snapshots, the same on every node for predictable restarts."""
     fsync: bool = True
     """Durable mode on every node (the default; ``kv cluster up --no-fsync`` turns it off)."""
+    tls: bool = False
+    """The client API over mutual TLS, with the certificates in ``DIR/tls`` (``kv cluster up``
+    makes new clusters so unless ``--no-tls``)."""
 
     @property
     def endpoints(self) -> list[str]:
@@ -85,6 +90,10 @@ class ClusterDir:
     def secret_file(self) -> Path:
         return self.path / "secret"
 
+    @property
+    def certs(self) -> ClusterCerts:
+        return ClusterCerts(self.path / "tls")
+
     def node_dir(self, node_id: str) -> Path:
         return self.path / node_id
 
@@ -102,14 +111,14 @@ class ClusterDir:
 
     def create(self, node_count: int, *, session_capacity: int = DEFAULT_SESSION_CAPACITY,
                snapshot_count: int = DEFAULT_SNAPSHOT_COUNT, fsync: bool = True,
-               cluster_id: int | None = None) -> ClusterSpec:
+               cluster_id: int | None = None, tls: bool = False) -> ClusterSpec:
         """Describes a new cluster of ``node_count`` nodes on free loopback ports and saves it.
 
         The cluster id is random and odd, so it is never 0 ("no cluster") and two local
         clusters never share one by accident: a session of one is refused by the other. Only a
         restore passes one (``kv snapshot restore``: the cluster lives on from its snapshot).
-        The secret is written before ``cluster.json``, so a directory with a description always
-        has its secret.
+        The secret and the certificates are written before ``cluster.json``, so a directory with
+        a description always has them.
         """
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         ports = free_ports(2 * node_count)
@@ -124,8 +133,10 @@ class ClusterDir:
         )
         spec = ClusterSpec(cluster_id=cluster_id or secrets.randbits(63) | 1, nodes=nodes,
                            session_capacity=session_capacity, snapshot_count=snapshot_count,
-                           fsync=fsync)
+                           fsync=fsync, tls=tls)
         write_atomic(self.secret_file, secrets.token_hex(32).encode() + b"\n", mode=0o600)
+        if tls:
+            self.certs.create((node.id, node.api) for node in nodes)
         write_atomic(self.spec_file, encode_spec(spec), mode=0o644)
         return spec
 
@@ -198,6 +209,7 @@ def encode_spec(spec: ClusterSpec) -> bytes:
         "session_capacity": spec.session_capacity,
         "snapshot_count": spec.snapshot_count,
         "fsync": spec.fsync,
+        "tls": spec.tls,
         "nodes": [
             {"id": n.id, "raft": n.raft, "api": n.api, "data_dir": n.data_dir}
             | ({"join": True} if n.join else {})
@@ -227,14 +239,15 @@ def decode_spec(path: Path, data: bytes) -> ClusterSpec:
         if not nodes:
             raise ValueError("no nodes")
         fsync = doc.get("fsync", True)  # absent in files written before the durable mode
-        if not isinstance(fsync, bool):
-            raise ValueError("fsync must be true or false")
+        tls = doc.get("tls", False)  # absent in files written before TLS
+        if not isinstance(fsync, bool) or not isinstance(tls, bool):
+            raise ValueError("fsync and tls must be true or false")
     except KeyError as exc:
         raise CliError(f"{path} is not a cluster description: no {exc}", INVALID_INPUT) from exc
     except (ValueError, TypeError) as exc:
         raise CliError(f"{path} is not a cluster description: {exc}", INVALID_INPUT) from exc
     return ClusterSpec(cluster_id=cluster_id, nodes=nodes, session_capacity=capacity,
-                       snapshot_count=snapshots, fsync=fsync)
+                       snapshot_count=snapshots, fsync=fsync, tls=tls)
 
 
 def free_ports(count: int) -> list[int]:

@@ -87,6 +87,12 @@ class LocalCluster:
     def endpoints(self) -> list[str]:
         return ClusterDir(self.dir).load().endpoints
 
+    def client(self) -> Client:
+        """A client with the cluster's readwrite certificate (``kv cluster up`` makes TLS)."""
+        cluster_dir = ClusterDir(self.dir)
+        tls = cluster_dir.certs.client_tls() if cluster_dir.load().tls else None
+        return Client(self.endpoints(), timeout=10, tls=tls)
+
 
 def leader(client: Client) -> tuple[str, int]:
     """(API endpoint, OS pid) of the current leader."""
@@ -155,7 +161,7 @@ def run_demo(keep: bool) -> None:
         say(f"Starting 3 nodes on 127.0.0.1 in {cluster.dir} ...", dim=True)
         cluster.up()
         try:
-            with Client(cluster.endpoints(), timeout=10) as client:
+            with cluster.client() as client:
                 endpoint, pid = leader(client)
                 say(f"    cluster {client.cluster_id} is up; leader {endpoint} (pid {pid})")
                 summary = tour(client, cluster)

@@ -2,7 +2,8 @@
 
 The codes follow etcdctl where it has one, and add 4 for "outcome unknown", which etcdctl lacks:
 a script must be able to tell "not applied, retry anywhere" (2) from "maybe applied, retry only
-with the same session" (4).
+with the same session" (4); and 6 for refused credentials (no or a wrong client certificate, or
+a role that may not do this), where retrying cannot help until the certificate changes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ UNAVAILABLE = 2
 INVALID_INPUT = 3
 OUTCOME_UNKNOWN = 4
 INTERRUPTED = 5
+ACCESS_DENIED = 6
 BAD_ARGUMENTS = 128
 
 

@@ -16,6 +16,7 @@ import click
 
 from cli import (
     bench_cmd,
+    cert_cmd,
     check_cmd,
     cluster_cmd,
     data_cmd,
@@ -52,18 +53,18 @@ def kv() -> None:
 
     Exit codes: 0 ok, 1 error (also: key not found, compare failed), 2 unavailable,
     3 invalid input, 4 outcome unknown (retry with the same --session), 5 interrupted,
-    128 bad arguments.
+    6 access denied (certificate missing or refused, or its role may not), 128 bad arguments.
     """
 
 
 for command in (*data_cmd.COMMANDS, status_cmd.status, status_cmd.health, session_cmd.session,
                 cluster_cmd.cluster, member_cmd.member, snapshot_cmd.snapshot, node_cmd.node,
-                demo.demo, check_cmd.check, bench_cmd.bench, version_cmd.version):
+                cert_cmd.cert, demo.demo, check_cmd.check, bench_cmd.bench, version_cmd.version):
     kv.add_command(command)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    """Entry point of the ``kv`` console script and of ``python -m cli``."""
+    """Runs the command line and exits (``cli.launch`` calls it: ``kv``, ``python -m cli``)."""
     sys.exit(run(sys.argv[1:] if argv is None else list(argv)))
 
 

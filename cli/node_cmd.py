@@ -4,6 +4,9 @@ The node refuses to start without a cluster secret. PySyncObj unpickles whatever
 Raft port, so anyone who can reach that port could run code in the node; the secret makes the
 nodes encrypt and authenticate their traffic. The secret comes from a file or from the
 environment, never from the command line, where ``ps`` shows it to every user.
+
+Likewise a node serves its client API without TLS only on a loopback address
+(``NodeConfig``): ``--cert``, ``--key`` and ``--cacert`` make it mutual TLS (``kvstore.tls``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -25,6 +29,9 @@ from kvstore.config import (
     split_address,
 )
 from kvstore.limits import DEFAULT_SESSION_CAPACITY
+
+if TYPE_CHECKING:
+    from kvstore.tls import ServerTLS
 
 
 def address_pairs(ctx: click.Context, param: click.Parameter, values: tuple[str, ...],
@@ -77,6 +84,21 @@ def read_secret(secret_file: Path | None) -> str:
         raise ConfigError(f"{secret_file}: a cluster secret must be UTF-8 text") from exc
 
 
+def read_tls(cert_file: Path | None, key_file: Path | None,
+             ca_file: Path | None) -> ServerTLS | None:
+    """The API's TLS files: all three, or none (plaintext, which ``NodeConfig`` allows on
+    loopback only)."""
+    given = [f for f in (cert_file, key_file, ca_file) if f is not None]
+    if not given:
+        return None
+    if cert_file is None or key_file is None or ca_file is None:
+        raise ConfigError("TLS needs all of --cert, --key and --cacert (the CA of the clients' "
+                          "certificates: a node always requires one)")
+    from kvstore.tls import ServerTLS  # cryptography and grpc: only the node process needs them
+
+    return ServerTLS.load(cert_file, key_file, ca_file)
+
+
 def check_exposure(secret: str, addresses: list[str]) -> None:
     """Refuses to run without a secret, and says so loudly if an address is not loopback."""
     if secret:
@@ -116,6 +138,15 @@ def node() -> None:
               help="Where the node keeps its log and snapshots.")
 @click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path),
               help="File holding the cluster secret [else env KV_SECRET].")
+@click.option("--cert", "--cert-file", "cert_file", metavar="FILE",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="The API's TLS certificate (its host in the subject alternative names).")
+@click.option("--key", "--key-file", "key_file", metavar="FILE",
+              type=click.Path(dir_okay=False, path_type=Path), help="The certificate's key.")
+@click.option("--cacert", "--trusted-ca-file", "ca_file", metavar="FILE",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="CA whose client certificates the API accepts; clients must present one. "
+                   "Without these three files the API is plaintext, allowed on loopback only.")
 @click.option("--session-capacity", type=Integer(min=1), default=DEFAULT_SESSION_CAPACITY,
               show_default=True, help="Client sessions kept before the least recently used "
               "is evicted; must be the same on every node.")
@@ -136,11 +167,12 @@ def node() -> None:
               help="Run a state machine with a known bug (kvstore.check.planted): for showing "
               "that kv check catches it. Never in production.")
 def run(node_id: str, cluster_id: int, raft: str, api: str, peers: tuple[Member, ...],
-        data_dir: Path, secret_file: Path | None, session_capacity: int, snapshot_count: int,
-        join: bool, fsync: bool, log_level: str, dial_via: dict[str, str],
-        planted_bug: str | None) -> None:
+        data_dir: Path, secret_file: Path | None, cert_file: Path | None, key_file: Path | None,
+        ca_file: Path | None, session_capacity: int, snapshot_count: int, join: bool, fsync: bool,
+        log_level: str, dial_via: dict[str, str], planted_bug: str | None) -> None:
     """Runs one node until SIGTERM or Ctrl-C, then stops it cleanly."""
     secret = read_secret(secret_file)
+    tls = read_tls(cert_file, key_file, ca_file)
     peer_addresses = [a for p in peers for a in (p.raft_address, p.api_address)]
     check_exposure(secret, [raft, api, *peer_addresses])
     config = NodeConfig(
@@ -155,6 +187,7 @@ def run(node_id: str, cluster_id: int, raft: str, api: str, peers: tuple[Member,
         fsync=fsync,
         dial_via=dial_via,
         join=join,
+        tls=tls,
     )
     logging.basicConfig(
         level=log_level.upper(),

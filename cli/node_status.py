@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from cli.exits import UNAVAILABLE, CliError
 from cli.output import Report
-from kvstore.errors import KVError
+from kvstore.errors import AccessDenied, KVError
 
 if TYPE_CHECKING:
     from kvstore.client import Client
@@ -106,7 +106,8 @@ class Target:
 
 def probe(client: Client, target: Target, *, cluster_id: int | None = None,
           with_digest: bool = True, timeout: float | None = None) -> Row:
-    """The target's row: its answer, or why there is none (never an exception).
+    """The target's row: its answer, or why there is none (never an exception, but for
+    refused credentials: they are the command's failure, not a node's).
 
     With ``cluster_id``, a node answering for another cluster (a port reused since) is an
     error, not a row that looks fine.
@@ -117,6 +118,8 @@ def probe(client: Client, target: Target, *, cluster_id: int | None = None,
     started = time.monotonic()
     try:
         status = client.status(target.endpoint, with_digest=with_digest, timeout=timeout)
+    except AccessDenied:
+        raise
     except KVError as exc:
         row["error"] = NOT_RUNNING if target.local and target.pid is None else UNREACHABLE
         row["detail"] = str(exc)

@@ -51,6 +51,8 @@ def node_argv(cluster: ClusterDir, spec: ClusterSpec, node: NodeSpec,
     argv.append("--fsync" if spec.fsync else "--no-fsync")
     if node.join:
         argv.append("--join")  # added after the cluster was created (kv cluster add-node)
+    if spec.tls:
+        argv += cluster.certs.node_args(node.id)
     return argv + list(extra_args)
 
 

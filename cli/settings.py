@@ -7,7 +7,8 @@ env var twice would let ``KV_WRITE_OUT`` on the subcommand beat ``-w`` typed bef
 
 Endpoints come from ``--endpoints``, else ``KV_ENDPOINTS``, else the API addresses of the local
 cluster in ``--dir`` (``KV_CLUSTER_DIR``, else ``./kv-cluster``), so after ``kv cluster up``
-every command finds the cluster without configuration.
+every command finds the cluster without configuration; its certificates too (``cli.certs``
+says which files a command uses).
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 import click
 from click.core import ParameterSource
 
-from cli import params
+from cli import certs, params
 from cli.cluster_dir import ClusterDir, ClusterSpec
 from cli.exits import UNAVAILABLE, CliError
 from cli.output import FORMATS
 
 if TYPE_CHECKING:
     from kvstore.client import Client
+    from kvstore.tls import ClientTLS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -40,6 +42,9 @@ class Settings:
     timeout: float = 5.0
     dial_timeout: float = 2.0
     dir: Path = Path("kv-cluster")
+    cacert: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
     debug: bool = False
     chosen: set[str] = field(default_factory=set)
     """The settings the user chose (on a command line or in the environment), by field name;
@@ -66,8 +71,18 @@ class Settings:
         Passing the known cluster id to the client makes it refuse a node of another cluster
         that happens to listen on a recorded port.
         """
+        spec = self._local_spec()
+        return (self.endpoints, None) if spec is None else (spec.endpoints, spec.cluster_id)
+
+    def client_tls(self, spec: ClusterSpec | None) -> ClientTLS | None:
+        """The client files to use; ``spec`` is the local cluster the endpoints come from."""
+        local = self.cluster.certs if spec is not None and spec.tls else None
+        return certs.client_tls(self.cacert, self.cert, self.key, local)
+
+    def _local_spec(self) -> ClusterSpec | None:
+        """The local cluster, when the endpoints come from it (no ``--endpoints``)."""
         if self.endpoints:
-            return self.endpoints, None
+            return None
         cluster = self.cluster
         if not cluster.exists():
             raise CliError(
@@ -75,8 +90,7 @@ class Settings:
                 f"'kv cluster up' (no cluster in {cluster.path})",
                 UNAVAILABLE,
             )
-        spec: ClusterSpec = cluster.load()
-        return spec.endpoints, spec.cluster_id
+        return cluster.load()
 
     def client(self, spec: ClusterSpec | None = None) -> Client:
         """A client with the command's timeouts, for the endpoints in use or for ``spec``'s nodes
@@ -84,11 +98,13 @@ class Settings:
         from kvstore.client import Client  # grpc is slow to import; `kv --help` does not need it
 
         if spec is None:
-            endpoints, cluster_id = self.target()
+            spec = self._local_spec()
+        if spec is None:
+            endpoints, cluster_id = self.endpoints, None
         else:
             endpoints, cluster_id = spec.endpoints, spec.cluster_id
         return Client(endpoints, timeout=self.timeout, dial_timeout=self.dial_timeout,
-                      cluster_id=cluster_id)
+                      cluster_id=cluster_id, tls=self.client_tls(spec))
 
 
 class _GlobalOption(NamedTuple):
@@ -115,6 +131,16 @@ _OPTIONS = [
     _GlobalOption(("--dir",), "dir", "KV_CLUSTER_DIR", {
         "type": click.Path(file_okay=False, path_type=Path),
         "help": "Local cluster directory [env KV_CLUSTER_DIR; default ./kv-cluster]."}),
+    _GlobalOption(("--cacert",), "cacert", "KV_CACERT", {
+        "type": click.Path(dir_okay=False, path_type=Path), "metavar": "FILE",
+        "help": "CA bundle that signed the nodes' certificates [env KV_CACERT; default: the "
+                "local cluster's]."}),
+    _GlobalOption(("--cert",), "cert", "KV_CERT", {
+        "type": click.Path(dir_okay=False, path_type=Path), "metavar": "FILE",
+        "help": "Client certificate [env KV_CERT; default: the local cluster's readwrite one]."}),
+    _GlobalOption(("--key",), "key", "KV_KEY", {
+        "type": click.Path(dir_okay=False, path_type=Path), "metavar": "FILE",
+        "help": "The client certificate's private key [env KV_KEY]."}),
     _GlobalOption(("--debug",), "debug", "KV_DEBUG", {
         "is_flag": True, "help": "Show tracebacks of internal errors [env KV_DEBUG=1]."}),
 ]

@@ -3,6 +3,7 @@
 Run from the repository root (``make venv`` sets up .venv the first time; the cluster goes in
 ./kv-cluster, or set KV_ENDPOINTS to use another):
 ``make venv && .venv/bin/kv cluster up --detach && .venv/bin/python examples/retry_safely.py; .venv/bin/kv cluster down``
+The client certificate comes from KV_CACERT, KV_CERT and KV_KEY, else the cluster's ``tls/``.
 
 The rule: after an answer, call ``proposal_completed()``; after an unknown outcome, propose the
 *same* session again. The cluster applies the proposal once and answers every copy alike.
@@ -17,14 +18,28 @@ from pathlib import Path
 from kvstore import errors, ops
 from kvstore.client import Client
 from kvstore.proto.log_pb2 import Command, Result
+from kvstore.tls import ClientTLS
 from session import Session
+
+CLUSTER_DIR = Path(os.environ.get("KV_CLUSTER_DIR", "kv-cluster"))
 
 
 def endpoints() -> list[str]:
     if os.environ.get("KV_ENDPOINTS"):
         return os.environ["KV_ENDPOINTS"].split(",")
-    spec = json.loads((Path(os.environ.get("KV_CLUSTER_DIR", "kv-cluster")) / "cluster.json").read_text())
+    spec = json.loads((CLUSTER_DIR / "cluster.json").read_text())
     return [node["api"] for node in spec["nodes"]]
+
+
+def tls() -> ClientTLS | None:
+    """The CA, certificate and key (``None``: a cluster made with ``--no-tls``)."""
+    if os.environ.get("KV_CERT"):
+        return ClientTLS.load(*(Path(os.environ[v]) for v in ("KV_CACERT", "KV_CERT", "KV_KEY")))
+    files = CLUSTER_DIR / "tls"
+    if not (files / "ca.pem").exists():
+        return None
+    return ClientTLS.load(files / "ca.pem", files / "client-readwrite.pem",
+                          files / "client-readwrite-key.pem")
 
 
 def propose_exactly_once(client: Client, session: Session, command: Command, attempts: int = 10) -> Result:
@@ -41,7 +56,7 @@ def propose_exactly_once(client: Client, session: Session, command: Command, att
 
 
 def main() -> None:
-    with Client(endpoints(), timeout=5) as client:
+    with Client(endpoints(), timeout=5, tls=tls()) as client:
         session = client.sync_get_session()
         print(f"session {session.client_id}")
         for _ in range(3):
