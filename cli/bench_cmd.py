@@ -39,6 +39,15 @@ def _compare(_ctx: click.Context, _param: click.Parameter, text: str) -> list[st
     return list(dict.fromkeys(names))
 
 
+def _tls_files(settings: Settings) -> tuple[str | None, ...] | None:
+    """The client files for ``--endpoints`` (checked here, passed by name to the workers)."""
+    if not settings.endpoints:
+        return None
+    tls = settings.client_tls(None)
+    return None if tls is None else tuple(
+        str(f) if f else None for f in (tls.ca_file, tls.cert_file, tls.key_file))
+
+
 @click.command(cls=KvCommand)
 @click.option("--clients", default="1,16,64", show_default=True, callback=_client_counts,
               metavar="N,N,...", help="Concurrent clients; one run per count.")
@@ -61,9 +70,10 @@ def _compare(_ctx: click.Context, _param: click.Parameter, text: str) -> list[st
 @click.option("--fsync/--no-fsync", default=None,
               help="Start our nodes in durable mode (the default) or with --no-fsync.")
 @click.option("--compare", default="none", show_default=True, callback=_compare,
-              metavar="etcd,raw,noop", help="Also run the same load, alternating, against etcd "
-              "(the etcd binary, Debian etcd-server), a plain PySyncObj dict (raw), and/or our "
-              "cluster with no-op sessions (noop: what exactly-once costs).")
+              metavar="etcd,raw,noop,plaintext", help="Also run the same load, alternating, "
+              "against etcd (the etcd binary, Debian etcd-server), a plain PySyncObj dict (raw), "
+              "our cluster with no-op sessions (noop: what exactly-once costs), and/or a second "
+              "cluster of ours without TLS (plaintext: what TLS costs).")
 @click.option("--workers", type=Integer(1, 256), default=default_workers(),
               show_default=True, help="Client worker processes (threads inside).")
 @global_options
@@ -82,6 +92,9 @@ def bench(clients: list[int], duration: float, warmup: float, rounds: int, value
       kv bench --compare raw --duration 2s --rounds 1 -w json
     """
     settings = Settings.current()
+    if "plaintext" in compare and settings.endpoints:
+        raise CliError("--compare plaintext starts two clusters of its own (TLS and plaintext): "
+                       "it does not take --endpoints", BAD_ARGUMENTS)
     if "noop" in compare and sessions == "off":
         raise CliError("--compare noop compares sessions with no-op sessions: it needs "
                        "--sessions on", BAD_ARGUMENTS)
@@ -100,7 +113,8 @@ def bench(clients: list[int], duration: float, warmup: float, rounds: int, value
         clients=clients, duration=duration, warmup=warmup, rounds=rounds,
         value_size=value_size, read_ratio=read_ratio, consistency=consistency,
         sessions=sessions == "on", nodes=nodes, fsync=fsync, compare=compare,
-        endpoints=list(settings.endpoints), op_timeout=settings.timeout,
+        endpoints=list(settings.endpoints), tls_files=_tls_files(settings),
+        op_timeout=settings.timeout,
         dial_timeout=settings.dial_timeout, workers=workers)
 
     def interrupted(*_: Any) -> None:

@@ -8,10 +8,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from cli.bench.guard import Guard
+    from kvstore.tls import ClientTLS
 
 KEYS_PER_CLIENT = 1000
 """Each client writes its own keys, ``bench/c<client>/k<n mod this>``: distinct keys per
@@ -19,6 +21,17 @@ client, and a state that stops growing (so later rounds do not pay for a bigger 
 
 START_DELAY = 0.2
 """Seconds between the "go" and the first operation, so every client starts together."""
+
+
+def client_tls(files: Sequence[str | None] | None) -> ClientTLS | None:
+    """The client files ``(CA, certificate, key)``, passed by name to the worker processes, as
+    a ``ClientTLS``; ``None`` for plaintext."""
+    if not files:
+        return None
+    from kvstore.tls import ClientTLS
+
+    ca, cert, key = (Path(f) if f else None for f in files)
+    return ClientTLS.load(ca, cert, key)
 
 
 @dataclass(frozen=True)

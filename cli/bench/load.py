@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
-from cli.bench.common import KEYS_PER_CLIENT, Progress, RunResult, RunSpec, Window
+from cli.bench.common import (KEYS_PER_CLIENT, Progress, RunResult, RunSpec, Window,
+                              client_tls)
 from cli.bench.stats import CpuWindow
 from cli.exits import UNAVAILABLE, CliError
 
@@ -89,10 +90,12 @@ class OursDriver:
         self.consistency = "serializable" if params["consistency"] == "s" else "linearizable"
         self.timeout: float = params["op_timeout"]
         self.dial_timeout: float = params["dial_timeout"]
+        self.tls = client_tls(params.get("tls_files"))
 
     def open(self, client: int) -> _OursState:
         kv = self._client_class(self.endpoints, timeout=self.timeout,
-                                dial_timeout=self.dial_timeout, cluster_id=self.cluster_id)
+                                dial_timeout=self.dial_timeout, cluster_id=self.cluster_id,
+                                tls=self.tls)
         return _OursState(kv, self._new_session(kv))
 
     def _new_session(self, kv: Any) -> Any:

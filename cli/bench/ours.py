@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cli import processes
-from cli.bench.common import Progress, RunResult, RunSpec
+from cli.bench.common import Progress, RunResult, RunSpec, client_tls
 from cli.bench.guard import Guard
 from cli.bench.load import WorkerPool
 from cli.cluster_dir import ClusterDir
@@ -45,10 +45,17 @@ def fsync_supported() -> bool:
 
 
 class OursTarget:
-    name = "ours"
+    """Our cluster. A fresh one is mutual TLS like any ``kv cluster up`` unless ``tls`` is false
+    (``--compare plaintext``: a second cluster, without TLS, named ``ours-plaintext``); an
+    existing one is dialled with ``tls_files`` (CA, certificate, key; ``None``: plaintext)."""
 
     def __init__(self, pool: WorkerPool, *, nodes: int, endpoints: Sequence[str] = (),
-                 fsync: bool = True, sessions: bool = True, dial_timeout: float = 2.0) -> None:
+                 fsync: bool = True, sessions: bool = True, dial_timeout: float = 2.0,
+                 tls: bool = True, tls_files: tuple[str | None, ...] | None = None,
+                 name: str = "ours") -> None:
+        self.name = name
+        self.tls = tls
+        self.tls_files = tls_files
         self.pool = pool
         self.nodes = nodes
         self.given_endpoints = list(endpoints)
@@ -69,13 +76,15 @@ class OursTarget:
         if self.given_endpoints:
             self._attach()
             return
-        self._tmp = Path(tempfile.mkdtemp(prefix="kv-bench-ours-"))
+        self._tmp = Path(tempfile.mkdtemp(prefix=f"kv-bench-{self.name}-"))
         cluster = self.cluster_dir
         assert cluster is not None
         if self.guard is not None:
             self.guard.register("ours", self._tmp)
         args = ["cluster", "up", "--detach", "--dir", str(cluster.path), "--nodes", str(self.nodes)]
         args.append("--fsync" if self.fsync else "--no-fsync")
+        if not self.tls:
+            args.append("--no-tls")
         try:
             done = _kv(*args, timeout=START_TIMEOUT)
         except subprocess.TimeoutExpired as exc:
@@ -85,6 +94,9 @@ class OursTarget:
             last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise CliError(f"ours: 'kv cluster up' failed: {last}", UNAVAILABLE)
         spec = cluster.load()
+        if spec.tls:
+            cert, key = cluster.certs.client_files("readwrite")
+            self.tls_files = (str(cluster.certs.ca_file), str(cert), str(key))
         self.endpoints = spec.endpoints
         self.cluster_id = spec.cluster_id
         self.pids = [r.pid for r in processes.running_nodes(cluster, spec)]
@@ -101,7 +113,8 @@ class OursTarget:
         from kvstore.client import Client
         from kvstore.errors import KVError
 
-        with Client(self.endpoints, dial_timeout=self.dial_timeout) as client:
+        with Client(self.endpoints, dial_timeout=self.dial_timeout,
+                    tls=client_tls(self.tls_files)) as client:
             try:
                 self.cluster_id = client.cluster_id
             except KVError as exc:
@@ -125,6 +138,7 @@ class OursTarget:
             "endpoints": self.endpoints, "cluster_id": self.cluster_id,
             "sessions": sessions, "consistency": spec.consistency,
             "op_timeout": spec.op_timeout, "dial_timeout": self.dial_timeout,
+            "tls_files": self.tls_files,
         }
         if self.pids and any(not os.path.exists(f"/proc/{pid}") for pid in self.pids):
             raise CliError("ours: a node process exited during the benchmark", ERROR)
@@ -157,6 +171,7 @@ class OursTarget:
                       if self.fsync else
                       "off: nodes run with --no-fsync (journal written, not fsynced: "
                       "survives kill -9, not power loss)"),
+            "api": "mutual TLS" if self.tls_files else "plaintext",
             "node_cpu": "measured" if self.pids else "not measured (nodes not on this machine)",
             "dir": str(self._tmp) if self._tmp else None,
         }

@@ -22,7 +22,7 @@ from cli.bench.common import KEYS_PER_CLIENT, RunSpec, Target
 from cli.bench.guard import Guard
 from cli.bench.load import WorkerPool
 
-COMPARABLE = ("etcd", "raw", "noop")
+COMPARABLE = ("etcd", "raw", "noop", "plaintext")
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class BenchOptions:
     fsync: bool = True
     compare: list[str] = field(default_factory=list)
     endpoints: list[str] = field(default_factory=list)
+    tls_files: tuple[str | None, ...] | None = None
+    """CA, certificate and key for ``endpoints`` (``None``: plaintext)."""
     op_timeout: float = 5.0
     dial_timeout: float = 2.0
     workers: int = 4
@@ -78,11 +80,16 @@ def build_targets(options: BenchOptions, pool: WorkerPool) -> list[Target]:
 
     ours = OursTarget(pool, nodes=options.nodes, endpoints=options.endpoints,
                       fsync=options.fsync, sessions=options.sessions,
-                      dial_timeout=options.dial_timeout)
+                      dial_timeout=options.dial_timeout, tls_files=options.tls_files)
     targets: list[Target] = [ours]
     for name in options.compare:
         if name == "noop":
             targets.append(NoopSessionsView(ours))
+        elif name == "plaintext":
+            targets.append(OursTarget(pool, nodes=options.nodes, fsync=options.fsync,
+                                      sessions=options.sessions,
+                                      dial_timeout=options.dial_timeout, tls=False,
+                                      name="ours-plaintext"))
         elif name == "etcd":
             from cli.bench.etcd import EtcdTarget
 

@@ -55,6 +55,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -63,6 +64,7 @@ from kvstore.limits import INT64_MAX, INT64_MIN, MAX_KEY_BYTES, MAX_VALUE_BYTES
 from kvstore.proto import api_pb2
 from kvstore.proto import log_pb2 as pb
 from kvstore.server import MAX_MESSAGE_BYTES
+from kvstore.tls import ClientTLS, open_channel
 from session.constants import SERIES_ID_FOR_REGISTER, SERIES_ID_FOR_UNREGISTER, UINT64_MAX
 from session.errors import SessionInvariantError
 from session.session import Session
@@ -683,11 +685,12 @@ _SEMANTIC: list[tuple[Callable[[_Generator, random.Random, int], tuple[str, byte
 # --------------------------------------------------------------------------------------------
 
 
-def discover_cluster_id(endpoints: Sequence[str], timeout: float = 5.0) -> int:
+def discover_cluster_id(endpoints: Sequence[str], timeout: float = 5.0,
+                        tls: ClientTLS | None = None) -> int:
     """The cluster id, from the first node whose Status answers."""
     failures = []
     for endpoint in endpoints:
-        with grpc.insecure_channel(endpoint) as channel:
+        with open_channel(endpoint, tls) as channel:
             status = channel.unary_unary(f"/{SERVICE}/Status", request_serializer=lambda b: b,
                                          response_deserializer=api_pb2.NodeStatus.FromString)
             try:
@@ -709,19 +712,21 @@ def fuzz_api(
     call_timeout_s: float = DEFAULT_CALL_TIMEOUT,
     key_prefix: bytes = DEFAULT_KEY_PREFIX,
     valid_share: float = 0.15,
+    tls: ClientTLS | None = None,
 ) -> FuzzReport:
     """Sends ``count`` requests (fewer if ``deadline_s`` passes first) to ``endpoints``.
 
     One channel per endpoint, ``threads`` calls in flight at most, each with ``call_timeout_s``.
     Valid writes only touch keys under ``key_prefix``. With ``invalid_only`` every request is
-    one the contract refuses before the log (oversize, malformed or refused).
+    one the contract refuses before the log (oversize, malformed or refused). ``tls``: the
+    client files for a cluster with TLS.
     """
     if not endpoints:
         raise ValueError("no endpoints")
     if count < 0 or deadline_s <= 0 or threads < 1:
         raise ValueError("count must be >= 0, deadline_s and threads positive")
     if cluster_id is None:
-        cluster_id = discover_cluster_id(endpoints)
+        cluster_id = discover_cluster_id(endpoints, tls=tls)
     rng = random.Random(seed)
     generator = _Generator(rng, cluster_id, key_prefix)
     report = FuzzReport(seed=seed, requested=count, invalid_only=invalid_only, endpoints=list(endpoints))
@@ -729,7 +734,7 @@ def fuzz_api(
     slots = threading.BoundedSemaphore(threads * 2)
     options = [("grpc.max_receive_message_length", _CLIENT_RECEIVE_LIMIT),
                ("grpc.max_send_message_length", -1)]
-    channels = {e: grpc.insecure_channel(e, options=options) for e in endpoints}
+    channels = {e: open_channel(e, tls, options) for e in endpoints}
     calls = {
         (e, m): channel.unary_unary(f"/{SERVICE}/{m}", request_serializer=lambda b: b,
                                     response_deserializer=lambda b: b)
@@ -797,10 +802,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=60.0)
     parser.add_argument("--invalid-only", action="store_true")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
+    for name in ("--cacert", "--cert", "--key"):
+        parser.add_argument(name, type=Path, default=None, help="client TLS file, as for kv")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().getrandbits(32)
+    tls = (ClientTLS.load(args.cacert, args.cert, args.key)
+           if args.cacert or args.cert or args.key else None)
     report = fuzz_api(args.endpoint, args.count, seed, args.deadline, invalid_only=args.invalid_only,
-                      threads=args.threads)
+                      threads=args.threads, tls=tls)
     print(json.dumps(report.to_json(), indent=2))
     return 1 if report.unexpected() else 0
 
