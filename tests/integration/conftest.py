@@ -18,13 +18,19 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from cli import processes
 from cli.cluster_dir import ClusterDir, ClusterSpec
 from tests import support
+
+if TYPE_CHECKING:
+    import grpc
+
+    from kvstore.client import Client
+    from kvstore.tls import ClientTLS
 
 CLI = [sys.executable, "-m", "cli"]
 COMMAND_DEADLINE = 60.0
@@ -59,6 +65,22 @@ class Cluster:
 
     def endpoint(self, node_id: str) -> str:
         return self.spec.node(node_id).api
+
+    def tls(self, role: str = "readwrite") -> ClientTLS | None:
+        """The cluster's client files for ``role`` (``None`` for a cluster without TLS)."""
+        return ClusterDir(self.dir).certs.client_tls(role) if self.spec.tls else None
+
+    def client(self, endpoints: list[str] | None = None, **options: Any) -> Client:
+        """A library client of this cluster, with its readwrite certificate if it has TLS."""
+        from kvstore.client import Client
+
+        return Client(endpoints or self.endpoints, tls=self.tls(), **options)
+
+    def channel(self, endpoint: str) -> grpc.Channel:
+        """A raw gRPC channel to ``endpoint``, with the readwrite certificate if TLS."""
+        from kvstore.tls import open_channel
+
+        return open_channel(endpoint, self.tls())
 
     def run(self, *args: str, input: str | bytes | None = None,
             check: bool = False) -> subprocess.CompletedProcess[str]:

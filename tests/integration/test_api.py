@@ -21,12 +21,12 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def client(cluster: Cluster) -> Iterator[Client]:
-    with Client(cluster.endpoints, timeout=10) as c:
+    with cluster.client(timeout=10) as c:
         yield c
 
 
-def stub(endpoint: str) -> api_pb2_grpc.KVStub:
-    return api_pb2_grpc.KVStub(grpc.insecure_channel(endpoint))
+def stub(cluster: Cluster, endpoint: str) -> api_pb2_grpc.KVStub:
+    return api_pb2_grpc.KVStub(cluster.channel(endpoint))
 
 
 def leader_endpoint(cluster: Cluster, client: Client) -> str:
@@ -48,7 +48,7 @@ def test_a_follower_refuses_a_write_and_names_the_leader(cluster: Cluster, clien
     cluster.wait_for(lambda: client.status(follower).leader_api_address == leader, 10,
                      "the follower to know the leader")
     noop = client.get_noop_session()
-    error = call_error(stub(follower).Propose,
+    error = call_error(stub(cluster, follower).Propose,
                        api_pb2.ProposeRequest(session=noop.to_pb(), command=ops.put(b"api/f", b"v")))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert dict(error.trailing_metadata())[api_errors.LEADER_METADATA_KEY] == leader
@@ -58,7 +58,7 @@ def test_a_follower_refuses_a_write_and_names_the_leader(cluster: Cluster, clien
 def test_the_client_follows_the_hint_from_a_follower(cluster: Cluster, client: Client) -> None:
     leader = leader_endpoint(cluster, client)
     follower = next(e for e in cluster.endpoints if e != leader)
-    with Client([follower]) as via_follower:
+    with cluster.client([follower]) as via_follower:
         assert via_follower.put(b"api/hint", b"v").code == Code.OK
     assert client.get(b"api/hint").value == b"v"
 
@@ -66,7 +66,7 @@ def test_the_client_follows_the_hint_from_a_follower(cluster: Cluster, client: C
 def test_wrong_cluster_id_is_failed_precondition(cluster: Cluster, client: Client) -> None:
     leader = leader_endpoint(cluster, client)
     foreign = Session(cluster_id=client.cluster_id + 1, client_id=7, series_id=0)
-    error = call_error(stub(leader).Propose,
+    error = call_error(stub(cluster, leader).Propose,
                        api_pb2.ProposeRequest(session=foreign.to_pb(), command=ops.put(b"k", b"v")))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     with pytest.raises(errors.ClusterMismatch):
@@ -121,7 +121,7 @@ def test_invalid_commands_are_refused_before_the_log(cluster: Cluster, client: C
     leader = leader_endpoint(cluster, client)
     before = client.status(leader).commit_index
     noop = client.get_noop_session()
-    error = call_error(stub(leader).Propose, api_pb2.ProposeRequest(session=noop.to_pb(), command=command))
+    error = call_error(stub(cluster, leader).Propose, api_pb2.ProposeRequest(session=noop.to_pb(), command=command))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "refused before the log" in error.details()
     assert api_errors.RESULT_METADATA_KEY not in dict(error.trailing_metadata() or ())
@@ -147,13 +147,13 @@ def test_a_request_over_the_message_limit_is_refused(cluster: Cluster, client: C
     leader = leader_endpoint(cluster, client)
     noop = client.get_noop_session()
     huge = ops.put(b"k", b"v" * (3 * 1024 * 1024))
-    error = call_error(stub(leader).Propose, api_pb2.ProposeRequest(session=noop.to_pb(), command=huge))
+    error = call_error(stub(cluster, leader).Propose, api_pb2.ProposeRequest(session=noop.to_pb(), command=huge))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 @pytest.mark.parametrize("junk", [b"\xff\xff\xff", b"\x0a\x05ab", b"\x12\x03\x0a\x01"])
 def test_bytes_that_do_not_decode_are_invalid_argument(cluster: Cluster, junk: bytes) -> None:
-    channel = grpc.insecure_channel(cluster.endpoints[0])
+    channel = cluster.channel(cluster.endpoints[0])
     for method in ("Propose", "RegisterSession", "Read"):
         raw = channel.unary_unary(f"/kvstore.KV/{method}", request_serializer=lambda b: b,
                                   response_deserializer=lambda b: b)
@@ -164,10 +164,10 @@ def test_bytes_that_do_not_decode_are_invalid_argument(cluster: Cluster, junk: b
 def test_session_calls_need_the_matching_series(cluster: Cluster, client: Client) -> None:
     leader = leader_endpoint(cluster, client)
     session = new_session(client.cluster_id)  # series 1, not the register value
-    error = call_error(stub(leader).RegisterSession, api_pb2.SessionRequest(session=session.to_pb()))
+    error = call_error(stub(cluster, leader).RegisterSession, api_pb2.SessionRequest(session=session.to_pb()))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     session.prepare_for_register()
-    error = call_error(stub(leader).Propose,
+    error = call_error(stub(cluster, leader).Propose,
                        api_pb2.ProposeRequest(session=session.to_pb(), command=ops.put(b"k", b"v")))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -176,7 +176,7 @@ def test_reads_linearizable_and_serializable(cluster: Cluster, client: Client) -
     client.put(b"api/read", b"v1")
     assert client.get(b"api/read").value == b"v1"
     for endpoint in cluster.endpoints:  # every replica catches up; a serializable read sees it
-        with Client([endpoint]) as local:
+        with cluster.client([endpoint]) as local:
             cluster.wait_for(
                 lambda: local.get(b"api/read", consistency="serializable").value == b"v1",  # noqa: B023
                 10, f"{endpoint} to apply the write")

@@ -57,7 +57,7 @@ SEED = int(os.environ.get("FUZZ_SEED", "632017"))
 
 @pytest.fixture(scope="module")
 def client(cluster: Cluster) -> Iterator[Client]:
-    with Client(cluster.endpoints, timeout=10) as c:
+    with cluster.client(timeout=10) as c:
         yield c
 
 
@@ -142,7 +142,8 @@ def node_processes(cluster: Cluster, views: dict[str, api_pb2.NodeStatus]) -> di
 def fuzz_then_check_the_cluster(cluster: Cluster, client: Client, count: int, seed: int,
                                 deadline: float) -> FuzzReport:
     pids_before = node_processes(cluster, statuses(cluster, client))
-    report = fuzz_api(cluster.endpoints, count, seed, deadline, cluster_id=client.cluster_id)
+    report = fuzz_api(cluster.endpoints, count, seed, deadline, cluster_id=client.cluster_id,
+                      tls=cluster.tls())
     print(report.summary())
     context = describe(report)
 
@@ -171,7 +172,7 @@ def fuzz_then_check_the_cluster(cluster: Cluster, client: Client, count: int, se
 def test_only_invalid_requests_leave_the_leaders_log_unchanged(cluster: Cluster, client: Client) -> None:
     leader, before = wait_quiescent_leader(cluster, client)
     report = fuzz_api([leader], INVALID_ONLY_COUNT, SEED + 1, FUZZ_DEADLINE,
-                      cluster_id=client.cluster_id, invalid_only=True)
+                      cluster_id=client.cluster_id, invalid_only=True, tls=cluster.tls())
     print(report.summary())
     context = describe(report)
     check_answers(report)
@@ -207,7 +208,7 @@ def test_a_command_with_an_unknown_field_is_not_refused_after_reaching_the_log(
         request = (encode_tag(1, 0) + encode_varint(client.cluster_id)
                    + encode_len_field(2, encode_len_field(3, get)))
     leader, before = wait_quiescent_leader(cluster, client)
-    call = grpc.insecure_channel(leader).unary_unary(
+    call = cluster.channel(leader).unary_unary(
         f"/kvstore.KV/{method}", request_serializer=lambda b: b, response_deserializer=lambda b: b)
     try:
         call(request, timeout=10)

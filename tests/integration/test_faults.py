@@ -121,7 +121,7 @@ def test_sigkill_of_the_leader_during_writes_loses_nothing_and_applies_each_retr
     """Four sessions increment their own counters; the leader is SIGKILLed while they run.
     Proposals caught by the crash are retried with their series ids across the election, and
     each is applied once: every counter equals its stream's acknowledged increments."""
-    with Client(cluster.endpoints, timeout=10) as client:
+    with cluster.client(timeout=10) as client:
         streams = [IncrementStream(client, f"faults/leader-kill/{n}".encode())
                    for n in range(WRITERS)]
         for stream in streams:
@@ -158,7 +158,7 @@ def test_sigkill_of_the_leader_during_writes_loses_nothing_and_applies_each_retr
 
 def test_restart_from_disk_after_sigkill_of_every_node(fresh_cluster: Cluster) -> None:
     cluster = fresh_cluster
-    with Client(cluster.endpoints, timeout=10) as client:
+    with cluster.client(timeout=10) as client:
         for i in range(200):
             client.put(f"disk/{i:03}".encode(), f"value-{i}".encode())
         session = client.sync_get_session()
@@ -174,7 +174,7 @@ def test_restart_from_disk_after_sigkill_of_every_node(fresh_cluster: Cluster) -
         cluster.kill(node)
     cluster.up()
 
-    with Client(cluster.endpoints, timeout=10) as client:
+    with cluster.client(timeout=10) as client:
         listed = client.range(b"disk/", limit=0)
         assert {kv.key: kv.value for kv in listed.kvs if kv.key != b"disk/once"} == {
             f"disk/{i:03}".encode(): f"value-{i}".encode() for i in range(200)
@@ -198,7 +198,7 @@ def test_a_stuck_follower_is_flagged_by_the_leader_and_cleared_when_it_recovers(
         e for e in cluster.endpoints if e != cluster.endpoint(follower)]
     pid = cluster.pid(follower)
     assert pid is not None
-    with Client(endpoints, timeout=5) as client:
+    with cluster.client(endpoints, timeout=5) as client:
         os.kill(pid, signal.SIGSTOP)
         try:
             for i in range(20):

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 from pysyncobj import SyncObj, SyncObjConf
 
-from kvstore.client import Client
 from tests.integration.conftest import Cluster
 from tests.support import free_port
 
@@ -69,7 +68,7 @@ def test_a_crafted_pickle_sent_to_the_raft_port_is_not_executed(cluster: Cluster
     for node in cluster.spec.nodes:
         attack(int(node.raft.rsplit(":", 1)[1]), marker)
     assert not marker.exists(), "a node unpickled bytes from an unauthenticated peer"
-    with Client(cluster.endpoints, timeout=10) as client:
+    with cluster.client(timeout=10) as client:
         # Every node still serves: roles settle (an election may be under way) and writes commit.
         cluster.wait_for(
             lambda: sorted(client.status(e).role for e in cluster.endpoints)

@@ -226,7 +226,7 @@ def send_and_listen(address: str, payload: bytes, timeout: float = 5.0) -> tuple
 
 @pytest.fixture(scope="module")
 def client(cluster: Cluster) -> Iterator[Client]:
-    with Client(cluster.endpoints, timeout=10) as c:
+    with cluster.client(timeout=10) as c:
         yield c
 
 
@@ -319,7 +319,7 @@ def test_an_impostor_with_the_wrong_secret_gets_nothing_done(cluster: Cluster, c
         assert (new.commit_index, new.applied_index) == (old.commit_index, old.applied_index)
         assert (new.digest, new.keys, new.sessions) == (old.digest, old.keys, old.sessions)
     for endpoint in cluster.endpoints:
-        with Client([endpoint]) as local:
+        with cluster.client([endpoint]) as local:
             assert not local.get(FORGED_KEY, consistency="serializable").found
 
     # The impostor learned nothing: no frame from a member ever decrypted, no partner connected,
