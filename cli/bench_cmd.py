@@ -69,6 +69,9 @@ def _tls_files(settings: Settings) -> tuple[str | None, ...] | None:
               help="Nodes of each cluster started (ours, etcd members, raw).")
 @click.option("--fsync/--no-fsync", default=None,
               help="Start our nodes in durable mode (the default) or with --no-fsync.")
+@click.option("--tls/--no-tls", default=True, show_default=True,
+              help="Our fresh cluster with its client API over mutual TLS, as kv cluster up "
+                   "makes it (--no-tls: plaintext, as etcd's HTTP gateway here).")
 @click.option("--compare", default="none", show_default=True, callback=_compare,
               metavar="etcd,raw,noop,plaintext", help="Also run the same load, alternating, "
               "against etcd (the etcd binary, Debian etcd-server), a plain PySyncObj dict (raw), "
@@ -79,7 +82,7 @@ def _tls_files(settings: Settings) -> tuple[str | None, ...] | None:
 @global_options
 def bench(clients: list[int], duration: float, warmup: float, rounds: int, value_size: int,
           read_ratio: float, consistency: str, sessions: str, nodes: int, fsync: bool | None,
-          compare: list[str], workers: int) -> None:
+          tls: bool, compare: list[str], workers: int) -> None:
     """Closed-loop load: ops/s, latency percentiles, errors, client and node CPU per op.
 
     \b
@@ -92,6 +95,9 @@ def bench(clients: list[int], duration: float, warmup: float, rounds: int, value
       kv bench --compare raw --duration 2s --rounds 1 -w json
     """
     settings = Settings.current()
+    if "plaintext" in compare and not tls:
+        raise CliError("--compare plaintext compares TLS with plaintext: it needs --tls",
+                       BAD_ARGUMENTS)
     if "plaintext" in compare and settings.endpoints:
         raise CliError("--compare plaintext starts two clusters of its own (TLS and plaintext): "
                        "it does not take --endpoints", BAD_ARGUMENTS)
@@ -112,7 +118,7 @@ def bench(clients: list[int], duration: float, warmup: float, rounds: int, value
     options = BenchOptions(
         clients=clients, duration=duration, warmup=warmup, rounds=rounds,
         value_size=value_size, read_ratio=read_ratio, consistency=consistency,
-        sessions=sessions == "on", nodes=nodes, fsync=fsync, compare=compare,
+        sessions=sessions == "on", nodes=nodes, fsync=fsync, tls=tls, compare=compare,
         endpoints=list(settings.endpoints), tls_files=_tls_files(settings),
         op_timeout=settings.timeout,
         dial_timeout=settings.dial_timeout, workers=workers)

@@ -37,6 +37,8 @@ class BenchOptions:
     sessions: bool = True
     nodes: int = 3
     fsync: bool = True
+    tls: bool = True
+    """Our fresh cluster with mutual TLS (``kv cluster up``'s default)."""
     compare: list[str] = field(default_factory=list)
     endpoints: list[str] = field(default_factory=list)
     tls_files: tuple[str | None, ...] | None = None
@@ -80,7 +82,8 @@ def build_targets(options: BenchOptions, pool: WorkerPool) -> list[Target]:
 
     ours = OursTarget(pool, nodes=options.nodes, endpoints=options.endpoints,
                       fsync=options.fsync, sessions=options.sessions,
-                      dial_timeout=options.dial_timeout, tls_files=options.tls_files)
+                      dial_timeout=options.dial_timeout, tls=options.tls,
+                      tls_files=options.tls_files)
     targets: list[Target] = [ours]
     for name in options.compare:
         if name == "noop":
