@@ -43,7 +43,7 @@ def _tls_files(settings: Settings) -> tuple[str | None, ...] | None:
     """The client files for ``--endpoints`` (checked here, passed by name to the workers)."""
     if not settings.endpoints:
         return None
-    tls = settings.client_tls(None)
+    tls = settings.client_tls()
     return None if tls is None else tuple(
         str(f) if f else None for f in (tls.ca_file, tls.cert_file, tls.key_file))
 

@@ -13,8 +13,9 @@ same kinds of files into any directory, for clusters on several machines.
 
 The rule for a command's client files (``client_tls``): each of ``--cacert``, ``--cert`` and
 ``--key`` (or ``KV_CACERT``, ``KV_CERT``, ``KV_KEY``) that is given is used; one that is not
-comes from the local cluster's directory when the endpoints do too; with none at all the
-client speaks plaintext, which only a loopback node without TLS accepts.
+comes from the local cluster's directory when the endpoints are that cluster's nodes (from its
+``cluster.json``, or named by ``--endpoints``); with none at all the client speaks plaintext,
+which only a loopback node without TLS accepts.
 """
 
 from __future__ import annotations

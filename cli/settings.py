@@ -74,10 +74,23 @@ class Settings:
         spec = self._local_spec()
         return (self.endpoints, None) if spec is None else (spec.endpoints, spec.cluster_id)
 
-    def client_tls(self, spec: ClusterSpec | None) -> ClientTLS | None:
-        """The client files to use; ``spec`` is the local cluster the endpoints come from."""
+    def client_tls(self, spec: ClusterSpec | None = None) -> ClientTLS | None:
+        """The client files for the local cluster ``spec``, else for the endpoints in use."""
+        if spec is None:
+            spec = self._local_owner(self.endpoints) if self.endpoints else self._local_spec()
         local = self.cluster.certs if spec is not None and spec.tls else None
         return certs.client_tls(self.cacert, self.cert, self.key, local)
+
+    def _local_owner(self, endpoints: list[str]) -> ClusterSpec | None:
+        """The local cluster, if every one of ``endpoints`` is a node of it (then its files
+        serve, though ``--endpoints`` named the nodes)."""
+        if not self.cluster.exists():
+            return None
+        try:
+            spec = self.cluster.load()
+        except CliError:
+            return None  # not ours to judge here: the endpoints were given
+        return spec if set(endpoints) <= set(spec.endpoints) else None
 
     def _local_spec(self) -> ClusterSpec | None:
         """The local cluster, when the endpoints come from it (no ``--endpoints``)."""

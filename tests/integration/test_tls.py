@@ -131,11 +131,13 @@ def test_a_client_without_an_acceptable_certificate_gets_nothing_done_via_the_li
 
 @pytest.mark.parametrize("name", REFUSED)
 def test_a_client_without_an_acceptable_certificate_gets_nothing_done_via_the_cli(
-        cluster: Cluster, bad: dict[str, Credentials], unchanged_log: None, name: str) -> None:
+        cluster: Cluster, bad: dict[str, Credentials], unchanged_log: None, name: str,
+        tmp_path: Path) -> None:
     commands = [("put", "tls/cli", name), ("get", "tls/marker")]
     if name in ("plaintext", "no-certificate"):
-        # Explicit endpoints, or the local cluster's files would fill in what is missing.
-        endpoints: tuple[str, ...] = ("--endpoints", ",".join(cluster.endpoints))
+        # As from another machine: else the local cluster's files fill in what is missing.
+        endpoints: tuple[str, ...] = ("--dir", str(tmp_path / "elsewhere"),
+                                      "--endpoints", ",".join(cluster.endpoints))
     else:
         endpoints = ()
         commands.append(("cluster", "status"))

@@ -17,6 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from cli import exits, main
 from cli.certs import ClusterCerts, client_tls
 from cli.cluster_dir import ClusterDir
+from cli.settings import Settings
 from kvstore import auth, pki
 from kvstore.auth import Permission
 from kvstore.config import ConfigError, Member, NodeConfig
@@ -193,6 +194,17 @@ def test_client_files_given_win_and_the_rest_come_from_the_local_cluster(tmp_pat
         client_tls(None, ro_cert, None, certs)
     with pytest.raises(ConfigError, match="not the private key"):
         client_tls(None, ro_cert, rw_key, certs)
+
+
+def test_endpoints_of_the_local_cluster_get_its_files_even_when_named(tmp_path: Path) -> None:
+    cluster = ClusterDir(tmp_path / "c")
+    spec = cluster.create(2, tls=True)
+    for endpoints in ([], spec.endpoints[:1], spec.endpoints):
+        tls = Settings(dir=cluster.path, endpoints=list(endpoints)).client_tls()
+        assert tls is not None and tls.cert_file == cluster.certs.client_files("readwrite")[0]
+    assert Settings(dir=cluster.path, endpoints=[spec.endpoints[0], "10.0.0.1:2379"]
+                    ).client_tls() is None
+    assert Settings(dir=tmp_path / "none", endpoints=spec.endpoints).client_tls() is None
 
 
 # -- plaintext on loopback only (kvstore.config) ---------------------------------------------------
