@@ -49,6 +49,8 @@ def add_node(learner: bool, sync_timeout: float) -> None:
     with cluster_dir.lock():
         spec = cluster_dir.load()
         node = cluster_dir.new_node(spec)
+        if spec.tls:
+            cluster_dir.certs.issue_node(node.id, node.api)  # signed by the cluster's CA
         spec = replace(spec, nodes=(*spec.nodes, node))
         cluster_dir.save(spec)  # first: a node that runs is always in cluster.json
         cluster_dir.prepare_node_dirs(spec)

@@ -84,8 +84,10 @@ def status(file: Path) -> None:
               help="Nodes of the new cluster [default: as many as the snapshot's cluster had].")
 @click.option("--snapshot-count", type=Integer(min=1), default=DEFAULT_SNAPSHOT_COUNT,
               show_default=True, metavar="N", help="Log entries between snapshots.")
+@click.option("--tls/--no-tls", default=True, show_default=True,
+              help="Client API over mutual TLS, with new certificates (as kv cluster up).")
 @global_options
-def restore(file: Path, nodes: int | None, snapshot_count: int) -> None:
+def restore(file: Path, nodes: int | None, snapshot_count: int, tls: bool) -> None:
     """Creates a new local cluster in --dir whose nodes start from the snapshot in FILE.
 
     \b
@@ -98,7 +100,8 @@ def restore(file: Path, nodes: int | None, snapshot_count: int) -> None:
     target = settings.cluster
     _require_new(target, backup)
     spec = target.create(nodes or len(backup.members) or 3, cluster_id=backup.cluster_id,
-                         session_capacity=backup.session_capacity, snapshot_count=snapshot_count)
+                         session_capacity=backup.session_capacity, snapshot_count=snapshot_count,
+                         tls=tls)
     target.prepare_node_dirs(spec)
     installed = for_new_cluster(backup, [node.raft for node in spec.nodes])
     for node in spec.nodes:

@@ -70,6 +70,14 @@ class Cluster:
         """The cluster's client files for ``role`` (``None`` for a cluster without TLS)."""
         return ClusterDir(self.dir).certs.client_tls(role) if self.spec.tls else None
 
+    def tls_variables(self) -> dict[str, str]:
+        """``KV_CACERT``, ``KV_CERT`` and ``KV_KEY`` for the readwrite files (none without TLS)."""
+        tls = self.tls()
+        if tls is None:
+            return {}
+        return {"KV_CACERT": str(tls.ca_file), "KV_CERT": str(tls.cert_file),
+                "KV_KEY": str(tls.key_file)}
+
     def client(self, endpoints: list[str] | None = None, **options: Any) -> Client:
         """A library client of this cluster, with its readwrite certificate if it has TLS."""
         from kvstore.client import Client

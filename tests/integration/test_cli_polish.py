@@ -19,7 +19,6 @@ import pytest
 
 from cli import exits
 from cli.cluster_dir import ClusterDir
-from kvstore.client import Client
 from tests.integration.conftest import CLI, Cluster, clean_env
 
 pytestmark = pytest.mark.integration
@@ -231,7 +230,7 @@ def test_a_missing_key_still_prints_json(cluster: Cluster) -> None:
 
 
 def test_a_limited_prefix_read_says_whether_there_is_more(cluster: Cluster) -> None:
-    with Client(cluster.endpoints) as client:  # the setup needs no CLI
+    with cluster.client() as client:  # the setup needs no CLI
         for key in ("a", "b", "c"):
             client.put(f"polish/more/{key}".encode(), key.encode())
 
@@ -263,7 +262,8 @@ def test_the_core_demo_and_the_embedded_node_run_from_the_repository_root() -> N
 def test_retry_safely_runs_against_a_cluster(cluster: Cluster) -> None:
     done = subprocess.run([sys.executable, "examples/retry_safely.py"], cwd=REPO,
                           capture_output=True, text=True, timeout=120,
-                          env=clean_env(KV_ENDPOINTS=",".join(cluster.endpoints)), check=False)
+                          env=clean_env(KV_ENDPOINTS=",".join(cluster.endpoints),
+                                        **cluster.tls_variables()), check=False)
     assert done.returncode == 0, done.stderr
     assert "orders = " in done.stdout
 

@@ -46,7 +46,7 @@ def leader(cluster: Cluster) -> str:
 
 
 def client_of(cluster: Cluster) -> Client:
-    return Client(cluster.endpoints, timeout=10, cluster_id=cluster.spec.cluster_id)
+    return cluster.client(timeout=10, cluster_id=cluster.spec.cluster_id)
 
 
 def wait_converged(cluster: Cluster, client: Client, endpoints: list[str]) -> str:
@@ -69,7 +69,7 @@ class Writer(threading.Thread):
 
     def __init__(self, cluster: Cluster, key: bytes) -> None:
         super().__init__(daemon=True)
-        self.client = Client(cluster.endpoints, timeout=5, cluster_id=cluster.spec.cluster_id)
+        self.client = cluster.client(timeout=5, cluster_id=cluster.spec.cluster_id)
         self.key = key
         self.stop_event = threading.Event()
         self.acknowledged = 0

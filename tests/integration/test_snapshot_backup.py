@@ -178,7 +178,7 @@ def test_restore_never_writes_over_a_cluster_of_another_id(saved: Saved, tmp_pat
 
 def test_the_snapshot_rpc_refuses_bad_requests(cluster: Cluster) -> None:
     endpoint = cluster.endpoint(cluster.wait_for(cluster.leader_id, 10, "a leader"))
-    with grpc.insecure_channel(endpoint) as channel:
+    with cluster.channel(endpoint) as channel:
         raw = channel.unary_stream("/kvstore.KV/Snapshot", request_serializer=lambda b: b,
                                    response_deserializer=api_pb2.SnapshotChunk.FromString)
         with pytest.raises(grpc.RpcError) as malformed:

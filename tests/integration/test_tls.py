@@ -223,8 +223,11 @@ def test_a_readonly_client_writes_nothing_via_the_cli(
     assert cluster.run(*ro, "get", "tls/marker", check=True).stdout == "tls/marker\nbefore\n"
     before = positions(cluster, admin)
     cluster.run(*ro, "cluster", "status", check=True)
+    cluster.run(*ro, "member", "list", check=True)
     for command in (("put", "tls/ro", "x"), ("incr", "tls/ro"), ("delete", "tls/marker"),
-                    ("session", "open", "--session", str(Path(cluster.dir) / "ro.session"))):
+                    ("session", "open", "--session", str(Path(cluster.dir) / "ro.session")),
+                    ("member", "add", "n9", "--raft", f"127.0.0.1:{free_port()}",
+                     "--api", f"127.0.0.1:{free_port()}")):
         done = cluster.run(*ro, *command)
         assert done.returncode == exits.ACCESS_DENIED, (command, done.stderr)
         assert "permission denied" in one_error_line(done)

@@ -51,14 +51,15 @@ def test_every_rpc_of_the_service_has_a_permission() -> None:
     for method in api_pb2.DESCRIPTOR.services_by_name["KV"].methods:
         assert isinstance(auth.required_permission(method.name), Permission), method.name
     with pytest.raises(auth.UnclassifiedRpc, match="RPC_PERMISSIONS"):
-        auth.required_permission("MemberAdd")
+        auth.required_permission("Defragment")
 
 
 def test_each_log_entry_needs_write_and_reads_need_read() -> None:
     assert {m for m, p in auth.RPC_PERMISSIONS.items() if p is Permission.WRITE} == {
-        "Propose", "RegisterSession", "UnregisterSession"}
+        "Propose", "RegisterSession", "UnregisterSession", "MemberAdd", "MemberPromote",
+        "MemberRemove"}
     assert {m for m, p in auth.RPC_PERMISSIONS.items() if p is Permission.READ} == {
-        "Read", "Status"}
+        "Read", "Status", "MemberList", "Snapshot"}
 
 
 def _context(*uris: str, name: bytes = b"alice") -> dict[str, list[bytes]]:
