@@ -16,6 +16,8 @@ import click
 
 from cli.certs import CA_NAME, pair, write_issued
 from cli.exits import INVALID_INPUT, CliError
+from cli.kv_click import KvGroup
+from cli.params import Integer
 from kvstore.auth import ROLES
 
 if TYPE_CHECKING:
@@ -24,12 +26,12 @@ if TYPE_CHECKING:
 _PKI_OPTION = click.option(
     "--pki", "pki_dir", type=click.Path(file_okay=False, path_type=Path),
     default=Path("kv-pki"), show_default=True, help="Directory of the CA and the files made.")
-_DAYS_OPTION = click.option("--days", type=click.IntRange(min=1), metavar="N",
+_DAYS_OPTION = click.option("--days", type=Integer(min=1), metavar="N",
                             help="Days the certificate is valid [default: 3650 for a CA, "
                                  "365 otherwise].")
 
 
-@click.group()
+@click.group(cls=KvGroup)
 def cert() -> None:
     """Make a CA, node certificates and client certificates (for kv node run on several
     machines; kv cluster up makes its own)."""
