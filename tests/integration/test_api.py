@@ -101,7 +101,7 @@ def test_a_series_reused_for_another_command_is_series_reused(cluster: Cluster,
     copy = Session(session.cluster_id, session.client_id, session.series_id, session.responded_to)
     assert client.sync_propose(session, ops.incr(b"api/reused")).number == 1
     other = api_pb2.ProposeRequest(session=copy.to_pb(), command=ops.put(b"api/reused", b"9"))
-    error = call_error(stub(leader_endpoint(cluster, client)).Propose, other)
+    error = call_error(stub(cluster, leader_endpoint(cluster, client)).Propose, other)
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
     assert error.details().startswith("SERIES_REUSED: series 1 of session")
     with pytest.raises(errors.SeriesReused) as caught:
