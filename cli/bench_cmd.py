@@ -64,12 +64,15 @@ def _compare(_ctx: click.Context, _param: click.Parameter, text: str) -> list[st
               metavar="etcd,raw,noop", help="Also run the same load, alternating, against etcd "
               "(the etcd binary, Debian etcd-server), a plain PySyncObj dict (raw), and/or our "
               "cluster with no-op sessions (noop: what exactly-once costs).")
+@click.option("--preload", type=Integer(0, 100_000_000), default=0, metavar="N",
+              help="Ours: first load N keys of 100 B through the log (put_many batches), so "
+              "the runs meet snapshots of a large state.")
 @click.option("--workers", type=Integer(1, 256), default=default_workers(),
               show_default=True, help="Client worker processes (threads inside).")
 @global_options
 def bench(clients: list[int], duration: float, warmup: float, rounds: int, value_size: int,
           read_ratio: float, consistency: str, sessions: str, nodes: int, fsync: bool | None,
-          compare: list[str], workers: int) -> None:
+          compare: list[str], preload: int, workers: int) -> None:
     """Closed-loop load: ops/s, latency percentiles, errors, client and node CPU per op.
 
     \b
@@ -101,7 +104,7 @@ def bench(clients: list[int], duration: float, warmup: float, rounds: int, value
         value_size=value_size, read_ratio=read_ratio, consistency=consistency,
         sessions=sessions == "on", nodes=nodes, fsync=fsync, compare=compare,
         endpoints=list(settings.endpoints), op_timeout=settings.timeout,
-        dial_timeout=settings.dial_timeout, workers=workers)
+        dial_timeout=settings.dial_timeout, workers=workers, preload=preload)
 
     def interrupted(*_: Any) -> None:
         raise KeyboardInterrupt  # unwinds through every finally: targets stopped

@@ -48,8 +48,10 @@ class OursTarget:
     name = "ours"
 
     def __init__(self, pool: WorkerPool, *, nodes: int, endpoints: Sequence[str] = (),
-                 fsync: bool = True, sessions: bool = True, dial_timeout: float = 2.0) -> None:
+                 fsync: bool = True, sessions: bool = True, dial_timeout: float = 2.0,
+                 preload: int = 0) -> None:
         self.pool = pool
+        self.preload = preload
         self.nodes = nodes
         self.given_endpoints = list(endpoints)
         self.fsync = fsync
@@ -66,6 +68,15 @@ class OursTarget:
         return ClusterDir(self._tmp / "cluster") if self._tmp else None
 
     def start(self) -> None:
+        self._start()
+        if self.preload:
+            from cli.bench.preload import preload
+            from kvstore.client import Client
+
+            with Client(self.endpoints, timeout=120, dial_timeout=self.dial_timeout) as client:
+                preload(client, self.preload)
+
+    def _start(self) -> None:
         if self.given_endpoints:
             self._attach()
             return
@@ -158,6 +169,7 @@ class OursTarget:
                       "off: nodes run with --no-fsync (journal written, not fsynced: "
                       "survives kill -9, not power loss)"),
             "node_cpu": "measured" if self.pids else "not measured (nodes not on this machine)",
+            "preloaded_keys": self.preload,
             "dir": str(self._tmp) if self._tmp else None,
         }
 

@@ -43,6 +43,7 @@ class BenchOptions:
     dial_timeout: float = 2.0
     workers: int = 4
     seed: int = 1
+    preload: int = 0
 
 
 class Display:
@@ -78,7 +79,7 @@ def build_targets(options: BenchOptions, pool: WorkerPool) -> list[Target]:
 
     ours = OursTarget(pool, nodes=options.nodes, endpoints=options.endpoints,
                       fsync=options.fsync, sessions=options.sessions,
-                      dial_timeout=options.dial_timeout)
+                      dial_timeout=options.dial_timeout, preload=options.preload)
     targets: list[Target] = [ours]
     for name in options.compare:
         if name == "noop":
