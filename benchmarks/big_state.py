@@ -341,6 +341,12 @@ def run(args: argparse.Namespace, on_tick_thread: bool) -> dict[str, Any]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+        if args.logs:
+            kept = args.logs / ("tick-thread" if on_tick_thread else "background")
+            kept.mkdir(parents=True, exist_ok=True)
+            for node in spec.nodes:
+                if cluster.log_file(node.id).exists():
+                    shutil.copy(cluster.log_file(node.id), kept / f"{node.id}.log")
         shutil.rmtree(root, ignore_errors=True)
     return report
 
@@ -405,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="the control: snapshots taken and installed on the Raft thread")
     mode.add_argument("--compare", action="store_true", help="run both, background first")
     parser.add_argument("--json", type=Path, help="also write the report here")
+    parser.add_argument("--logs", type=Path, help="keep the nodes' logs in this directory")
     args = parser.parse_args(argv)
     modes = [False, True] if args.compare else [args.snapshots_on_tick_thread]
     reports = [run(args, on_tick_thread) for on_tick_thread in modes]
