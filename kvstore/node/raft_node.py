@@ -187,7 +187,8 @@ class RaftNode(SyncObj):
         journal_path = os.path.join(options.data_dir, recovery.JOURNAL)
         dump_path = os.path.join(options.data_dir, dump_file.FILE_NAME)
         self._n_snapshotter = Snapshotter(dump_path, TRANSMISSION_BATCH_BYTES, sm, self.counters,
-                                          self._n_dump_meta, self._n_raft_meta, self._n_set_fatal)
+                                          self._n_dump_meta, self._n_raft_meta, self._n_set_fatal,
+                                          self._n_keepalive)
         conf = SyncObjConf(
             password=options.password,
             bindAddress=options.self_address,
@@ -509,6 +510,18 @@ class RaftNode(SyncObj):
         if self._n_snapshotter.restoring:
             return False
         return apply()
+
+    def _n_keepalive(self) -> None:
+        """Tells the leader this follower is there while it receives a dump: a ``next_node_idx``
+        that neither succeeds nor resets changes nothing on the leader but the time of our last
+        answer (and keeps PySyncObj from dropping the connection as silent)."""
+        leader = self._getLeader()
+        if leader is None or leader == self.selfNode:
+            return
+        self.internals.transport.send(leader, {
+            "type": "next_node_idx", "next_node_idx": self.internals.raft_log[-1][1] + 1,
+            "reset": False, "success": False,
+        })
 
     def _n_set_fatal(self, reason: str) -> None:
         """A dump that does not load: status reports it and propose refuses."""

@@ -18,7 +18,11 @@ own:
   (the previous file is complete). A new dump is put in place, and the log compacted, only
   once no transmission is in flight: the follower receiving the old dump needs the entries
   after it, and if each new dump restarted the transmissions (PySyncObj's behaviour), a large
-  dump would never reach a follower of a busy cluster.
+  dump would never reach a follower of a busy cluster. And a follower receiving a dump sends
+  a keepalive to the leader every ``KEEPALIVE_EVERY``: PySyncObj acknowledges nothing while
+  it streams a dump, and drops a connection that has carried nothing in for
+  ``connectionTimeout`` (3.5 s), which cancels the transmission, so a dump that takes longer
+  than that to send (113 MiB at 1M keys on a busy cluster) was restarted forever.
 * **Installing one.** When the last piece has arrived (or at start-up), PySyncObj calls
   ``deserialize``: we read only the meta (index, term, members) and hand it back at once, so
   PySyncObj resets its log to the snapshot's index and the node goes on voting, acknowledging and
@@ -62,6 +66,9 @@ SWITCH_INTERVAL = 0.001
 MAX_WAIT_FOR_IDLE = 0.02
 """A job waits at most this long for the tick thread to be idle, then does a piece anyway: a
 node busy in every pass still finishes its snapshot, more slowly."""
+
+KEEPALIVE_EVERY = 1.0
+"""Seconds between two keepalives a follower sends while it receives a dump (see ``Snapshotter``)."""
 
 SEND_BUDGET = 0.005
 """Seconds per pass a leader spends sending a dump: the rest of the pass is for the writes.
@@ -168,7 +175,7 @@ class Snapshotter:
     def __init__(self, path: str, batch_size: int, sm: Restorable, counters: Counter[str],
                  dump_meta: Callable[[RaftMeta], dict[str, Any]],
                  raft_meta: Callable[[dict[str, Any]], RaftMeta],
-                 on_fatal: Callable[[str], None]) -> None:
+                 on_fatal: Callable[[str], None], keepalive: Callable[[], None]) -> None:
         self._path = path
         self._tmp = path + ".tmp"
         self._incoming_tmp = path + ".1.tmp"
@@ -178,6 +185,8 @@ class Snapshotter:
         self._dump_meta = dump_meta
         self._raft_meta = raft_meta
         self._on_fatal = on_fatal
+        self._keepalive = keepalive
+        self._kept_alive = 0.0
         self._writing: _Job | None = None
         self._writing_id: Any = None
         self._restoring: _Job | None = None
@@ -372,8 +381,10 @@ class Snapshotter:
             except OSError:
                 log.exception("cannot open the dump to send it")
                 return None
+            transmission["started"] = time.monotonic()
             self._transmissions[node] = transmission
             self._counters["snapshots_sent_started"] += 1
+            log.info("sending the dump to %s", getattr(node, "address", node))
         try:
             data = transmission["file"].read(self._batch_size)
         except OSError:
@@ -384,6 +395,8 @@ class Snapshotter:
         transmission["sent"] += len(data)
         last = not data
         if last:
+            log.info("sent the dump to %s (%d bytes) in %.1f s", getattr(node, "address", node),
+                     transmission["sent"], time.monotonic() - transmission["started"])
             self.cancelTransmisstion(node)
             self._counters["snapshots_sent"] += 1
         return data, first, last
@@ -399,6 +412,7 @@ class Snapshotter:
             return False
         piece, first, last = data
         if first:
+            log.info("receiving a dump from the leader")
             if self._incoming is not None:
                 self._incoming.close()
             try:
@@ -409,6 +423,10 @@ class Snapshotter:
                 return False
         if self._incoming is None:
             return False
+        now = time.monotonic()
+        if now - self._kept_alive >= KEEPALIVE_EVERY:
+            self._kept_alive = now
+            self._keepalive()
         try:
             self._incoming.write(piece)
             if not last:

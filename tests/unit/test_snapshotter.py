@@ -39,9 +39,12 @@ def raft_data(index: int) -> tuple[None, Any, Any, Any]:
     return None, (b"last", index, 2), (b"prev", index - 1, 2), MEMBERS
 
 
-def make(path: Path, sm: StateMachine, fatal: list[str] | None = None) -> Snapshotter:
-    return Snapshotter(str(path / "raft.dump"), 4096, sm, Counter(), dump_meta,
-                       raft_meta_of, (fatal if fatal is not None else []).append)
+def make(path: Path, sm: StateMachine, fatal: list[str] | None = None,
+         keepalives: list[float] | None = None) -> Snapshotter:
+    return Snapshotter(str(path / "raft.dump"), 4096, sm, Counter(), dump_meta, raft_meta_of,
+                       (fatal if fatal is not None else []).append,
+                       lambda: (keepalives if keepalives is not None else []).append(
+                           time.monotonic()))
 
 
 def put(sm: StateMachine, key: bytes, value: bytes) -> None:
@@ -245,6 +248,21 @@ def test_a_corrupt_dump_stops_the_node(tmp_path: Path) -> None:
     f.deserialize()
     wait_for(lambda: (f.on_tick(), fatal)[1], 30, "the failure to be reported")
     assert "checksum" in fatal[0] and follower.data == {}
+
+
+def test_a_follower_receiving_a_dump_keeps_the_connection_alive(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PySyncObj drops a connection with no input for 3.5 s, and a follower acknowledges nothing
+    while a dump streams in: it sends a keepalive every ``KEEPALIVE_EVERY`` instead."""
+    monkeypatch.setattr(snapshotter, "KEEPALIVE_EVERY", 0.05)
+    keepalives: list[float] = []
+    receiver = make(tmp_path, StateMachine(CLUSTER), keepalives=keepalives)
+    started = time.monotonic()
+    receiver.setTransmissionData((b"x", True, False))
+    while time.monotonic() - started < 0.5:
+        receiver.setTransmissionData((b"x", False, False))
+    assert 5 <= len(keepalives) <= 11
+    assert all(b - a >= 0.045 for a, b in zip(keepalives, keepalives[1:]))
 
 
 def test_a_dump_streamed_in_pieces_arrives_byte_for_byte(tmp_path: Path) -> None:
