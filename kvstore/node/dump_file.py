@@ -97,6 +97,14 @@ def encode(meta: dict[str, Any], snapshot: bytes) -> bytes:
     return body + hashlib.sha256(body).digest()
 
 
+def write(path: str, meta: dict[str, Any], snapshot: bytes) -> None:
+    """Writes and fsyncs a whole dump (``encode``) at once."""
+    with open(path, "wb") as f:
+        f.write(encode(meta, snapshot))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def is_dump(data: bytes) -> bool:
     """Whether ``data`` starts like a dump of a version this build reads."""
     return data.startswith((MAGIC, MAGIC_V1))
@@ -111,7 +119,7 @@ def decode(data: bytes, path: str) -> Dump:
 
 def read_meta(f: BinaryIO, path: str = "dump") -> dict[str, Any]:
     """The meta alone, from the end of the open file ``f``: cheap, and checked only for shape
-    (``read`` verifies the checksum)."""
+    (``read_open`` verifies the checksum)."""
     f.seek(0)
     magic = f.read(len(MAGIC))
     if magic == MAGIC_V1:
@@ -130,7 +138,7 @@ def read_meta(f: BinaryIO, path: str = "dump") -> dict[str, Any]:
     return _meta(f.read(meta_len), path)
 
 
-def read(f: BinaryIO, path: str = "dump") -> Dump:
+def read_open(f: BinaryIO, path: str = "dump") -> Dump:
     """The whole dump in the open file ``f``, checksum verified, and the snapshot checked
     against its digest. The file is hashed in blocks and the snapshot read in one call, so no
     step copies the whole file while holding the interpreter (a restorer thread calls this)."""
@@ -145,9 +153,10 @@ def read(f: BinaryIO, path: str = "dump") -> Dump:
     return dump
 
 
-def read_path(path: str) -> Dump:
+def read(path: str) -> Dump:
+    """The dump at ``path`` (``read_open``)."""
     with open(path, "rb") as f:
-        return read(f, path)
+        return read_open(f, path)
 
 
 def _read_v2(f: BinaryIO, path: str) -> Dump:

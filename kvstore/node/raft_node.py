@@ -562,7 +562,7 @@ class RaftNode(SyncObj):
         with a wrong state; so we record a fatal error first."""
         started = time.monotonic()
         try:
-            dump = dump_file.read_path(path)
+            dump = dump_file.read(path)
             self._n_sm.restore(dump.snapshot)
         except Exception as exc:
             self._n_set_fatal(f"snapshot load failed: {type(exc).__name__}: {exc}")

@@ -331,7 +331,7 @@ class Snapshotter:
 
     def _restore(self, job: _Job, f: BinaryIO) -> snapshot.State:
         with f:
-            dump = dump_file.read(f, self._path)  # checksum and digest verified
+            dump = dump_file.read_open(f, self._path)  # checksum and digest verified
         job.pause()
         steps = snapshot.decode_steps(dump.snapshot)
         del dump

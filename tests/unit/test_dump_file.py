@@ -24,7 +24,7 @@ def written(path: Path, pieces: list[bytes]) -> str:
 def test_a_dump_written_in_pieces_reads_back_whole(tmp_path: Path) -> None:
     path = tmp_path / "raft.dump"
     digest = written(path, [b"abc", b"", b"def" * 1000])
-    dump = dump_file.read_path(str(path))
+    dump = dump_file.read(str(path))
     assert dump.snapshot == b"abc" + b"def" * 1000
     assert dump.meta == {**META, "digest": digest}
     assert digest == hashlib.sha256(dump.snapshot).hexdigest()[:16]
@@ -45,7 +45,7 @@ def test_a_damaged_dump_is_refused(tmp_path: Path, damage: str) -> None:
         data += b"!"
     path.write_bytes(bytes(data))
     with pytest.raises(dump_file.DumpCorrupt):
-        dump_file.read_path(str(path))
+        dump_file.read(str(path))
 
 
 def test_a_version_1_dump_is_still_read(tmp_path: Path) -> None:
@@ -56,6 +56,6 @@ def test_a_version_1_dump_is_still_read(tmp_path: Path) -> None:
             + struct.pack("<Q", len(snapshot)) + snapshot)
     path = tmp_path / "raft.dump"
     path.write_bytes(body + hashlib.sha256(body).digest())
-    assert dump_file.read_path(str(path)) == dump_file.Dump(meta, snapshot)
+    assert dump_file.read(str(path)) == dump_file.Dump(meta, snapshot)
     with open(path, "rb") as f:
         assert dump_file.read_meta(f) == meta

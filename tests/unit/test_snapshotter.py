@@ -106,7 +106,7 @@ def test_a_dump_is_the_state_at_its_index_while_applies_go_on(tmp_path: Path,
     sm.apply(encode_entry(Session(CLUSTER, 1, series_id=2), ops.incr(b"c")))
     slow_pieces.set()
     assert finish_write(s) == SERIALIZER_STATE.SUCCESS
-    dump = dump_file.read_path(str(tmp_path / "raft.dump"))
+    dump = dump_file.read(str(tmp_path / "raft.dump"))
     assert dump.snapshot == at_index != sm.snapshot()
     assert dump.meta["last"] == [b"last".hex(), 100, 2]
     assert dump.meta["digest"] == hashlib_digest(at_index)
@@ -124,7 +124,7 @@ def test_the_background_dump_has_the_bytes_and_digest_of_the_old_path(tmp_path: 
     s = make(tmp_path, sm)
     s.serialize(raft_data(10), 9)
     assert finish_write(s) == SERIALIZER_STATE.SUCCESS
-    dump = dump_file.read_path(str(tmp_path / "raft.dump"))
+    dump = dump_file.read(str(tmp_path / "raft.dump"))
     assert dump.snapshot == sm.snapshot() and dump.meta["digest"] == sm.digest()
 
 
