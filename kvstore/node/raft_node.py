@@ -569,4 +569,5 @@ class RaftNode(SyncObj):
             raise
         self._n_snapshotter.last_restore_seconds = time.monotonic() - started
         self.counters["snapshots_loaded"] += 1
+        log.info("snapshot loaded: index %d, digest %s", dump.meta["last"][1], dump.meta["digest"])
         return self._n_raft_meta(dump.meta)

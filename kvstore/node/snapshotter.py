@@ -190,6 +190,7 @@ class Snapshotter:
         self._writing: _Job | None = None
         self._writing_id: Any = None
         self._restoring: _Job | None = None
+        self._restoring_index: Any = None
         self._transmissions: dict[Any, dict[str, Any]] = {}
         self._incoming: BinaryIO | None = None
         self._send_started: float | None = None
@@ -240,7 +241,8 @@ class Snapshotter:
         self._sm.install(job.result)
         self.last_restore_seconds = time.monotonic() - job.started
         self._counters["snapshots_loaded"] += 1
-        log.info("snapshot restored in %.2f s", self.last_restore_seconds)
+        log.info("snapshot loaded: index %s, restored in the background in %.2f s",
+                 self._restoring_index, self.last_restore_seconds)
 
     def stop(self, timeout: float = 2.0) -> None:
         for job in (self._writing, self._restoring):
@@ -324,6 +326,7 @@ class Snapshotter:
         for job in (self._writing, self._restoring):
             if job is not None:
                 job.cancelled.set()  # a dump of an older state must not replace this one
+        self._restoring_index = last[1]
         self._restoring = _Job("snapshot-restorer", lambda job: self._restore(job, f),
                                self.gate)
         log.info("restoring the snapshot at index %s in the background", last[1])

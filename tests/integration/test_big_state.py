@@ -1,14 +1,14 @@
-"""A follower whose disk is wiped catches up by snapshot while writes go on, without stalling
-and without a leader change (issue 9, item 4; PySyncObj defect D11).
+"""A member that replaces a follower whose disk is gone catches up by snapshot while writes go
+on, without stalling and without a leader change (issue 9, item 4; PySyncObj defect D11).
 
 The state is preloaded through the log (``put_many`` entries) and the nodes snapshot every 200
-entries, so the leader has compacted its log and can only bring the wiped follower back by
-sending its dump. The claims, each checked:
+entries, so the leader has compacted its log and can only bring the new member up by sending
+its dump. The claims, each checked:
 
-* the install happens in the background: the wiped node's longest tick gap is shorter than its
+* the install happens in the background: the new member's longest tick gap is shorter than its
   restore took (a restore done on the tick thread is one pass at least that long);
 * no node's term moves: nobody campaigned, neither the installing node nor the others;
-* the installing node never went ``ELECTION_TIMEOUT`` without a pass of its tick loop;
+* the installing node never went ``ELECTION_TIMEOUT_MS`` without a pass of its tick loop;
 * afterwards every replica holds the same state (digest: data, sessions, LRU order).
 
 Size: ``KV_TEST_BIG_STATE_KEYS`` (50,000 by default, a few seconds; ``benchmarks/big_state.py``
@@ -79,7 +79,7 @@ class Writer(threading.Thread):
                 n += 1
 
 
-def test_a_wiped_follower_catches_up_by_snapshot_without_a_stall(big_cluster: Cluster) -> None:
+def test_a_new_member_catches_up_by_snapshot_without_a_stall(big_cluster: Cluster) -> None:
     cluster = big_cluster
     with Client(cluster.endpoints, timeout=30) as client:
         preload(client, KEYS, sessions=SESSIONS, timeout=60)
@@ -91,12 +91,14 @@ def test_a_wiped_follower_catches_up_by_snapshot_without_a_stall(big_cluster: Cl
         writer = Writer(cluster.endpoints)
         writer.start()
         try:
+            # A follower is lost with its disk; it is replaced, as the README says: a new member
+            # (a learner first, promoted once in sync), which must catch up from the snapshot.
             cluster.kill(victim)
-            data_dir = ClusterDir(cluster.dir).data_dir(cluster.spec.node(victim))
-            shutil.rmtree(data_dir)
-            data_dir.mkdir()
-            endpoint = cluster.endpoint(victim)
-            cluster.up()  # restarts the missing node, with an empty data directory
+            shutil.rmtree(ClusterDir(cluster.dir).data_dir(cluster.spec.node(victim)))
+            before = set(cluster.node_ids)
+            cluster.run("cluster", "add-node", check=True)
+            newcomer = (set(cluster.node_ids) - before).pop()
+            endpoint = cluster.endpoint(newcomer)
 
             def installed() -> bool:
                 try:
@@ -104,7 +106,8 @@ def test_a_wiped_follower_catches_up_by_snapshot_without_a_stall(big_cluster: Cl
                 except errors.Unavailable:
                     return False
                 return status.snapshots_loaded >= 1 and "restoring" not in status.snapshot
-            cluster.wait_for(installed, 120, f"{victim} to install a snapshot")
+            cluster.wait_for(installed, 120, f"{newcomer} to install a snapshot")
+            cluster.run("cluster", "remove-node", victim, check=True)
         finally:
             writer.stop.set()
             writer.join(30)
@@ -115,12 +118,13 @@ def test_a_wiped_follower_catches_up_by_snapshot_without_a_stall(big_cluster: Cl
         status = client.status(endpoint)
         restore_ms = status.snapshot_restore_seconds * 1e3
         assert status.tick_gap_max_ms < restore_ms, (
-            f"{victim} restored for {restore_ms:.0f} ms and its tick loop stalled "
+            f"{newcomer} restored for {restore_ms:.0f} ms and its tick loop stalled "
             f"{status.tick_gap_max_ms:.0f} ms: the restore ran on the tick thread")
         after = {e: client.status(e).term for e in cluster.endpoints}
-        assert after == terms, f"a leader change: terms {terms} became {after}"
+        assert set(after.values()) == set(terms.values()), \
+            f"a leader change: terms {terms} became {after}"
         gap = client.status(endpoint).tick_gap_max_ms
-        assert gap < ELECTION_TIMEOUT_MS, f"{victim}'s tick loop stalled {gap:.0f} ms"
+        assert gap < ELECTION_TIMEOUT_MS, f"{newcomer}'s tick loop stalled {gap:.0f} ms"
 
         def converged() -> bool:
             views = [client.status(e, with_digest=True, timeout=30) for e in cluster.endpoints]
