@@ -6,16 +6,18 @@ cluster, preloads it through the log (``cli.bench.preload``: ``put_many`` entrie
 closed-loop writers (each with its own session, overwriting preloaded keys) through three phases:
 
 1. **steady**: writes while the nodes take snapshots as their logs reach ``--snapshot-count``;
-2. **wipe**: a follower is SIGKILLed, its data directory deleted, and it is restarted: it must
-   catch up by installing the leader's snapshot while the writes go on;
+2. **replace**: a follower is SIGKILLed and its data directory deleted, and it is replaced as
+   the README says (``cli.cluster_nodes``: a new node joins as a learner and is promoted once
+   caught up, the lost one is removed): the new member must catch up by installing the
+   leader's snapshot while the writes go on;
 3. **after**: more writes once it has caught up.
 
 A monitor polls every node's ``Status`` every 50 ms throughout, and the report says: leader
 changes (terms and leaders seen), the longest tick gap of each node (from its own measure), each
 write's latency classified by whether any node was taking, sending, receiving or restoring a
 snapshot while it was in flight, p99 with and without, snapshot times reported by the nodes, the
-wiped member's install time (restart until its state is restored and it has applied what the
-leader had committed at the restart), the dump's size on disk, and each node's RSS (now and
+new member's install time (from its start until it is promoted, having restored the snapshot and
+applied what the leader had committed when the follower was lost), the dump's size on disk, and each node's RSS (now and
 peak). ``--snapshots-on-tick-thread`` runs the same with the old placement (both done on the Raft
 thread, as PySyncObj calls them) as the control; ``--compare`` runs both, one after the other.
 Everything it starts, it stops.
@@ -36,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cli import processes  # noqa: E402
 from cli.bench.preload import preload, preload_key  # noqa: E402
+from cli.cluster_nodes import grow, shrink  # noqa: E402
+from cli.exits import CliError  # noqa: E402
 from cli.cluster_dir import ClusterDir  # noqa: E402
 from kvstore import ops  # noqa: E402
 from kvstore.client import Client  # noqa: E402
@@ -134,7 +139,7 @@ class Monitor:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for node_id, endpoint in self._nodes.items():
+            for node_id, endpoint in list(self._nodes.items()):
                 try:
                     status = self._client.status(endpoint, timeout=0.5)
                 except KVError:
@@ -182,7 +187,8 @@ class Monitor:
         for t, node_id, s in self.samples:
             if t < since or s is None:
                 continue
-            terms.add(s.term)
+            if s.term:  # 0: a joining node that has not heard from the leader yet
+                terms.add(s.term)
             if s.role == "leader" and (not leaders or leaders[-1] != node_id):
                 leaders.append(node_id)
         return {"terms": sorted(terms), "leaders_in_turn": leaders,
@@ -275,27 +281,36 @@ def run(args: argparse.Namespace, on_tick_thread: bool) -> dict[str, Any]:
             time.sleep(args.steady)
             leader = leader_of(client, nodes) or spec.nodes[0].id
             victim = next(n for n in spec.nodes if n.id != leader)
-            print(f"[{report['mode']}] wiping follower {victim.id} ...", flush=True)
+            print(f"[{report['mode']}] losing follower {victim.id} with its disk; replacing it "
+                  "with a new member ...", flush=True)
             procs[victim.id].send_signal(signal.SIGKILL)
             procs[victim.id].wait(10)
             shutil.rmtree(cluster.data_dir(victim))
-            cluster.data_dir(victim).mkdir(parents=True)
             target = status_of(client, nodes[leader])
-            wiped_at = time.monotonic()
-            procs[victim.id] = processes.start_node(cluster, spec, victim, extra)
+            newcomer = cluster.new_node(spec)
+            spec = replace(spec, nodes=(*spec.nodes, newcomer))
+            cluster.save(spec)
+            cluster.prepare_node_dirs(spec)
+            nodes[newcomer.id] = newcomer.api
 
-            def caught_up() -> bool:
-                s = status_of(client, victim.api)
-                return (s is not None and s.snapshots_loaded >= 1 and "restoring" not in s.snapshot
-                        and s.applied_index >= target.commit_index)
-            try:
-                install: float | None = wait_until("the wiped member to catch up", caught_up,
-                                                   args.wipe_timeout)
-                print(f"[{report['mode']}] caught up in {install:.1f} s; writes go on ...",
-                      flush=True)
-            except RuntimeError as exc:
-                install = None
-                print(f"[{report['mode']}] {exc}; writes go on ...", flush=True)
+            def start() -> subprocess.Popen[bytes]:
+                procs[newcomer.id] = processes.start_node(cluster, spec, newcomer, extra)
+                return procs[newcomer.id]
+
+            wiped_at = time.monotonic()
+            install: float | None = None
+            try:  # started with --join, added as a learner, promoted once caught up
+                grow(client, newcomer, start, cluster.log_file(newcomer.id), promote=True,
+                     sync_timeout=args.wipe_timeout)
+                s = status_of(client, newcomer.api)
+                if s is not None and s.applied_index >= target.commit_index:
+                    install = time.monotonic() - wiped_at
+                print(f"[{report['mode']}] {newcomer.id} caught up and promoted in "
+                      f"{install or 0:.1f} s; writes go on ...", flush=True)
+                shrink(client, victim, lambda: None)
+                del nodes[victim.id]
+            except CliError as exc:
+                print(f"[{report['mode']}] {newcomer.id} was not added: {exc}", flush=True)
             time.sleep(args.after)
             records = writers.results()
             monitor.stop()
@@ -305,14 +320,16 @@ def run(args: argparse.Namespace, on_tick_thread: bool) -> dict[str, Any]:
             report["snapshot_busy_seconds"] = round(sum(b - a for a, b in intervals), 1)
             report["writes_per_second"] = round(len(records) / (ended - started), 1)
             report["leaders"] = monitor.leader_view(started)
-            victim_status = status_of(client, victim.api)
+            victim_status = status_of(client, newcomer.api)
             report["install"] = {
-                "node": victim.id,
+                "node": newcomer.id,
                 "seconds_to_catch_up": round(install, 2) if install is not None else None,
                 "restore_seconds_on_node": victim_status.snapshot_restore_seconds if victim_status else None,
             }
             nodes_report = {}
             for node in spec.nodes:
+                if node.id == victim.id:
+                    continue
                 s = status_of(client, node.api)
                 dump = cluster.data_dir(node) / "raft.dump"
                 nodes_report[node.id] = {
@@ -327,9 +344,9 @@ def run(args: argparse.Namespace, on_tick_thread: bool) -> dict[str, Any]:
                 }
             report["nodes"] = nodes_report
             report["long_tick_gaps"] = long_gaps(cluster, spec, intervals, started)
-            report["digests_equal"] = len({status_of(client, n.api).digest
-                                           for n in spec.nodes
-                                           if wait_digest(client, n.api)}) == 1
+            report["digests_equal"] = len({status_of(client, api).digest
+                                           for api in nodes.values()
+                                           if wait_digest(client, api)}) == 1
             report["wiped_at"] = round(wiped_at - started, 1)
     finally:
         for proc in procs.values():
