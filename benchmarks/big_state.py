@@ -302,15 +302,22 @@ def run(args: argparse.Namespace, on_tick_thread: bool) -> dict[str, Any]:
             try:  # started with --join, added as a learner, promoted once caught up
                 grow(client, newcomer, start, cluster.log_file(newcomer.id), promote=True,
                      sync_timeout=args.wipe_timeout)
-                s = status_of(client, newcomer.api)
-                if s is not None and s.applied_index >= target.commit_index:
-                    install = time.monotonic() - wiped_at
-                print(f"[{report['mode']}] {newcomer.id} caught up and promoted in "
-                      f"{install or 0:.1f} s; writes go on ...", flush=True)
+                promoted = time.monotonic() - wiped_at  # it holds the log: it may vote
+
+                def caught_up() -> bool:  # its state restored and the log applied past target
+                    s = status_of(client, newcomer.api)
+                    return (s is not None and s.snapshots_loaded >= 1
+                            and "restoring" not in s.snapshot
+                            and s.applied_index >= target.commit_index)
+                wait_until("the new member to catch up", caught_up, args.wipe_timeout)
+                install = time.monotonic() - wiped_at
+                report["promoted_after_seconds"] = round(promoted, 1)
+                print(f"[{report['mode']}] {newcomer.id} promoted after {promoted:.1f} s, caught "
+                      f"up after {install:.1f} s; writes go on ...", flush=True)
                 shrink(client, victim, lambda: None)
                 del nodes[victim.id]
-            except CliError as exc:
-                print(f"[{report['mode']}] {newcomer.id} was not added: {exc}", flush=True)
+            except (CliError, RuntimeError) as exc:
+                print(f"[{report['mode']}] {newcomer.id}: {exc}", flush=True)
             time.sleep(args.after)
             records = writers.results()
             monitor.stop()

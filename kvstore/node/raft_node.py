@@ -69,6 +69,8 @@ log = logging.getLogger("kvstore.node")
 MAX_BATCH_ENTRIES = 1024
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 """Limits of one replicated batch; what does not fit goes out in the next one, same tick."""
+MAX_APPLY_PER_PASS = 64
+"""Committed entries (each a batch of proposals) applied per pass of the tick loop."""
 TRANSMISSION_BATCH_BYTES = 256 * 1024
 """Bytes of a dump per message when a leader sends it to a follower (PySyncObj: 64 KiB)."""
 
@@ -445,7 +447,9 @@ class RaftNode(SyncObj):
                     self._n_sync_before_commit()
                 # A command still queued inside PySyncObj is appended at the end of the tick:
                 # do not let the next tick sleep in poll() before shipping it.
-                self.doTick(0.0 if internals.queue else idle)
+                behind = (self.raftCommitIndex > self.raftLastApplied  # MAX_APPLY_PER_PASS
+                          and not self._n_snapshotter.restoring)
+                self.doTick(0.0 if internals.queue or behind else idle)
             except JournalFailed:
                 break  # fail-stop: the journal has said why (status: fatal)
             except Exception:
@@ -505,11 +509,26 @@ class RaftNode(SyncObj):
     # -- snapshots ------------------------------------------------------------------------
 
     def _n_apply_unless_restoring(self, apply: Callable[[], bool]) -> bool:
-        """PySyncObj's apply step, held back while a restored state is not swapped in yet."""
+        """PySyncObj's apply step, held back while a restored state is not swapped in yet, and
+        at most ``MAX_APPLY_PER_PASS`` entries per pass.
+
+        PySyncObj applies every committed entry in one pass: a node that has just installed a
+        snapshot (or restarted) and has thousands of entries to catch up on stalled its loop
+        for seconds (1.7 s measured at 1M keys). The commit index PySyncObj's apply step reads
+        is lowered for the call and put back at once; nothing else runs in between.
+        """
         self._n_snapshotter.on_tick()
         if self._n_snapshotter.restoring:
             return False
-        return apply()
+        commit = self._SyncObj__raftCommitIndex
+        capped = self.raftLastApplied + MAX_APPLY_PER_PASS
+        if commit <= capped:
+            return apply()
+        self._SyncObj__raftCommitIndex = capped
+        try:
+            return apply()
+        finally:
+            self._SyncObj__raftCommitIndex = commit  # (the loop then polls without waiting)
 
     def _n_keepalive(self) -> None:
         """Tells the leader this follower is there while it receives a dump: a ``next_node_idx``
