@@ -39,6 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvstore import StateMachine, encode_entry, ops, snapshot  # noqa: E402
+from kvstore.data import FrozenData  # noqa: E402
 from session import new_noop_session  # noqa: E402
 
 BATCH = 16
@@ -136,7 +137,8 @@ def design_b(keys: int) -> dict[str, Any]:
         start = time.perf_counter()
         reader = env.begin()  # the snapshot: a read transaction
         freeze = time.perf_counter() - start
-        header = b"".join(snapshot.encode_pieces(snapshot.Frozen(1, 4096, (), {})))
+        header = b"".join(snapshot.encode_pieces(
+            snapshot.Frozen(1, 4096, (), FrozenData.copy_of({}))))
 
         def pieces() -> Iterator[bytes]:
             yield header
