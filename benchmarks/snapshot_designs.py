@@ -215,6 +215,9 @@ def in_own_process(name: str, keys: int) -> dict[str, Any]:
     receive, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(name, keys, send))
     proc.start()
+    while not receive.poll(1.0):
+        if not proc.is_alive():
+            raise RuntimeError(f"{name} failed (its process exited with {proc.exitcode})")
     result = receive.recv()
     proc.join()
     return result  # type: ignore[no-any-return]
