@@ -77,12 +77,15 @@ def _tls_files(settings: Settings) -> tuple[str | None, ...] | None:
               "against etcd (the etcd binary, Debian etcd-server), a plain PySyncObj dict (raw), "
               "our cluster with no-op sessions (noop: what exactly-once costs), and/or a second "
               "cluster of ours without TLS (plaintext: what TLS costs).")
+@click.option("--preload", type=Integer(0, 100_000_000), default=0, metavar="N",
+              help="Ours: first load N keys of 100 B through the log (put_many batches), so "
+              "the runs meet snapshots of a large state.")
 @click.option("--workers", type=Integer(1, 256), default=default_workers(),
               show_default=True, help="Client worker processes (threads inside).")
 @global_options
 def bench(clients: list[int], duration: float, warmup: float, rounds: int, value_size: int,
           read_ratio: float, consistency: str, sessions: str, nodes: int, fsync: bool | None,
-          tls: bool, compare: list[str], workers: int) -> None:
+          tls: bool, compare: list[str], preload: int, workers: int) -> None:
     """Closed-loop load: ops/s, latency percentiles, errors, client and node CPU per op.
 
     \b
@@ -121,7 +124,7 @@ def bench(clients: list[int], duration: float, warmup: float, rounds: int, value
         sessions=sessions == "on", nodes=nodes, fsync=fsync, tls=tls, compare=compare,
         endpoints=list(settings.endpoints), tls_files=_tls_files(settings),
         op_timeout=settings.timeout,
-        dial_timeout=settings.dial_timeout, workers=workers)
+        dial_timeout=settings.dial_timeout, workers=workers, preload=preload)
 
     def interrupted(*_: Any) -> None:
         raise KeyboardInterrupt  # unwinds through every finally: targets stopped

@@ -119,8 +119,10 @@ def status(digest: bool) -> None:
     cluster_dir = settings.cluster
     spec = cluster_dir.load()
     with settings.client(spec) as client:
+        # A digest hashes the whole state (seconds at millions of keys): the command's
+        # timeout bounds it, not the dial timeout.
         rows = [node_status.probe(client, _target(cluster_dir, node), cluster_id=spec.cluster_id,
-                                  with_digest=digest)
+                                  with_digest=digest, timeout=settings.timeout if digest else None)
                 for node in spec.nodes]
     emit(node_status.report(rows, local=True), settings.output_format(terminal="table"))
     node_status.require_an_answer(rows, f"kv cluster up --detach --dir {cluster_dir.path}")

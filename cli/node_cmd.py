@@ -163,13 +163,18 @@ def node() -> None:
 @click.option("--dial-via", "dial_via", multiple=True, callback=parse_dial_via, hidden=True,
               metavar="RAFT=HOST:PORT", help="Connect to the peer RAFT at HOST:PORT instead: for "
               "the fault-injection harness (kvstore.check.proxy), which puts a proxy on each link.")
+@click.option("--snapshots-on-tick-thread", is_flag=True, hidden=True,
+              envvar="KV_SNAPSHOTS_ON_TICK_THREAD",
+              help="Take and install snapshots on the Raft thread, as PySyncObj does: the "
+              "control for benchmarks/big_state.py. It stalls the node at large states.")
 @click.option("--planted-bug", type=click.Choice(["no-dedup"]), hidden=True,
               help="Run a state machine with a known bug (kvstore.check.planted): for showing "
               "that kv check catches it. Never in production.")
 def run(node_id: str, cluster_id: int, raft: str, api: str, peers: tuple[Member, ...],
         data_dir: Path, secret_file: Path | None, cert_file: Path | None, key_file: Path | None,
         ca_file: Path | None, session_capacity: int, snapshot_count: int, join: bool, fsync: bool,
-        log_level: str, dial_via: dict[str, str], planted_bug: str | None) -> None:
+        log_level: str, dial_via: dict[str, str], snapshots_on_tick_thread: bool,
+        planted_bug: str | None) -> None:
     """Runs one node until SIGTERM or Ctrl-C, then stops it cleanly."""
     secret = read_secret(secret_file)
     tls = read_tls(cert_file, key_file, ca_file)
@@ -188,6 +193,7 @@ def run(node_id: str, cluster_id: int, raft: str, api: str, peers: tuple[Member,
         dial_via=dial_via,
         join=join,
         tls=tls,
+        background_snapshots=not snapshots_on_tick_thread,
     )
     logging.basicConfig(
         level=log_level.upper(),

@@ -67,6 +67,14 @@ def _errors(row: Row) -> str:
     return cell(row, "error") or cell(row, "alarms")
 
 
+def _tick_gaps(row: Row) -> str:
+    """The longest gaps between two passes of the node's Raft loop, in ms: the last 10 s, and
+    since the node started."""
+    if row.get("tick_gap_ms") is None:
+        return ""
+    return f"{row['tick_gap_ms']:.0f}/{row['tick_gap_max_ms']:.0f}"
+
+
 COLUMNS: tuple[Column, ...] = (
     Column("id", lambda s: s.node_id),
     Column("endpoint", lambda s: s.api_address),
@@ -84,6 +92,15 @@ COLUMNS: tuple[Column, ...] = (
     Column("digest", lambda s: s.digest),
     Column("has_quorum", lambda s: s.has_quorum, in_table=False),
     Column("membership_change_pending", lambda s: s.membership_change_pending, in_table=False),
+    Column("snapshot", lambda s: list(s.snapshot)),
+    Column("tick_gap_ms", lambda s: round(s.tick_gap_recent_ms, 1), cell=_tick_gaps),
+    Column("tick_gap_max_ms", lambda s: round(s.tick_gap_max_ms, 1), in_table=False),
+    Column("snapshots_written", lambda s: s.snapshots_written, in_table=False),
+    Column("snapshots_loaded", lambda s: s.snapshots_loaded, in_table=False),
+    Column("snapshot_write_seconds", lambda s: round(s.snapshot_write_seconds, 3),
+           in_table=False),
+    Column("snapshot_restore_seconds", lambda s: round(s.snapshot_restore_seconds, 3),
+           in_table=False),
     Column("alarms", lambda s: list(s.alarms), cell=_errors),
 )
 

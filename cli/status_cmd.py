@@ -47,7 +47,8 @@ def status(digest: bool) -> None:
     settings = Settings.current()
     asked, cluster_id = targets(settings)
     with settings.client() as client:
-        rows = [node_status.probe(client, t, cluster_id=cluster_id, with_digest=digest)
+        rows = [node_status.probe(client, t, cluster_id=cluster_id, with_digest=digest,
+                                  timeout=settings.timeout if digest else None)
                 for t in asked]
     emit(node_status.report(rows, local=False), settings.output_format(terminal="table"))
     node_status.require_an_answer(rows)

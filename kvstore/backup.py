@@ -86,7 +86,7 @@ class Backup:
 def parse(data: bytes, source: str) -> Backup:
     """The backup in ``data`` (read from ``source``, named in errors); ``BackupError`` if it is
     damaged, not a backup, or holds a state that does not match its digest."""
-    if not data.startswith(dump_file.MAGIC):
+    if not dump_file.is_dump(data):
         raise BackupError(f"{source} is not a kv snapshot file (kv snapshot save writes them)")
     try:
         dump = dump_file.decode(data, source)

@@ -8,13 +8,14 @@ node for good: defect D5).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 
 from kvstore import results
 from kvstore.limits import INT64_MAX, INT64_MIN, MAX_KEY_BYTES, MAX_VALUE_BYTES
 from kvstore.proto.log_pb2 import Code, Command, KeyValue, Result
 
-Data = dict[bytes, bytes]
+Data = MutableMapping[bytes, bytes]
+"""``kvstore.data.Data`` in a replica; any dict of bytes works the same."""
 
 READ_ONLY_OPS = frozenset({"get", "range"})
 
@@ -58,6 +59,10 @@ def static_error(command: Command) -> Result | None:
             _bounded_key(cmd.prefix, "prefix")
         elif op == "delete" and cmd.prefix:
             _bounded_key(cmd.key, "prefix")  # an empty prefix deletes every key, as in etcd
+        elif op == "put_many":
+            for kv in cmd.kvs:
+                _key(kv.key)
+                _value(kv.value)
         else:
             _key(cmd.key)
         if op in ("put", "append", "cas"):
@@ -78,6 +83,12 @@ def is_read_only(command: Command) -> bool:
 def _put(data: Data, cmd: Command) -> Result:
     data[cmd.key] = cmd.value
     return results.ok()
+
+
+def _put_many(data: Data, cmd: Command) -> Result:
+    for kv in cmd.kvs:
+        data[kv.key] = kv.value
+    return results.ok(count=len(cmd.kvs))
 
 
 def _delete(data: Data, cmd: Command) -> Result:
@@ -159,4 +170,5 @@ _HANDLERS: dict[str, Callable[[Data, Command], Result]] = {
     "incr": _incr,
     "append": _append,
     "cas": _cas,
+    "put_many": _put_many,
 }

@@ -53,6 +53,9 @@ class NodeConfig:
     snapshot_count: int = DEFAULT_SNAPSHOT_COUNT
     """Log entries after which the node snapshots its state and compacts its log (as etcd's
     ``--snapshot-count``); PySyncObj also snapshots every five minutes."""
+    background_snapshots: bool = True
+    """Take and install snapshots off the Raft thread (``kvstore.node.snapshotter``); False is
+    the on-thread control for benchmarks (``kv node run --snapshots-on-tick-thread``)."""
     dial_via: Mapping[str, str] = field(default_factory=dict)
     """Peer raft address -> host:port to connect to instead. For fault-injection tests only, which
     route each link through a proxy they can cut (``kvstore.check.proxy``); empty in real use.

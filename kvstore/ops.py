@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from kvstore.proto import log_pb2 as pb
 
 Command = pb.Command
@@ -9,6 +11,11 @@ Command = pb.Command
 
 def put(key: bytes, value: bytes) -> Command:
     return Command(put=pb.Put(key=key, value=value))
+
+
+def put_many(pairs: Iterable[tuple[bytes, bytes]]) -> Command:
+    """Many puts as one command (one log entry): for loading data in bulk."""
+    return Command(put_many=pb.PutMany(kvs=[pb.KeyValue(key=k, value=v) for k, v in pairs]))
 
 
 def delete(key: bytes, *, prefix: bool = False) -> Command:

@@ -115,7 +115,11 @@ class KVService:
         if request.consistency == api_pb2.SERIALIZABLE:
             self._refuse_if_removed()
             # Waits for the tick thread: in a worker thread, so the event loop goes on.
-            return _answer(await asyncio.to_thread(self._node.read_local, request.command))
+            try:
+                return _answer(await asyncio.to_thread(self._node.read_local, request.command))
+            except NotApplied as exc:  # restoring a snapshot: the state is behind
+                raise Refused(grpc.StatusCode.UNAVAILABLE, f"{exc}; read another node",
+                              (api_errors.REASON_METADATA_KEY, exc.reason)) from exc
         # A linearizable read goes through the log as a system entry (client id 0): it changes
         # nothing, so it needs no deduplication, and it sees every write committed before it.
         system = Session(cluster_id=self._config.cluster_id)
@@ -405,6 +409,13 @@ def status_message(view: NodeStatusView, config: NodeConfig) -> api_pb2.NodeStat
         alarms=view.alarms,
         log_length=view.log_length,
         membership_change_pending=view.membership_change_pending,
+        snapshot=view.snapshot,
+        tick_gap_max_ms=view.tick_gap_max * 1e3,
+        tick_gap_recent_ms=view.tick_gap_recent * 1e3,
+        snapshots_written=view.snapshots_written,
+        snapshots_loaded=view.snapshots_loaded,
+        snapshot_write_seconds=view.snapshot_write_seconds,
+        snapshot_restore_seconds=view.snapshot_restore_seconds,
     )
 
 

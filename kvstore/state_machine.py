@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 
 from kvstore import commands, dedup, results, snapshot
+from kvstore.data import Data
 from kvstore.entry import decode_batch, decode_entry
 from kvstore.limits import DEFAULT_SESSION_CAPACITY
 from kvstore.proto.log_pb2 import Code, Command, Result
@@ -27,7 +28,7 @@ class StateMachine:
     def __init__(self, cluster_id: int, session_capacity: int = DEFAULT_SESSION_CAPACITY) -> None:
         self.cluster_id = cluster_id
         self.sessions = SessionStore(session_capacity)
-        self.data: commands.Data = {}
+        self.data: commands.Data = Data()
 
     def apply(self, entry: bytes) -> bytes:
         """Applies one committed log entry and returns the serialized ``Result``."""
@@ -79,12 +80,20 @@ class StateMachine:
 
     def snapshot(self) -> bytes:
         """The whole state as deterministic bytes (see ``kvstore.snapshot``)."""
-        return snapshot.encode(snapshot.State(self.cluster_id, self.sessions, self.data))
+        return snapshot.encode(self._state())
+
+    def freeze(self) -> snapshot.Frozen:
+        """A copy of the state as of now, to encode on another thread while applies go on
+        (``snapshot.encode_pieces``); it costs a ``dict.copy`` of the data."""
+        return snapshot.freeze(self._state())
 
     def restore(self, data: bytes) -> None:
         """Replaces the state with a snapshot's; raises ``SnapshotError`` and changes nothing
         if the bytes are not a valid snapshot of this cluster."""
-        state = snapshot.decode(data)
+        self.install(snapshot.decode(data))
+
+    def install(self, state: snapshot.State) -> None:
+        """Replaces the state with a decoded snapshot's (``snapshot.decode_steps``)."""
         if state.cluster_id != self.cluster_id:
             raise snapshot.SnapshotError(
                 f"snapshot of cluster {state.cluster_id}, this is {self.cluster_id}"
@@ -94,3 +103,6 @@ class StateMachine:
     def digest(self) -> str:
         """A short hash of the whole state, for comparing replicas."""
         return hashlib.sha256(self.snapshot()).hexdigest()[:DIGEST_HEX_CHARS]
+
+    def _state(self) -> snapshot.State:
+        return snapshot.State(self.cluster_id, self.sessions, self.data)

@@ -52,11 +52,12 @@ class OursTarget:
     def __init__(self, pool: WorkerPool, *, nodes: int, endpoints: Sequence[str] = (),
                  fsync: bool = True, sessions: bool = True, dial_timeout: float = 2.0,
                  tls: bool = True, tls_files: tuple[str | None, ...] | None = None,
-                 name: str = "ours") -> None:
+                 name: str = "ours", preload: int = 0) -> None:
         self.name = name
         self.tls = tls
         self.tls_files = tls_files
         self.pool = pool
+        self.preload = preload
         self.nodes = nodes
         self.given_endpoints = list(endpoints)
         self.fsync = fsync
@@ -73,6 +74,15 @@ class OursTarget:
         return ClusterDir(self._tmp / "cluster") if self._tmp else None
 
     def start(self) -> None:
+        self._start()
+        if self.preload:
+            from cli.bench.preload import preload
+            from kvstore.client import Client
+
+            with Client(self.endpoints, timeout=120, dial_timeout=self.dial_timeout) as client:
+                preload(client, self.preload)
+
+    def _start(self) -> None:
         if self.given_endpoints:
             self._attach()
             return
@@ -173,6 +183,7 @@ class OursTarget:
                       "survives kill -9, not power loss)"),
             "api": "mutual TLS" if self.tls_files else "plaintext",
             "node_cpu": "measured" if self.pids else "not measured (nodes not on this machine)",
+            "preloaded_keys": self.preload,
             "dir": str(self._tmp) if self._tmp else None,
         }
 

@@ -47,6 +47,7 @@ class BenchOptions:
     dial_timeout: float = 2.0
     workers: int = 4
     seed: int = 1
+    preload: int = 0
 
 
 class Display:
@@ -83,7 +84,7 @@ def build_targets(options: BenchOptions, pool: WorkerPool) -> list[Target]:
     ours = OursTarget(pool, nodes=options.nodes, endpoints=options.endpoints,
                       fsync=options.fsync, sessions=options.sessions,
                       dial_timeout=options.dial_timeout, tls=options.tls,
-                      tls_files=options.tls_files)
+                      tls_files=options.tls_files, preload=options.preload)
     targets: list[Target] = [ours]
     for name in options.compare:
         if name == "noop":

@@ -7,11 +7,14 @@ thread; a tick thread that stops answering is itself reported (``tick_thread_unr
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
 from kvstore.node.membership import MemberView
 from kvstore.node.raft_node import RaftNode
+
+log = logging.getLogger("kvstore.node.health")
 
 ALARM_AFTER = 5.0
 """Seconds a condition must hold before it is reported."""
@@ -20,6 +23,10 @@ APPLY_LAG_ALARM = 1000
 PEER_LAG_ALARM = 1000
 """Entries a follower may lag the leader's log before the leader reports it."""
 SAMPLE_EVERY = 0.1
+LONG_TICK_GAP = 0.1
+"""A gap between two passes of the tick loop that is logged (the budget of issue 9)."""
+RECENT_SECONDS = 10
+"""The window of the "recent" longest tick gap."""
 
 _ROLES = {0: "follower", 1: "candidate", 2: "leader"}
 
@@ -41,6 +48,60 @@ class NodeStatusView:
     alarms: list[str] = field(default_factory=list)
     members: list[MemberView] = field(default_factory=list)
     membership_change_pending: bool = False
+    snapshot: list[str] = field(default_factory=list)
+    """Snapshot work in progress: writing, sending:<peer>, receiving, restoring."""
+    tick_gap_max: float = 0.0
+    """Longest time between two passes of the tick loop since the node started, in seconds."""
+    tick_gap_recent: float = 0.0
+    """The same over the last ``RECENT_SECONDS``."""
+    snapshots_written: int = 0
+    snapshots_loaded: int = 0
+    snapshot_write_seconds: float = 0.0
+    """How long the last snapshot took to write (freeze to rename), and the last restore."""
+    snapshot_restore_seconds: float = 0.0
+
+
+class TickGaps:
+    """The longest gap between two passes of the tick loop, since start and recently.
+
+    A pass that does not come is a node that sends no heartbeat, answers no vote and applies
+    nothing: the figure that says whether anything (a snapshot, a large batch) stalls the node.
+    Kept per second in a ring, so "recent" costs nothing to maintain.
+    """
+
+    def __init__(self) -> None:
+        self._last: float | None = None
+        self.longest = 0.0
+        self._ring: list[tuple[int, float]] = [(-1, 0.0)] * RECENT_SECONDS
+
+    def on_tick(self) -> None:
+        now = time.monotonic()
+        if self._last is not None:
+            gap = now - self._last
+            if gap > LONG_TICK_GAP:
+                log.warning("the tick thread made no pass for %.0f ms", gap * 1e3)
+            self.longest = max(self.longest, gap)
+            second = int(now)
+            slot = second % RECENT_SECONDS
+            seen, worst = self._ring[slot]
+            if seen != second:
+                self._ring[slot] = (second, gap)
+            elif gap > worst:
+                self._ring[slot] = (second, gap)
+        self._last = now
+
+    def open_gap(self) -> float:
+        """Time since the last pass (long only if the tick thread is stuck right now)."""
+        return time.monotonic() - self._last if self._last is not None else 0.0
+
+    def since_start(self) -> float:
+        return max(self.longest, self.open_gap())
+
+    def recent(self) -> float:
+        """The longest gap in the last ``RECENT_SECONDS``, counting one still open."""
+        oldest = int(time.monotonic()) - RECENT_SECONDS
+        closed = max((gap for second, gap in self._ring if second > oldest), default=0.0)
+        return max(closed, self.open_gap())
 
 
 class Health:
@@ -51,6 +112,8 @@ class Health:
         self._since: dict[str, float] = {}
         self._last_sample = 0.0
         self._applied_seen = (0, time.monotonic())
+        self.tick_gaps = TickGaps()
+        node.add_tick_hook(self.tick_gaps.on_tick)
         node.add_tick_hook(self._on_tick)
 
     def alarms(self) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from pysyncobj import SyncObj
@@ -22,7 +23,8 @@ class Internals:
               "_SyncObj__raftNextIndex", "_SyncObj__transport", "_SyncObj__newAppendEntriesTime",
               "_SyncObj__otherNodes", "_SyncObj__readonlyNodes", "_SyncObj__connectedNodes",
               "_SyncObj__lastResponseTime", "_SyncObj__raftElectionDeadline",
-              "_SyncObj__generateRaftTimeout", "_SyncObj__noopIDx")
+              "_SyncObj__generateRaftTimeout", "_SyncObj__noopIDx",
+              "_SyncObj__serializer", "_SyncObj__applyLogEntries", "_SyncObj__sendAppendEntries")
 
     def __init__(self, syncobj: SyncObj) -> None:
         missing = [name for name in self.NEEDED if not hasattr(syncobj, name)]
@@ -94,3 +96,18 @@ class Internals:
     def leader_noop_index(self) -> int | None:
         """The index of the no-op this node appended when it last became leader."""
         return self._syncobj._SyncObj__noopIDx  # type: ignore[no-any-return]
+    def use_serializer(self, serializer: Any) -> None:
+        """Replaces PySyncObj's ``Serializer`` (the object that takes, sends, receives and loads
+        dumps) with one of the same interface (``kvstore.node.snapshotter``)."""
+        self._syncobj._SyncObj__serializer = serializer
+
+    def wrap_apply(self, wrapper: Callable[[Callable[[], bool]], bool]) -> None:
+        """Routes PySyncObj's apply step (``__applyLogEntries``, once per tick) through
+        ``wrapper(original)``: an instance attribute wins over the class's method."""
+        original = self._syncobj._SyncObj__applyLogEntries
+        self._syncobj._SyncObj__applyLogEntries = lambda: wrapper(original)
+
+    def wrap_send(self, wrapper: Callable[[Callable[[], None]], None]) -> None:
+        """The same for the leader's send step (``__sendAppendEntries``)."""
+        original = self._syncobj._SyncObj__sendAppendEntries
+        self._syncobj._SyncObj__sendAppendEntries = lambda: wrapper(original)

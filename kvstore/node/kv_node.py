@@ -12,7 +12,9 @@ from kvstore.node.member_table import MemberInfo, Role, Table, bootstrap
 from kvstore.node.membership import Membership, MemberView
 from kvstore.node.outcomes import NotApplied
 from kvstore.node.raft_node import RaftNode, RaftOptions
+from kvstore.node.snapshotter import digest_of
 from kvstore.proto.log_pb2 import Command, Result
+from kvstore.snapshot import Frozen
 from kvstore.state_machine import StateMachine
 
 TICK_TASK_TIMEOUT = 2.0
@@ -27,6 +29,7 @@ class KVNode:
         self.raft = RaftNode(
             self.state_machine,
             RaftOptions(
+                background_snapshots=config.background_snapshots,
                 self_address=config.me.raft_address,
                 peers=tuple(peer.raft_address for peer in config.peers),
                 data_dir=str(config.data_dir),
@@ -38,6 +41,7 @@ class KVNode:
             ),
         )
         self.health = Health(self.raft)
+        self._digest_cache: tuple[tuple[int, int], str] | None = None
 
     def propose(self, entry: bytes, timeout: float) -> bytes:
         return self.raft.propose(entry, timeout)
@@ -86,17 +90,35 @@ class KVNode:
         return self.raft.on_tick_thread(changes[kind], TICK_TASK_TIMEOUT)
 
     def read_local(self, command: Command) -> Result:
-        """A serializable read of this replica, taken between two applies."""
-        return self.raft.on_tick_thread(lambda: self.state_machine.query(command), TICK_TASK_TIMEOUT)
+        """A serializable read of this replica, taken between two applies. Refused
+        (``NotApplied``) while a snapshot is being restored: the state is older than the
+        applied index says, possibly empty."""
+        def read() -> Result:
+            if self.raft.restoring:
+                raise NotApplied("RESTORING", "this node is restoring a snapshot")
+            return self.state_machine.query(command)
+        return self.raft.on_tick_thread(read, TICK_TASK_TIMEOUT)
 
     def status(self, *, with_digest: bool = False) -> NodeStatusView:
-        """This node's view, taken on the tick thread so that its numbers agree with each other."""
+        """This node's view, taken on the tick thread so that its numbers agree with each other.
+
+        The digest hashes the whole state (seconds at millions of keys): the tick thread only
+        freezes a copy of it, and the hashing happens here, on the caller's thread. While a
+        snapshot is being restored there is no digest (the state is not yet at the applied
+        index). The last digest is kept until the state changes."""
         try:
-            return self.raft.on_tick_thread(lambda: self._view(with_digest), TICK_TASK_TIMEOUT)
+            view, frozen = self.raft.on_tick_thread(lambda: self._view(with_digest),
+                                                    TICK_TASK_TIMEOUT)
         except TimeoutError:
-            view = self._view(with_digest=False)  # racy, but better than nothing
+            view, _ = self._view(with_digest=False)  # racy, but better than nothing
             view.alarms.append("tick_thread_unresponsive")
             return view
+        if with_digest and "restoring" not in view.snapshot:
+            if frozen is not None:
+                gate = self.raft.snapshotter.gate
+                self._digest_cache = (self._digest_key(view), digest_of(frozen, gate))
+            view.digest = self._digest_cache[1] if self._digest_cache else ""
+        return view
 
     def snapshot_index(self) -> int:
         """The index a backup asked for now must cover: the leader's commit index. A follower
@@ -137,16 +159,25 @@ class KVNode:
     def stop(self) -> None:
         self.raft.stop()
 
-    def _view(self, with_digest: bool) -> NodeStatusView:
-        sm, ms = self.state_machine, self.membership
+    def _view(self, with_digest: bool) -> tuple[NodeStatusView, Frozen | None]:
+        sm, raft, ms = self.state_machine, self.raft, self.membership
+        counters, snapshotter = raft.counters, raft.snapshotter
+        gaps = self.health.tick_gaps
         view = NodeStatusView(
-            **raft_view(self.raft),  # type: ignore[arg-type]
+            **raft_view(raft),  # type: ignore[arg-type]
             sessions=len(sm.sessions),
             keys=len(sm.data),
-            digest=sm.digest() if with_digest else "",
+            digest="",
             alarms=self.health.alarms(),
             members=ms.views(),
             membership_change_pending=ms.change_pending(),
+            snapshot=raft.snapshot_activity,
+            tick_gap_max=gaps.since_start(),
+            tick_gap_recent=gaps.recent(),
+            snapshots_written=counters["snapshots_written"],
+            snapshots_loaded=counters["snapshots_loaded"],
+            snapshot_write_seconds=snapshotter.last_write_seconds,
+            snapshot_restore_seconds=snapshotter.last_restore_seconds,
         )
         role = ms.self_role
         if role != Role.VOTER.value:
@@ -154,7 +185,14 @@ class KVNode:
         if ms.removed:
             view.alarms.append(f"removed: this node was removed from the cluster "
                                f"('{ms.table.change}'); it serves no client")
-        return view
+        cached = self._digest_cache
+        fresh = cached is not None and cached[0] == self._digest_key(view)
+        return view, sm.freeze() if with_digest and not raft.restoring and not fresh else None
+
+    @staticmethod
+    def _digest_key(view: NodeStatusView) -> tuple[int, int]:
+        """The same applied index and the same restores: the same state, the same digest."""
+        return view.applied_index, view.snapshots_loaded
 
 
 def bootstrap_table(config: NodeConfig) -> Table:

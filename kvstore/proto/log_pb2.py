@@ -25,49 +25,51 @@ _sym_db = _symbol_database.Default()
 from session import session_pb2 as session_dot_session__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvstore/proto/log.proto\x12\x07kvstore\x1a\x15session/session.proto\"Q\n\x05\x45ntry\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.kvsession.SessionPB\x12!\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x10.kvstore.Command\"\x1d\n\nEntryBatch\x12\x0f\n\x07\x65ntries\x18\x01 \x03(\x0c\"\xec\x01\n\x07\x43ommand\x12\x1b\n\x03put\x18\x01 \x01(\x0b\x32\x0c.kvstore.PutH\x00\x12!\n\x06\x64\x65lete\x18\x02 \x01(\x0b\x32\x0f.kvstore.DeleteH\x00\x12\x1b\n\x03get\x18\x03 \x01(\x0b\x32\x0c.kvstore.GetH\x00\x12\x1d\n\x04incr\x18\x04 \x01(\x0b\x32\r.kvstore.IncrH\x00\x12!\n\x06\x61ppend\x18\x05 \x01(\x0b\x32\x0f.kvstore.AppendH\x00\x12\x1b\n\x03\x63\x61s\x18\x06 \x01(\x0b\x32\x0c.kvstore.CasH\x00\x12\x1f\n\x05range\x18\x07 \x01(\x0b\x32\x0e.kvstore.RangeH\x00\x42\x04\n\x02op\"!\n\x03Put\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"%\n\x06\x44\x65lete\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0e\n\x06prefix\x18\x02 \x01(\x08\"\x12\n\x03Get\x12\x0b\n\x03key\x18\x01 \x01(\x0c\"9\n\x05Range\x12\x0e\n\x06prefix\x18\x01 \x01(\x0c\x12\r\n\x05limit\x18\x02 \x01(\x04\x12\x11\n\tkeys_only\x18\x03 \x01(\x08\"\"\n\x04Incr\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\x12\"$\n\x06\x41ppend\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"J\n\x03\x43\x61s\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x10\n\x08\x65xpected\x18\x02 \x01(\x0c\x12\x15\n\rexpect_absent\x18\x03 \x01(\x08\x12\r\n\x05value\x18\x04 \x01(\x0c\"&\n\x08KeyValue\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"\xb4\x01\n\x06Result\x12\x1b\n\x04\x63ode\x18\x01 \x01(\x0e\x32\r.kvstore.Code\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ound\x18\x03 \x01(\x08\x12\r\n\x05value\x18\x04 \x01(\x0c\x12\x0e\n\x06number\x18\x05 \x01(\x12\x12\x0e\n\x06length\x18\x06 \x01(\x04\x12\x0f\n\x07swapped\x18\x07 \x01(\x08\x12\r\n\x05\x63ount\x18\x08 \x01(\x04\x12\x1e\n\x03kvs\x18\t \x03(\x0b\x32\x11.kvstore.KeyValue\"K\n\x0e\x43\x61\x63hedResponse\x12\x11\n\tseries_id\x18\x01 \x01(\x04\x12\x0e\n\x06result\x18\x02 \x01(\x0c\x12\x16\n\x0e\x63ommand_digest\x18\x03 \x01(\x0c\"d\n\rSessionRecord\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x14\n\x0cresponded_to\x18\x02 \x01(\x04\x12*\n\tresponses\x18\x03 \x03(\x0b\x32\x17.kvstore.CachedResponse\"\x9b\x01\n\x08Snapshot\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x12\n\ncluster_id\x18\x02 \x01(\x04\x12\x18\n\x10session_capacity\x18\x03 \x01(\x04\x12(\n\x08sessions\x18\x04 \x03(\x0b\x32\x16.kvstore.SessionRecord\x12\x1f\n\x04\x64\x61ta\x18\x05 \x03(\x0b\x32\x11.kvstore.KeyValue\"f\n\x08MemberPB\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0craft_address\x18\x02 \x01(\t\x12\x13\n\x0b\x61pi_address\x18\x03 \x01(\t\x12!\n\x04role\x18\x04 \x01(\x0e\x32\x13.kvstore.MemberRole\"Z\n\x0cMembershipPB\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\"\n\x07members\x18\x02 \x03(\x0b\x32\x11.kvstore.MemberPB\x12\x0e\n\x06\x63hange\x18\x03 \x01(\t*\xd8\x01\n\x04\x43ode\x12\x06\n\x02OK\x10\x00\x12\x13\n\x0fMALFORMED_ENTRY\x10\x01\x12\x14\n\x10\x43LUSTER_MISMATCH\x10\x02\x12\x13\n\x0fSESSION_EXPIRED\x10\x03\x12\x15\n\x11\x41LREADY_RESPONDED\x10\x04\x12\x14\n\x10INVALID_ARGUMENT\x10\x05\x12\x11\n\rKEY_TOO_LARGE\x10\x06\x12\x13\n\x0fVALUE_TOO_LARGE\x10\x07\x12\x0e\n\nWRONG_TYPE\x10\x08\x12\x10\n\x0cOUT_OF_RANGE\x10\t\x12\x11\n\rSERIES_REUSED\x10\n*N\n\nMemberRole\x12\x1b\n\x17MEMBER_ROLE_UNSPECIFIED\x10\x00\x12\t\n\x05VOTER\x10\x01\x12\x0b\n\x07LEARNER\x10\x02\x12\x0b\n\x07REMOVED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvstore/proto/log.proto\x12\x07kvstore\x1a\x15session/session.proto\"Q\n\x05\x45ntry\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.kvsession.SessionPB\x12!\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x10.kvstore.Command\"\x1d\n\nEntryBatch\x12\x0f\n\x07\x65ntries\x18\x01 \x03(\x0c\"\x92\x02\n\x07\x43ommand\x12\x1b\n\x03put\x18\x01 \x01(\x0b\x32\x0c.kvstore.PutH\x00\x12!\n\x06\x64\x65lete\x18\x02 \x01(\x0b\x32\x0f.kvstore.DeleteH\x00\x12\x1b\n\x03get\x18\x03 \x01(\x0b\x32\x0c.kvstore.GetH\x00\x12\x1d\n\x04incr\x18\x04 \x01(\x0b\x32\r.kvstore.IncrH\x00\x12!\n\x06\x61ppend\x18\x05 \x01(\x0b\x32\x0f.kvstore.AppendH\x00\x12\x1b\n\x03\x63\x61s\x18\x06 \x01(\x0b\x32\x0c.kvstore.CasH\x00\x12\x1f\n\x05range\x18\x07 \x01(\x0b\x32\x0e.kvstore.RangeH\x00\x12$\n\x08put_many\x18\x08 \x01(\x0b\x32\x10.kvstore.PutManyH\x00\x42\x04\n\x02op\"!\n\x03Put\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\")\n\x07PutMany\x12\x1e\n\x03kvs\x18\x01 \x03(\x0b\x32\x11.kvstore.KeyValue\"%\n\x06\x44\x65lete\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0e\n\x06prefix\x18\x02 \x01(\x08\"\x12\n\x03Get\x12\x0b\n\x03key\x18\x01 \x01(\x0c\"9\n\x05Range\x12\x0e\n\x06prefix\x18\x01 \x01(\x0c\x12\r\n\x05limit\x18\x02 \x01(\x04\x12\x11\n\tkeys_only\x18\x03 \x01(\x08\"\"\n\x04Incr\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\x12\"$\n\x06\x41ppend\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"J\n\x03\x43\x61s\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x10\n\x08\x65xpected\x18\x02 \x01(\x0c\x12\x15\n\rexpect_absent\x18\x03 \x01(\x08\x12\r\n\x05value\x18\x04 \x01(\x0c\"&\n\x08KeyValue\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"\xb4\x01\n\x06Result\x12\x1b\n\x04\x63ode\x18\x01 \x01(\x0e\x32\r.kvstore.Code\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ound\x18\x03 \x01(\x08\x12\r\n\x05value\x18\x04 \x01(\x0c\x12\x0e\n\x06number\x18\x05 \x01(\x12\x12\x0e\n\x06length\x18\x06 \x01(\x04\x12\x0f\n\x07swapped\x18\x07 \x01(\x08\x12\r\n\x05\x63ount\x18\x08 \x01(\x04\x12\x1e\n\x03kvs\x18\t \x03(\x0b\x32\x11.kvstore.KeyValue\"K\n\x0e\x43\x61\x63hedResponse\x12\x11\n\tseries_id\x18\x01 \x01(\x04\x12\x0e\n\x06result\x18\x02 \x01(\x0c\x12\x16\n\x0e\x63ommand_digest\x18\x03 \x01(\x0c\"d\n\rSessionRecord\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x14\n\x0cresponded_to\x18\x02 \x01(\x04\x12*\n\tresponses\x18\x03 \x03(\x0b\x32\x17.kvstore.CachedResponse\"\x9b\x01\n\x08Snapshot\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x12\n\ncluster_id\x18\x02 \x01(\x04\x12\x18\n\x10session_capacity\x18\x03 \x01(\x04\x12(\n\x08sessions\x18\x04 \x03(\x0b\x32\x16.kvstore.SessionRecord\x12\x1f\n\x04\x64\x61ta\x18\x05 \x03(\x0b\x32\x11.kvstore.KeyValue\"f\n\x08MemberPB\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0craft_address\x18\x02 \x01(\t\x12\x13\n\x0b\x61pi_address\x18\x03 \x01(\t\x12!\n\x04role\x18\x04 \x01(\x0e\x32\x13.kvstore.MemberRole\"Z\n\x0cMembershipPB\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\"\n\x07members\x18\x02 \x03(\x0b\x32\x11.kvstore.MemberPB\x12\x0e\n\x06\x63hange\x18\x03 \x01(\t*\xd8\x01\n\x04\x43ode\x12\x06\n\x02OK\x10\x00\x12\x13\n\x0fMALFORMED_ENTRY\x10\x01\x12\x14\n\x10\x43LUSTER_MISMATCH\x10\x02\x12\x13\n\x0fSESSION_EXPIRED\x10\x03\x12\x15\n\x11\x41LREADY_RESPONDED\x10\x04\x12\x14\n\x10INVALID_ARGUMENT\x10\x05\x12\x11\n\rKEY_TOO_LARGE\x10\x06\x12\x13\n\x0fVALUE_TOO_LARGE\x10\x07\x12\x0e\n\nWRONG_TYPE\x10\x08\x12\x10\n\x0cOUT_OF_RANGE\x10\t\x12\x11\n\rSERIES_REUSED\x10\n*N\n\nMemberRole\x12\x1b\n\x17MEMBER_ROLE_UNSPECIFIED\x10\x00\x12\t\n\x05VOTER\x10\x01\x12\x0b\n\x07LEARNER\x10\x02\x12\x0b\n\x07REMOVED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvstore.proto.log_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CODE']._serialized_start=1472
-  _globals['_CODE']._serialized_end=1688
-  _globals['_MEMBERROLE']._serialized_start=1690
-  _globals['_MEMBERROLE']._serialized_end=1768
+  _globals['_CODE']._serialized_start=1553
+  _globals['_CODE']._serialized_end=1769
+  _globals['_MEMBERROLE']._serialized_start=1771
+  _globals['_MEMBERROLE']._serialized_end=1849
   _globals['_ENTRY']._serialized_start=59
   _globals['_ENTRY']._serialized_end=140
   _globals['_ENTRYBATCH']._serialized_start=142
   _globals['_ENTRYBATCH']._serialized_end=171
   _globals['_COMMAND']._serialized_start=174
-  _globals['_COMMAND']._serialized_end=410
-  _globals['_PUT']._serialized_start=412
-  _globals['_PUT']._serialized_end=445
-  _globals['_DELETE']._serialized_start=447
-  _globals['_DELETE']._serialized_end=484
-  _globals['_GET']._serialized_start=486
-  _globals['_GET']._serialized_end=504
-  _globals['_RANGE']._serialized_start=506
-  _globals['_RANGE']._serialized_end=563
-  _globals['_INCR']._serialized_start=565
-  _globals['_INCR']._serialized_end=599
-  _globals['_APPEND']._serialized_start=601
-  _globals['_APPEND']._serialized_end=637
-  _globals['_CAS']._serialized_start=639
-  _globals['_CAS']._serialized_end=713
-  _globals['_KEYVALUE']._serialized_start=715
-  _globals['_KEYVALUE']._serialized_end=753
-  _globals['_RESULT']._serialized_start=756
-  _globals['_RESULT']._serialized_end=936
-  _globals['_CACHEDRESPONSE']._serialized_start=938
-  _globals['_CACHEDRESPONSE']._serialized_end=1013
-  _globals['_SESSIONRECORD']._serialized_start=1015
-  _globals['_SESSIONRECORD']._serialized_end=1115
-  _globals['_SNAPSHOT']._serialized_start=1118
-  _globals['_SNAPSHOT']._serialized_end=1273
-  _globals['_MEMBERPB']._serialized_start=1275
-  _globals['_MEMBERPB']._serialized_end=1377
-  _globals['_MEMBERSHIPPB']._serialized_start=1379
-  _globals['_MEMBERSHIPPB']._serialized_end=1469
+  _globals['_COMMAND']._serialized_end=448
+  _globals['_PUT']._serialized_start=450
+  _globals['_PUT']._serialized_end=483
+  _globals['_PUTMANY']._serialized_start=485
+  _globals['_PUTMANY']._serialized_end=526
+  _globals['_DELETE']._serialized_start=528
+  _globals['_DELETE']._serialized_end=565
+  _globals['_GET']._serialized_start=567
+  _globals['_GET']._serialized_end=585
+  _globals['_RANGE']._serialized_start=587
+  _globals['_RANGE']._serialized_end=644
+  _globals['_INCR']._serialized_start=646
+  _globals['_INCR']._serialized_end=680
+  _globals['_APPEND']._serialized_start=682
+  _globals['_APPEND']._serialized_end=718
+  _globals['_CAS']._serialized_start=720
+  _globals['_CAS']._serialized_end=794
+  _globals['_KEYVALUE']._serialized_start=796
+  _globals['_KEYVALUE']._serialized_end=834
+  _globals['_RESULT']._serialized_start=837
+  _globals['_RESULT']._serialized_end=1017
+  _globals['_CACHEDRESPONSE']._serialized_start=1019
+  _globals['_CACHEDRESPONSE']._serialized_end=1094
+  _globals['_SESSIONRECORD']._serialized_start=1096
+  _globals['_SESSIONRECORD']._serialized_end=1196
+  _globals['_SNAPSHOT']._serialized_start=1199
+  _globals['_SNAPSHOT']._serialized_end=1354
+  _globals['_MEMBERPB']._serialized_start=1356
+  _globals['_MEMBERPB']._serialized_end=1458
+  _globals['_MEMBERSHIPPB']._serialized_start=1460
+  _globals['_MEMBERSHIPPB']._serialized_end=1550
 # @@protoc_insertion_point(module_scope)

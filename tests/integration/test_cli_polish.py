@@ -81,7 +81,8 @@ def test_a_status_is_a_table_in_a_terminal(cluster: Cluster) -> None:
     assert lines[1].split() == ["|", "ID", "|", "ENDPOINT", "|", "PID", "|", "ROLE", "|", "FSYNC", "|",
                                 "TERM",
                                 "|", "COMMIT", "|", "APPLIED", "|", "LAG", "|", "SESSIONS", "|",
-                                "KEYS", "|", "DIGEST", "|", "ALARMS", "|"]
+                                "KEYS", "|", "DIGEST", "|", "SNAPSHOT", "|", "TICK_GAP_MS",
+                                "|", "ALARMS", "|"]
     piped = cluster.run("cluster", "status", check=True).stdout.splitlines()
     assert len(piped) == 3 and piped[0].startswith("n1, ")  # a pipe keeps the simple format
 

@@ -261,9 +261,11 @@ def test_status_rows_share_one_list_of_columns() -> None:
     remote = node_status.report([answered, unreachable], local=False)
     local = node_status.report([answered, unreachable], local=True)
     assert list(remote.header) == ["id", "endpoint", "role", "fsync", "term", "commit",
-                                   "applied", "lag", "sessions", "keys", "digest", "alarms"]
+                                   "applied", "lag", "sessions", "keys", "digest", "snapshot",
+                                   "tick_gap_ms", "alarms"]
     assert list(local.header) == ["id", "endpoint", "pid", *remote.header[2:]]
-    assert remote.rows[1] == ["", "127.0.0.1:6", "", "", "", "", "", "", "", "", "", "unreachable"]
+    assert remote.rows[1] == ["", "127.0.0.1:6", "", "", "", "", "", "", "", "", "", "", "",
+                              "unreachable"]
     assert "failed to connect" not in repr(remote.rows)  # gRPC's words stay in -w json's detail
     assert "pid" not in remote.data[0] and local.data[0]["pid"] == 9  # type: ignore[index]
     assert remote.data[1]["detail"].startswith("failed to connect")  # type: ignore[index]

@@ -1,0 +1,56 @@
+"""``kvstore.data.Data``: a dict as far as commands can tell, frozen copy-on-write by shard."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvstore.data import SHARDS, Data, FrozenData
+
+keys = st.binary(min_size=1, max_size=3)
+ops = st.lists(st.one_of(
+    st.tuples(st.just("put"), keys, st.binary(max_size=3)),
+    st.tuples(st.just("delete"), keys, st.just(b"")),
+    st.tuples(st.just("pop"), keys, st.just(b"")),
+    st.tuples(st.just("freeze"), st.just(b""), st.just(b"")),
+), max_size=80)
+
+
+@settings(max_examples=300)
+@given(ops)
+def test_data_behaves_as_a_dict_and_every_frozen_view_keeps_its_moment(script: list) -> None:
+    data, model = Data(), {}
+    frozen: list[tuple[FrozenData, dict[bytes, bytes]]] = []
+    for op, key, value in script:
+        if op == "put":
+            data[key] = value
+            model[key] = value
+        elif op == "delete":
+            assert (key in data) == (key in model)
+            if key in model:
+                del data[key]
+                del model[key]
+        elif op == "pop":
+            assert data.pop(key, None) == model.pop(key, None)
+        else:
+            frozen.append((data.freeze(), dict(model)))
+        assert len(data) == len(model) and dict(data.items()) == model and data == model
+    for view, moment in frozen:
+        assert dict(view.items()) == moment and len(view) == len(moment)
+        assert all(view[k] == v for k, v in moment.items())
+
+
+def test_a_write_after_a_freeze_copies_one_shard_only() -> None:
+    data = Data((b"k%05d" % n, b"v") for n in range(20_000))
+    view = data.freeze()
+    data[b"k00001"] = b"changed"
+    copied = sum(1 for mine, theirs in zip(data._shards, view.shards) if mine is not theirs)
+    assert copied == 1 and view[b"k00001"] == b"v" and data[b"k00001"] == b"changed"
+    assert len(view.shards) == SHARDS
+
+
+def test_a_plain_dict_is_frozen_by_copy() -> None:
+    plain = {b"a": b"1"}
+    view = FrozenData.copy_of(plain)
+    plain[b"a"] = b"2"
+    assert view[b"a"] == b"1"

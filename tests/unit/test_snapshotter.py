@@ -1,0 +1,334 @@
+"""Snapshots taken and installed off the tick thread (``kvstore.node.snapshotter``, defect D11).
+
+The snapshotter stands in for PySyncObj's ``Serializer``; these tests call its methods as
+PySyncObj's tick thread does (``serialize``/``checkSerializing`` for a dump, ``deserialize`` and
+``on_tick`` for an install, the transmission methods for streaming a dump), with a real state
+machine and real files, and check the claims of its docstring: a snapshot is the state at its
+index however many entries are applied while it is written; a crash mid-write leaves the
+previous dump; a restore happens while entries keep arriving and is swapped in whole; a newer
+snapshot supersedes one still being restored; a dump sent in pieces arrives byte for byte.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import types
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pysyncobj.config import SERIALIZER_STATE
+from pysyncobj.node import TCPNode
+
+from kvstore import StateMachine, encode_entry, ops, snapshot
+from kvstore.node import dump_file, snapshotter
+from kvstore.node.raft_node import dump_meta, raft_meta_of
+from kvstore.node.snapshotter import Snapshotter
+from session import Session, new_noop_session
+from tests.support import wait_for
+
+CLUSTER = 3
+MEMBERS = {TCPNode("127.0.0.1:7001"), TCPNode("127.0.0.1:7002")}
+
+
+def raft_data(index: int) -> tuple[None, Any, Any, Any]:
+    """What PySyncObj passes to ``serialize``: (data, last entry, previous entry, members)."""
+    return None, (b"last", index, 2), (b"prev", index - 1, 2), MEMBERS
+
+
+def make(path: Path, sm: StateMachine, fatal: list[str] | None = None,
+         keepalives: list[float] | None = None) -> Snapshotter:
+    return Snapshotter(str(path / "raft.dump"), 4096, sm, Counter(), dump_meta, raft_meta_of,
+                       (fatal if fatal is not None else []).append,
+                       lambda: (keepalives if keepalives is not None else []).append(
+                           time.monotonic()))
+
+
+def put(sm: StateMachine, key: bytes, value: bytes) -> None:
+    sm.apply(encode_entry(new_noop_session(CLUSTER), ops.put(key, value)))
+
+
+def loaded(n: int, sessions: int = 3) -> StateMachine:
+    sm = StateMachine(CLUSTER, session_capacity=8)
+    for client_id in range(1, sessions + 1):
+        sm.apply(encode_entry(Session(CLUSTER, client_id, series_id=2**64 - 2)))
+        sm.apply(encode_entry(Session(CLUSTER, client_id, series_id=1), ops.incr(b"c")))
+    for i in range(n):
+        put(sm, b"k%06d" % (i * 7919 % n), b"v%d" % i)
+    return sm
+
+
+def finish_write(s: Snapshotter) -> int:
+    """Polls ``checkSerializing`` as PySyncObj's tick does, until the write is over."""
+    def over() -> int | None:
+        state, _ = s.checkSerializing()
+        return None if state == SERIALIZER_STATE.SERIALIZING else state
+    return wait_for(over, 30, "the snapshot write to end")
+
+
+def install(s: Snapshotter) -> None:
+    """``deserialize`` as PySyncObj calls it, then ticks until the restore is swapped in."""
+    s.deserialize()
+    assert s.restoring
+    wait_for(lambda: (s.on_tick(), not s.restoring)[1], 30, "the restore to be swapped in")
+
+
+@pytest.fixture
+def slow_pieces(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Makes the writer stop after its first piece until the event is set."""
+    release = threading.Event()
+
+    def held(frozen: snapshot.Frozen) -> Iterator[bytes]:
+        for n, piece in enumerate(snapshot.encode_pieces(frozen)):
+            if n == 1:
+                release.wait(30)
+            yield piece
+    monkeypatch.setattr(snapshotter, "snapshot",
+                        types.SimpleNamespace(**{**vars(snapshot), "encode_pieces": held}))
+    yield release
+    release.set()
+
+
+def test_a_dump_is_the_state_at_its_index_while_applies_go_on(tmp_path: Path,
+                                                              slow_pieces: threading.Event) -> None:
+    sm = loaded(3000)
+    at_index = sm.snapshot()
+    s = make(tmp_path, sm)
+    s.serialize(raft_data(100), 99)
+    assert s.checkSerializing()[0] == SERIALIZER_STATE.SERIALIZING
+    assert s.activity() == ["writing"]
+    for i in range(500):  # the tick thread applies more entries while the writer works
+        put(sm, b"k%06d" % i, b"changed")
+    put(sm, b"new", b"key")
+    sm.apply(encode_entry(Session(CLUSTER, 1, series_id=2), ops.incr(b"c")))
+    slow_pieces.set()
+    assert finish_write(s) == SERIALIZER_STATE.SUCCESS
+    dump = dump_file.read(str(tmp_path / "raft.dump"))
+    assert dump.snapshot == at_index != sm.snapshot()
+    assert dump.meta["last"] == [b"last".hex(), 100, 2]
+    assert dump.meta["digest"] == hashlib_digest(at_index)
+
+
+def hashlib_digest(data: bytes) -> str:
+    import hashlib
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def test_the_background_dump_has_the_bytes_and_digest_of_the_old_path(tmp_path: Path) -> None:
+    """Determinism: the file holds ``StateMachine.snapshot()`` (the old path's bytes), and its
+    digest is ``StateMachine.digest()`` (what the old path put in the meta)."""
+    sm = loaded(2000)
+    s = make(tmp_path, sm)
+    s.serialize(raft_data(10), 9)
+    assert finish_write(s) == SERIALIZER_STATE.SUCCESS
+    dump = dump_file.read(str(tmp_path / "raft.dump"))
+    assert dump.snapshot == sm.snapshot() and dump.meta["digest"] == sm.digest()
+
+
+def test_a_crash_mid_snapshot_leaves_the_previous_dump_usable(tmp_path: Path,
+                                                              slow_pieces: threading.Event) -> None:
+    sm = loaded(1000)
+    first = make(tmp_path, sm)
+    slow_pieces.set()
+    first.serialize(raft_data(50), 49)
+    assert finish_write(first) == SERIALIZER_STATE.SUCCESS
+    state_at_50 = sm.snapshot()
+    file_at_50 = (tmp_path / "raft.dump").read_bytes()
+    slow_pieces.clear()
+    put(sm, b"later", b"write")
+    first.serialize(raft_data(60), 59)  # the process "dies" while this one is half written
+    wait_for(lambda: (tmp_path / "raft.dump.tmp").exists(), 10, "a partial dump")
+    assert (tmp_path / "raft.dump").read_bytes() == file_at_50, "the dump in place is untouched"
+    restarted = StateMachine(CLUSTER)
+    install(make(tmp_path, restarted))
+    assert restarted.snapshot() == state_at_50
+    slow_pieces.set()
+    first.stop()
+
+
+def test_a_failed_write_keeps_the_dump_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sm = loaded(100)
+    s = make(tmp_path, sm)
+    s.serialize(raft_data(5), 4)
+    assert finish_write(s) == SERIALIZER_STATE.SUCCESS
+    before = (tmp_path / "raft.dump").read_bytes()
+
+    def broken(frozen: snapshot.Frozen) -> Iterator[bytes]:
+        yield b"x"
+        raise OSError("disk full")
+    monkeypatch.setattr(snapshotter, "snapshot",
+                        types.SimpleNamespace(**{**vars(snapshot), "encode_pieces": broken}))
+    s.serialize(raft_data(9), 8)
+    assert finish_write(s) == SERIALIZER_STATE.FAILED  # PySyncObj keeps its log, tries later
+    assert (tmp_path / "raft.dump").read_bytes() == before
+    assert not (tmp_path / "raft.dump.tmp").exists()
+
+
+def test_a_restore_runs_while_entries_arrive_and_is_swapped_in_whole(tmp_path: Path) -> None:
+    """Applies wait until the restored state is in; then the state is the snapshot's and the
+    held entries apply on top of it, as on a replica that applied the whole log."""
+    leader = loaded(5000)
+    s = make(tmp_path, leader)
+    s.serialize(raft_data(70), 69)
+    assert finish_write(s) == SERIALIZER_STATE.SUCCESS
+    follower = StateMachine(CLUSTER)
+    put(follower, b"stale", b"state")
+    f = make(tmp_path, follower)
+    _, last, prev, members = f.deserialize()
+    assert (last[1], prev[1], members) == (70, 69, MEMBERS)
+    assert f.restoring and "restoring" in f.activity()
+    held = [b"k000001", b"brand-new"]  # entries that arrive meanwhile: stored, not applied
+    assert follower.data == {b"stale": b"state"}, "nothing is swapped in before it is whole"
+    wait_for(lambda: (f.on_tick(), not f.restoring)[1], 30, "the restore")
+    assert follower.snapshot() == leader.snapshot()
+    for key in held:
+        put(follower, key, b"after")
+        put(leader, key, b"after")
+    assert follower.snapshot() == leader.snapshot()
+
+
+def test_a_newer_snapshot_supersedes_one_being_restored(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    leader = loaded(2000)
+    s = make(tmp_path, leader)
+    s.serialize(raft_data(10), 9)
+    assert finish_write(s) == SERIALIZER_STATE.SUCCESS
+    old_file = (tmp_path / "raft.dump").read_bytes()
+    put(leader, b"newer", b"state")
+    s.serialize(raft_data(20), 19)
+    assert finish_write(s) == SERIALIZER_STATE.SUCCESS
+    new_file = (tmp_path / "raft.dump").read_bytes()
+    (tmp_path / "raft.dump").write_bytes(old_file)
+
+    follower = StateMachine(CLUSTER)
+    f = make(tmp_path, follower)
+    gate = threading.Event()
+    decode = snapshot.decode_steps
+
+    def slow(data: bytes) -> Any:
+        gate.wait(30)
+        return decode(data)
+    monkeypatch.setattr(snapshot, "decode_steps", slow)
+    f.deserialize()  # the older one starts restoring, and is held
+    (tmp_path / "raft.dump").write_bytes(new_file)  # the newer one arrives (renamed into place)
+    monkeypatch.setattr(snapshot, "decode_steps", decode)
+    f.deserialize()
+    gate.set()
+    wait_for(lambda: (f.on_tick(), not f.restoring)[1], 30, "the newer restore")
+    assert follower.snapshot() == leader.snapshot()
+    assert f._counters["snapshots_loaded"] == 1, "the superseded restore was never swapped in"
+
+
+def test_no_snapshot_is_taken_while_one_is_restored(tmp_path: Path) -> None:
+    """The state is not at PySyncObj's applied index until the restore is in."""
+    sm = loaded(500)
+    s = make(tmp_path, sm)
+    s.serialize(raft_data(10), 9)
+    assert finish_write(s) == SERIALIZER_STATE.SUCCESS
+    s.deserialize()
+    s.serialize(raft_data(11), 10)
+    assert s.checkSerializing()[0] in (SERIALIZER_STATE.NOT_SERIALIZING,)
+    wait_for(lambda: (s.on_tick(), not s.restoring)[1], 30, "the restore")
+
+
+def test_a_corrupt_dump_stops_the_node(tmp_path: Path) -> None:
+    sm = loaded(200)
+    s = make(tmp_path, sm)
+    s.serialize(raft_data(10), 9)
+    assert finish_write(s) == SERIALIZER_STATE.SUCCESS
+    data = bytearray((tmp_path / "raft.dump").read_bytes())
+    data[100] ^= 1
+    (tmp_path / "raft.dump").write_bytes(bytes(data))
+    fatal: list[str] = []
+    follower = StateMachine(CLUSTER)
+    f = make(tmp_path, follower, fatal)
+    f.deserialize()
+    wait_for(lambda: (f.on_tick(), fatal)[1], 30, "the failure to be reported")
+    assert "checksum" in fatal[0] and follower.data == {}
+
+
+def test_a_follower_receiving_a_dump_keeps_the_connection_alive(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PySyncObj drops a connection with no input for 3.5 s, and a follower acknowledges nothing
+    while a dump streams in: it sends a keepalive every ``KEEPALIVE_EVERY`` instead."""
+    monkeypatch.setattr(snapshotter, "KEEPALIVE_EVERY", 0.05)
+    keepalives: list[float] = []
+    receiver = make(tmp_path, StateMachine(CLUSTER), keepalives=keepalives)
+    started = time.monotonic()
+    receiver.setTransmissionData((b"x", True, False))
+    while time.monotonic() - started < 0.5:
+        receiver.setTransmissionData((b"x", False, False))
+    assert 5 <= len(keepalives) <= 11
+    assert all(b - a >= 0.045 for a, b in zip(keepalives, keepalives[1:]))
+
+
+def test_a_dump_streamed_in_pieces_arrives_byte_for_byte(tmp_path: Path) -> None:
+    leader_dir, follower_dir = tmp_path / "a", tmp_path / "b"
+    leader_dir.mkdir()
+    follower_dir.mkdir()
+    sm = loaded(3000)
+    sender = make(leader_dir, sm)
+    sender.serialize(raft_data(10), 9)
+    assert finish_write(sender) == SERIALIZER_STATE.SUCCESS
+    receiver = make(follower_dir, StateMachine(CLUSTER))
+    node = TCPNode("127.0.0.1:7002")
+    complete = False
+    for _ in range(10_000):
+        sender._send_started = None  # a new pass each time (``paced_send`` resets it)
+        data = sender.getTransmissionData(node)
+        assert data
+        if receiver.setTransmissionData(data):
+            complete = True
+            break
+        assert receiver.activity() == ["receiving"]
+    assert complete
+    assert (follower_dir / "raft.dump").read_bytes() == (leader_dir / "raft.dump").read_bytes()
+    assert not sender.sending
+
+
+def test_a_new_dump_waits_for_the_transmission_in_flight(tmp_path: Path) -> None:
+    """The follower being sent the old dump needs the log entries after it: the new dump is
+    put in place (and the log compacted) only once the old one has been sent whole."""
+    sm = loaded(3000)
+    s = make(tmp_path, sm)
+    s.serialize(raft_data(10), 9)
+    assert finish_write(s) == SERIALIZER_STATE.SUCCESS
+    old_file = (tmp_path / "raft.dump").read_bytes()
+    node = TCPNode("127.0.0.1:7002")
+    s._send_started = None
+    first = s.getTransmissionData(node)
+    assert first and first[1] and not first[2]
+    sent = first[0]
+    put(sm, b"newer", b"state")
+    s.serialize(raft_data(20), 19)
+    wait_for(lambda: s._writing is not None and s._writing.done, 30, "the new dump written")
+    for _ in range(5):
+        assert s.checkSerializing()[0] == SERIALIZER_STATE.SERIALIZING, "held for the follower"
+    assert s.getTransmissionData(TCPNode("127.0.0.1:7003")) is None, "no new transmission starts"
+    while True:
+        s._send_started = None
+        data = s.getTransmissionData(node)
+        assert data and not data[1]
+        sent += data[0]
+        if data[2]:
+            break
+    assert sent == old_file, "the follower got the whole old dump, consistent"
+    assert s.checkSerializing() == (SERIALIZER_STATE.SUCCESS, 19)
+    assert (tmp_path / "raft.dump").read_bytes() != old_file
+
+
+def test_the_tick_gate_holds_background_work_during_a_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snapshotter, "MAX_WAIT_FOR_IDLE", 5.0)
+    gate = snapshotter.TickGate()
+    gate.pass_starts()
+    passed = threading.Event()
+    waiter = threading.Thread(target=lambda: (gate.wait(), passed.set()))
+    waiter.start()
+    time.sleep(0.05)
+    assert not passed.is_set(), "a job waits while the tick thread is in a pass"
+    gate.pass_ends()
+    waiter.join(5)
+    assert passed.is_set()
