@@ -30,7 +30,6 @@ import pytest
 from cli.bench.preload import preload, preload_key
 from cli.cluster_dir import ClusterDir
 from kvstore import errors, ops
-from kvstore.client import Client
 from tests.integration.conftest import Cluster, bring_down
 
 pytestmark = pytest.mark.integration
@@ -58,14 +57,14 @@ def big_cluster(tmp_path: Path) -> Iterator[Cluster]:
 class Writer(threading.Thread):
     """Session-managed puts to preloaded keys until stopped or ``WRITES`` acknowledged."""
 
-    def __init__(self, endpoints: list[str]) -> None:
+    def __init__(self, cluster: Cluster) -> None:
         super().__init__(daemon=True)
-        self.endpoints = endpoints
+        self.cluster = cluster
         self.stop = threading.Event()
         self.acknowledged = 0
 
     def run(self) -> None:
-        with Client(self.endpoints, timeout=10) as client:
+        with self.cluster.client(timeout=10) as client:
             session = client.sync_get_session()
             n = 0
             while not self.stop.is_set() and self.acknowledged < WRITES:
@@ -81,14 +80,14 @@ class Writer(threading.Thread):
 
 def test_a_new_member_catches_up_by_snapshot_without_a_stall(big_cluster: Cluster) -> None:
     cluster = big_cluster
-    with Client(cluster.endpoints, timeout=30) as client:
+    with cluster.client(timeout=30) as client:
         preload(client, KEYS, sessions=SESSIONS, timeout=60)
         leader = cluster.wait_for(cluster.leader_id, 30, "a leader")
         victim = next(n for n in cluster.node_ids if n != leader)
         terms = {e: client.status(e).term for e in cluster.endpoints}
         assert len(set(terms.values())) == 1, terms
 
-        writer = Writer(cluster.endpoints)
+        writer = Writer(cluster)
         writer.start()
         try:
             # A follower is lost with its disk; it is replaced, as the README says: a new member
