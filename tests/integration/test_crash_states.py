@@ -9,10 +9,8 @@ every entry that was intact, and accept new writes.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +20,7 @@ import pytest
 from kvstore.client import Client
 from kvstore.config import CannotRestart, Member, NodeConfig
 from kvstore.errors import KVError
+from kvstore.node import dump_file
 from kvstore.node import journal as journal_mod
 from kvstore.node.journal import MAGIC
 from kvstore.node.meta_file import VOTE_UNKNOWN, MetaFile
@@ -255,9 +254,8 @@ def test_a_missing_dump_with_a_compacted_journal_is_refused(copy) -> None:  # ty
 
 
 def dump_entries(data: Path) -> tuple[int, int]:
-    raw = (data / "raft.dump").read_bytes()
-    (meta_len,) = struct.unpack_from("<I", raw, 8)
-    meta = json.loads(raw[12:12 + meta_len])
+    with open(data / "raft.dump", "rb") as f:
+        meta = dump_file.read_meta(f)
     return meta["prev"][1], meta["last"][1]
 
 
