@@ -1,0 +1,382 @@
+"""More rules of ``kvstore.node.journal`` and ``kvstore.node.meta_file``, one claim per test:
+the edges ``tests/unit/test_journal.py`` leaves open, found by mutation testing (``make mutate``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from pathlib import Path
+
+import pytest
+
+from kvstore.node import recovery
+from kvstore.node.journal import (
+    MAGIC,
+    RECORD,
+    Journal,
+    JournalCorrupt,
+    JournalFailed,
+    encode,
+)
+from kvstore.node.meta_file import FORMAT_VERSION, Meta, MetaFile
+
+
+def new_journal(tmp_path: Path) -> Journal:
+    path = str(tmp_path / recovery.JOURNAL)
+    Journal.create(path)
+    return Journal.open(path, MetaFile(str(tmp_path / recovery.META)),
+                        str(tmp_path / recovery.DUMP))
+
+
+def filled(tmp_path: Path, count: int, term: int = 1) -> Journal:
+    journal = new_journal(tmp_path)
+    for index in range(1, count + 1):
+        journal.add(b"command %d" % index, index, term)
+    return journal
+
+
+def reopened(journal: Journal) -> list[tuple[bytes, int, int]]:
+    journal._destroy()
+    return Journal.open(journal.path, journal.meta_file, journal.snapshot_path)[:]
+
+
+def fsync_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+
+        def recording(fd: int, real=real) -> None:  # type: ignore[no-untyped-def]
+            calls.append(os.readlink(f"/proc/self/fd/{fd}"))
+            real(fd)
+        monkeypatch.setattr(os, name, recording)
+    return calls
+
+
+def io_error(*_: object) -> None:
+    raise OSError(5, "Input/output error")
+
+
+# -- the file format and what start-up accepts --------------------------------------------------
+
+def test_a_record_is_length_crc_index_term_then_the_payload(tmp_path: Path) -> None:
+    """The documented format, byte for byte (little-endian; the crc32 covers length, index,
+    term and payload)."""
+    journal = new_journal(tmp_path)
+    journal.add(b"abc", 7, 3)
+    journal.sync()
+    raw = Path(journal.path).read_bytes()
+    fields = (3).to_bytes(4, "little") + (7).to_bytes(8, "little") + (3).to_bytes(8, "little")
+    crc = zlib.crc32(b"abc", zlib.crc32(fields))
+    assert raw == (MAGIC + (3).to_bytes(4, "little") + crc.to_bytes(4, "little")
+                   + (7).to_bytes(8, "little") + (3).to_bytes(8, "little") + b"abc")
+    journal._destroy()
+
+
+def test_a_valid_record_whose_term_goes_back_is_corruption(tmp_path: Path) -> None:
+    """Terms in a Raft log never decrease."""
+    path = tmp_path / recovery.JOURNAL
+    path.write_bytes(MAGIC + encode(1, 2, b"a") + encode(2, 1, b"b"))
+    with pytest.raises(JournalCorrupt, match="out of order"):
+        Journal.open(str(path), MetaFile(str(tmp_path / "m")), "")
+
+
+def test_a_bad_record_at_the_end_of_the_file_is_a_torn_write_not_corruption(
+        tmp_path: Path) -> None:
+    """Its checksum fails, but nothing valid follows it: a write the power cut short."""
+    path = tmp_path / recovery.JOURNAL
+    last = bytearray(encode(3, 1, b"c"))
+    last[-1] ^= 0xFF
+    path.write_bytes(MAGIC + encode(1, 1, b"a") + encode(2, 1, b"b") + bytes(last))
+    journal = Journal.open(str(path), MetaFile(str(tmp_path / "m")), "")
+    assert [e[1] for e in journal] == [1, 2]
+    assert path.stat().st_size == len(MAGIC) + 2 * (RECORD.size + 1)
+
+
+def test_a_torn_tail_is_dropped_with_a_warning_that_says_why(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / recovery.JOURNAL
+    path.write_bytes(MAGIC + encode(1, 1, b"a") + encode(2, 1, b"b")[:-1])
+    caplog.set_level(logging.WARNING, "kvstore.node.journal")
+    Journal.open(str(path), MetaFile(str(tmp_path / "m")), "")
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message == (f"{path}: dropped {RECORD.size + 1 - 1} bytes after entry 1 (cut short): "
+                       "a write the power cut short")
+
+
+def test_a_torn_first_record_is_reported_as_after_no_entry(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / recovery.JOURNAL
+    path.write_bytes(MAGIC + bytes(RECORD.size - 1))
+    caplog.set_level(logging.WARNING, "kvstore.node.journal")
+    assert len(Journal.open(str(path), MetaFile(str(tmp_path / "m")), "")) == 0
+    assert "after entry none (cut short)" in caplog.records[0].getMessage()
+
+
+def test_a_record_claiming_more_than_the_file_holds_is_cut_short(tmp_path: Path) -> None:
+    path = tmp_path / recovery.JOURNAL
+    record = bytearray(encode(2, 1, b"b"))
+    record[0:4] = (2).to_bytes(4, "little")  # claims 2 payload bytes, the file has 1
+    path.write_bytes(MAGIC + encode(1, 1, b"a") + bytes(record))
+    assert [e[1] for e in Journal.open(str(path), MetaFile(str(tmp_path / "m")), "")] == [1]
+
+
+def test_an_intact_journal_is_not_rewritten_at_start_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = filled(tmp_path, 3)
+    journal._destroy()
+    calls = fsync_calls(monkeypatch)
+    Journal.open(journal.path, journal.meta_file, journal.snapshot_path)
+    assert calls == []
+
+
+# -- appending, truncating, compacting -------------------------------------------------------------
+
+def test_a_command_handed_as_a_bytearray_is_stored_as_bytes(tmp_path: Path) -> None:
+    journal = new_journal(tmp_path)
+    journal.add(bytearray(b"abc"), 1, 1)
+    assert journal[0] == (b"abc", 1, 1) and type(journal[0][0]) is bytes
+    assert reopened(journal) == [(b"abc", 1, 1)]
+
+
+def test_deleting_from_the_end_changes_nothing(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """PySyncObj calls ``deleteEntriesFrom`` with the log's length when nothing conflicts."""
+    journal = filled(tmp_path, 3)
+    journal.sync()
+    monkeypatch.setattr(os, "ftruncate", io_error)
+    journal.deleteEntriesFrom(3)
+    assert len(journal) == 3 and not journal.dirty
+
+
+def test_a_conflict_truncation_must_be_synced(tmp_path: Path) -> None:
+    journal = filled(tmp_path, 3)
+    journal.sync()
+    journal.deleteEntriesFrom(1)
+    assert journal.dirty and len(journal) == 1
+
+
+def test_compacting_nothing_does_no_io(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = filled(tmp_path, 3)
+    journal.sync()
+    calls = fsync_calls(monkeypatch)
+    journal.deleteEntriesTo(0)
+    assert calls == [] and len(journal) == 3
+
+
+def test_a_compacted_journal_is_durable_and_offsets_follow_the_new_file(tmp_path: Path) -> None:
+    """After compaction the kept entries are on disk (a new, synced file), and a later
+    conflict truncates at the right byte."""
+    journal = filled(tmp_path, 10)
+    journal.deleteEntriesTo(4)
+    assert not journal.dirty and journal.synced_index == 10
+    journal.deleteEntriesFrom(2)
+    journal.add(b"new 7", 7, 2)
+    assert reopened(journal) == [(b"command 5", 5, 1), (b"command 6", 6, 1), (b"new 7", 7, 2)]
+
+
+def test_compacting_every_entry_leaves_an_empty_synced_log(tmp_path: Path) -> None:
+    journal = filled(tmp_path, 3)
+    journal.deleteEntriesTo(3)
+    assert len(journal) == 0 and journal.synced_index == 0 and not journal.dirty
+    assert Path(journal.path).read_bytes() == MAGIC
+
+
+def test_clearing_a_journal_without_a_snapshot_file_syncs_the_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = filled(tmp_path, 3)
+    calls = fsync_calls(monkeypatch)
+    journal.clear()
+    assert calls == [str(tmp_path)] and len(journal) == 0
+    assert reopened(journal) == []
+
+
+def test_clearing_an_empty_journal_is_allowed(tmp_path: Path) -> None:
+    journal = new_journal(tmp_path)
+    journal.clear()
+    assert len(journal) == 0
+
+
+def test_appending_after_a_clear_starts_after_the_header(tmp_path: Path) -> None:
+    journal = filled(tmp_path, 3)
+    journal.clear()
+    journal.add(b"x", 9, 4)
+    assert reopened(journal) == [(b"x", 9, 4)]
+
+
+def test_the_temporary_files_a_crash_can_leave_are_the_ones_recovery_removes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Journal creation, compaction and the meta file each write aside and rename; a crash
+    before the rename leaves exactly a file that start-up removes."""
+    journal = filled(tmp_path, 3)
+
+    def crash(*_: object) -> None:
+        raise SystemExit("killed before the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    for step in (lambda: Journal.create(str(tmp_path / "raft.journal")),
+                 lambda: journal.deleteEntriesTo(1),
+                 lambda: MetaFile(str(tmp_path / recovery.META)).store(Meta(term=2))):
+        with pytest.raises(SystemExit):
+            step()
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp"))
+    assert left == ["raft.journal.tmp", "raft.meta.tmp"]
+    assert set(left) <= set(recovery.TEMPORARY)
+
+
+# -- fail-stop -------------------------------------------------------------------------------------
+
+def test_a_failed_compaction_poisons_the_journal_and_tells_the_node(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    journal = filled(tmp_path, 5)
+    told: list[str] = []
+    journal.on_failure = told.append
+    monkeypatch.setattr(os, "replace", io_error)
+    with pytest.raises(JournalFailed, match="compacting"):
+        journal.deleteEntriesTo(2)
+    monkeypatch.undo()
+    assert told == [journal.failed] and "compacting" in told[0]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL] == [
+        f"{told[0]}: the node stops (fail-stop)"]
+    assert len(journal) == 5, "the entries in memory are kept: nothing was forgotten"
+    with pytest.raises(JournalFailed):
+        journal.deleteEntriesTo(2)
+
+
+def test_a_failed_write_poisons_the_journal(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = filled(tmp_path, 2)
+    monkeypatch.setattr(os, "pwrite", io_error)
+    with pytest.raises(JournalFailed, match="write on"):
+        journal.add(b"x", 3, 1)
+    assert len(journal) == 2
+
+
+def test_a_failed_snapshot_sync_forgets_nothing(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = filled(tmp_path, 5)
+    (tmp_path / recovery.DUMP).write_bytes(b"snapshot")
+    monkeypatch.setattr(os, "fsync", io_error)
+    with pytest.raises(JournalFailed, match="fsync of"):
+        journal.clear()
+    monkeypatch.undo()
+    assert len(journal) == 5
+    assert journal.failed is not None and str(tmp_path / recovery.DUMP) in journal.failed
+
+
+def test_a_failed_meta_store_poisons_the_journal(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A vote that may not be on disk must not be acted on."""
+    journal = new_journal(tmp_path)
+    told: list[str] = []
+    journal.on_failure = told.append
+    monkeypatch.setattr(os, "replace", io_error)
+    with pytest.raises(JournalFailed, match="writing"):
+        journal.setCurrentTerm(3, "127.0.0.1:1")
+    assert told and recovery.META in told[0]
+    monkeypatch.undo()
+    with pytest.raises(JournalFailed):
+        journal.sync()
+
+
+def test_a_clean_stop_after_a_failure_closes_without_writing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = filled(tmp_path, 2)
+    monkeypatch.setattr(os, "fdatasync", io_error)
+    with pytest.raises(JournalFailed):
+        journal.sync()
+    journal._destroy()  # no second failure: nothing is retried
+    journal._destroy()  # and a second stop is a no-op
+    assert journal._fd == -1
+
+
+def test_a_clean_stop_makes_the_entries_and_meta_durable(tmp_path: Path) -> None:
+    journal = filled(tmp_path, 3)
+    journal.setRaftCommitIndex(3)
+    journal._destroy()
+    meta, _ = MetaFile(str(tmp_path / recovery.META)).load()
+    assert meta is not None and meta.commit_index == 3
+
+
+# -- term, vote and commit index ---------------------------------------------------------------------
+
+def test_the_stored_commit_index_of_an_empty_log_is_pysyncobjs_first(tmp_path: Path) -> None:
+    """Nothing durable: the commit index stored is 1 (PySyncObj's first), never more."""
+    journal = new_journal(tmp_path)
+    journal.setRaftCommitIndex(5)
+    journal.store_meta()
+    meta, _ = MetaFile(str(tmp_path / recovery.META)).load()
+    assert meta is not None and meta.commit_index == 1
+
+
+def test_the_meta_file_is_rewritten_only_when_it_changes(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-second timer costs no fsync when term, vote and commit index are as stored."""
+    journal = filled(tmp_path, 3)
+    journal.sync()
+    journal.setCurrentTerm(2, None)
+    calls = fsync_calls(monkeypatch)
+    journal.onOneSecondTimer()
+    assert calls == []
+
+
+def test_the_meta_file_loaded_at_start_up_is_not_rewritten(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    MetaFile(str(tmp_path / recovery.META)).store(Meta(term=4, voted_for="a"))
+    journal = new_journal(tmp_path)
+    calls = fsync_calls(monkeypatch)
+    journal.onOneSecondTimer()
+    assert calls == [] and journal.getCurrentTerm() == 4
+
+
+def test_a_vote_is_stored_as_the_voted_for_nodes_name(tmp_path: Path) -> None:
+    """PySyncObj hands the node it voted for; its name (str) is what is stored."""
+
+    class Node:
+        def __str__(self) -> str:
+            return "127.0.0.1:7"
+
+    journal = new_journal(tmp_path)
+    journal.setCurrentTerm(3, Node())
+    assert journal.getVotedForNodeId() == "127.0.0.1:7"
+    journal.setCurrentTerm(4, None)
+    assert journal.getVotedForNodeId() is None
+
+
+def test_the_meta_file_format_is_one_json_line_and_its_crc(tmp_path: Path) -> None:
+    """The documented format, byte for byte (so a file written by this version stays
+    readable by the next)."""
+    meta_file = MetaFile(str(tmp_path / recovery.META))
+    meta_file.store(Meta(term=3, voted_for="127.0.0.1:1", commit_index=9))
+    body = (b'{"commit_index": 9, "term": 3, "version": 1, "voted_for": "127.0.0.1:1"}')
+    assert (tmp_path / recovery.META).read_bytes() == body + b"\n" + b"%08x\n" % zlib.crc32(body)
+
+
+def test_a_meta_file_of_format_version_1_is_read(tmp_path: Path) -> None:
+    body = b'{"commit_index": 4, "term": 2, "version": 1, "voted_for": null}'
+    (tmp_path / recovery.META).write_bytes(body + b"\n%08x\n" % zlib.crc32(body))
+    assert MetaFile(str(tmp_path / recovery.META)).load() == (Meta(2, None, 4), "")
+    assert FORMAT_VERSION == 1
+
+
+def test_a_meta_file_of_another_format_version_is_not_believed(tmp_path: Path) -> None:
+    body = b'{"commit_index": 4, "term": 2, "version": 2, "voted_for": null}'
+    (tmp_path / recovery.META).write_bytes(body + b"\n%08x\n" % zlib.crc32(body))
+    assert MetaFile(str(tmp_path / recovery.META)).load() == (
+        None, "format version 2, expected 1")
+
+
+@pytest.mark.parametrize("content", [b"hello", b'{"term": 1}\n%08x\n' % zlib.crc32(b'{"term": 1}'),
+                                     b"\n\n"], ids=["garbage", "fields-missing", "newlines"])
+def test_a_file_that_is_not_a_meta_file_is_not_believed(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / recovery.META).write_bytes(content)
+    meta_file = MetaFile(str(tmp_path / recovery.META))
+    assert meta_file.load() == (None, "not a meta file")
+    assert meta_file.stored is None
+
+
+def test_a_missing_meta_file_is_the_default(tmp_path: Path) -> None:
+    meta_file = MetaFile(str(tmp_path / recovery.META))
+    assert meta_file.load() == (None, "missing")
+    assert meta_file.load_or_default() == Meta(term=0, voted_for=None, commit_index=1)
