@@ -83,6 +83,22 @@ def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+def infos(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.INFO and r.name == "kvstore.node.recovery"]
+
+
+def refused_with(data: Path, problem: str) -> None:
+    """Refused in one line: the problem, then the way out."""
+    assert refusal(data) == f"{problem}; {recovery.way_out(str(data))}"
+
+
+def test_the_way_out_of_a_refusal_is_to_replace_the_node() -> None:
+    assert recovery.way_out("/d") == (
+        "this node must be replaced, not restarted (move /d away, then: kv cluster "
+        "remove-node ID && kv cluster add-node; or kv member remove, then add a new node)")
+
+
 # -- new nodes ----------------------------------------------------------------------------------
 
 def test_an_empty_directory_starts_a_new_node_quietly(data: Path, prepare, caplog) -> None:  # type: ignore[no-untyped-def]
@@ -104,12 +120,23 @@ def test_a_node_seeded_with_only_a_dump_starts_quietly_with_no_lost_vote(
     assert warnings(caplog) == []
 
 
-def test_temporary_files_left_by_a_crash_are_removed(data: Path, prepare) -> None:  # type: ignore[no-untyped-def]
+def test_temporary_files_left_by_a_crash_are_removed(data: Path, prepare, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.INFO, "kvstore.node.recovery")
     data.mkdir()
     for name in recovery.TEMPORARY:
         (data / name).write_bytes(b"half written")
     prepare()
     assert [name for name in recovery.TEMPORARY if (data / name).exists()] == []
+    assert infos(caplog) == [f"removed {name}, left by a crash" for name in recovery.TEMPORARY]
+
+
+def test_the_temporary_files_are_ours_and_pysyncobjs() -> None:
+    """Journal, meta and dump written aside by us; PySyncObj's meta, its dump, and the dump
+    a leader is sending (``raft.dump.1.tmp``)."""
+    assert recovery.TEMPORARY == ("raft.journal.tmp", "raft.meta.tmp", "raft.journal.meta.tmp",
+                                  "raft.dump.tmp", "raft.dump.1.tmp")
+    assert (recovery.JOURNAL, recovery.META, recovery.DUMP, recovery.LEGACY_META) == (
+        "raft.journal", "raft.meta", "raft.dump", "raft.journal.meta")
 
 
 # -- the journal --------------------------------------------------------------------------------
@@ -120,7 +147,9 @@ def test_a_missing_journal_of_a_node_with_state_is_a_new_empty_log_with_a_warnin
     journal = prepare()
     assert len(journal) == 0 and (data / recovery.JOURNAL).read_bytes() == MAGIC
     assert journal.getCurrentTerm() == 4 and journal.getVotedForNodeId() == "127.0.0.1:1"
-    assert any("is missing" in w for w in warnings(caplog))
+    assert warnings(caplog) == [
+        f"{data / recovery.JOURNAL} is missing: its name never reached the disk; starting with "
+        "an empty log (the node catches up from its peers)"]
 
 
 @pytest.mark.parametrize("content", [b"", bytes(100), MAGIC[:5]],
@@ -134,7 +163,7 @@ def test_a_journal_that_never_reached_the_disk_is_a_new_empty_log(
     assert (data / recovery.JOURNAL).read_bytes() == MAGIC
 
 
-@pytest.mark.parametrize("content, says", [(b"", "is empty"), (bytes(100), "zero-filled"),
+@pytest.mark.parametrize("content, says", [(b"", "empty"), (bytes(100), "zero-filled or cut short"),
                                            (MAGIC[:5], "zero-filled or cut short")],
                          ids=["empty", "zero-filled", "cut-header"])
 def test_a_lost_journal_of_a_node_with_state_is_reported(
@@ -142,7 +171,9 @@ def test_a_lost_journal_of_a_node_with_state_is_reported(
     write_meta(data, Meta(term=4))
     (data / recovery.JOURNAL).write_bytes(content)
     prepare()
-    assert any(says in w and "never reached the disk" in w for w in warnings(caplog))
+    assert warnings(caplog) == [
+        f"{data / recovery.JOURNAL} is {says}: it never reached the disk; starting with an empty "
+        "log (the node catches up from its peers)"]
 
 
 def test_an_empty_journal_of_a_node_without_state_is_not_reported(
@@ -157,7 +188,8 @@ def test_a_journal_with_a_nonzero_byte_after_zeros_is_not_a_lost_journal(data: P
     """Only a journal of zeros throughout is one that never reached the disk."""
     data.mkdir()
     (data / recovery.JOURNAL).write_bytes(bytes((1 << 20) + 10) + b"\x01")
-    assert "not a journal" in refusal(data)
+    refused_with(data, f"{data / recovery.JOURNAL} is not a journal (its header is neither "
+                 "kvstore's nor PySyncObj's)")
 
 
 def test_a_torn_tail_is_dropped_and_the_entries_before_it_kept(data: Path, prepare) -> None:  # type: ignore[no-untyped-def]
@@ -173,14 +205,16 @@ def test_a_bad_record_followed_by_a_good_one_is_refused(data: Path) -> None:
     raw = bytearray((data / recovery.JOURNAL).read_bytes())
     raw[len(MAGIC) + RECORD.size] ^= 0xFF  # the first record's payload
     (data / recovery.JOURNAL).write_bytes(bytes(raw))
-    assert "damaged" in refusal(data)
+    refused_with(data, f"{recovery.JOURNAL}: the record at offset {len(MAGIC)} fails its "
+                 "checksum but a valid record follows it: the disk is damaged, not a write cut "
+                 "short")
 
 
 def test_a_journal_with_an_unknown_header_is_refused(data: Path) -> None:
     data.mkdir()
     (data / recovery.JOURNAL).write_bytes(b"something else entirely")
-    message = refusal(data)
-    assert "not a journal" in message and recovery.JOURNAL in message
+    refused_with(data, f"{data / recovery.JOURNAL} is not a journal (its header is neither "
+                 "kvstore's nor PySyncObj's)")
 
 
 # -- PySyncObj's format ---------------------------------------------------------------------------
@@ -194,18 +228,23 @@ def write_legacy(data: Path, records: list[Entry], term: int, vote: str | None) 
     legacy._destroy()
 
 
-def test_a_journal_in_pysyncobjs_format_is_converted(data: Path, prepare) -> None:  # type: ignore[no-untyped-def]
+def test_a_journal_in_pysyncobjs_format_is_converted(data: Path, prepare, caplog) -> None:  # type: ignore[no-untyped-def]
     write_legacy(data, entries(1, 6), term=3, vote="127.0.0.1:9")
     journal = prepare()
+    assert warnings(caplog) == [
+        f"{data / recovery.JOURNAL}: converted 6 entries from PySyncObj's format"]
     assert journal[:] == entries(1, 6)
     assert (data / recovery.JOURNAL).read_bytes().startswith(MAGIC)
     assert Journal.open(str(data / recovery.JOURNAL), MetaFile(str(data / "x")), "")[:] \
         == entries(1, 6), "converted on disk, not only in memory"
 
 
-def test_pysyncobjs_term_and_vote_are_kept_and_its_meta_file_removed(data: Path, prepare) -> None:  # type: ignore[no-untyped-def]
+def test_pysyncobjs_term_and_vote_are_kept_and_its_meta_file_removed(data: Path, prepare, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.INFO, "kvstore.node.recovery")
     write_legacy(data, entries(1, 3), term=3, vote="127.0.0.1:9")
     journal = prepare()
+    assert infos(caplog) == [
+        f"{data / recovery.META}: term 3 and vote taken from PySyncObj's {recovery.LEGACY_META}"]
     assert (journal.getCurrentTerm(), journal.getVotedForNodeId()) == (3, "127.0.0.1:9")
     assert stored_meta(data) == Meta(term=3, voted_for="127.0.0.1:9", commit_index=1)
     assert not (data / recovery.LEGACY_META).exists()
@@ -229,7 +268,7 @@ def test_a_pysyncobj_meta_file_emptied_by_a_power_loss_counts_as_missing(
     (data / recovery.LEGACY_META).write_bytes(b"")
     journal = prepare()
     assert (journal.getCurrentTerm(), journal.getVotedForNodeId()) == (6, VOTE_UNKNOWN)
-    assert any("unreadable" in w for w in warnings(caplog))
+    assert warnings(caplog)[1] == f"{data / recovery.LEGACY_META} is empty or unreadable (D9)"
 
 
 def legacy_bytes(data: Path, records: list[Entry]) -> bytearray:
@@ -319,7 +358,10 @@ def test_a_lost_meta_file_restarts_at_the_logs_last_term_with_no_vote_in_it(
     journal = prepare()
     assert (journal.getCurrentTerm(), journal.getVotedForNodeId()) == (6, VOTE_UNKNOWN)
     assert stored_meta(data) == Meta(term=6, voted_for=VOTE_UNKNOWN), "and stored"
-    assert any("term and vote are lost" in w for w in warnings(caplog))
+    why = {"missing": "missing", "empty": "empty", "checksum": "fails its checksum"}[damage]
+    assert warnings(caplog) == [
+        f"{data / recovery.META} is {why}: term and vote are lost. Restarting at the term of the "
+        "last entry (6), granting no vote in it; a vote cast in a later term is forgotten"]
 
 
 def test_a_lost_meta_file_with_an_empty_log_takes_the_snapshots_term(data: Path, prepare) -> None:  # type: ignore[no-untyped-def]
@@ -386,8 +428,8 @@ def test_a_damaged_dump_is_refused_when_the_journal_no_longer_holds_what_it_cove
     else:
         raw = raw[:len(dump_file.MAGIC) + 31]
     (data / recovery.DUMP).write_bytes(bytes(raw))
-    message = refusal(data)
-    assert recovery.DUMP in message and says in message
+    refused_with(data, f"{data / recovery.DUMP} {says} and the journal no longer holds the "
+                 "entries it covers")
 
 
 def test_a_dump_damaged_in_its_checksum_is_refused(data: Path) -> None:
@@ -415,7 +457,10 @@ def test_a_damaged_dump_is_set_aside_when_the_journal_starts_at_entry_one(
     assert journal[:] == entries(1, 9)
     assert not (data / recovery.DUMP).exists()
     assert (data / "raft.dump.damaged").read_bytes() == dump_file.MAGIC + bytes(100)
-    assert any("rebuilds its state" in w for w in warnings(caplog))
+    assert warnings(caplog) == [
+        f"{data / recovery.DUMP} fails its checksum; the journal holds every entry from the "
+        "first, so the node rebuilds its state from it (the dump is kept as "
+        f"{data / recovery.DUMP}.damaged)"]
 
 
 @pytest.mark.parametrize("journal", ["missing", "header-only", "starts-at-2"])
@@ -443,8 +488,8 @@ def test_a_damaged_dump_is_refused_when_the_journal_is_not_ours(data: Path) -> N
 def test_a_missing_dump_with_a_compacted_journal_is_refused(data: Path) -> None:
     write_journal(data, entries(4, 9))
     write_meta(data, Meta(term=2))
-    message = refusal(data)
-    assert f"{recovery.DUMP} is missing" in message and "starts at entry 4" in message
+    refused_with(data, f"{data / recovery.DUMP} is missing but {data / recovery.JOURNAL} starts "
+                 "at entry 4: the snapshot of the entries before it is gone")
 
 
 def test_a_journal_that_starts_after_its_snapshot_is_refused(data: Path) -> None:
@@ -452,8 +497,8 @@ def test_a_journal_that_starts_after_its_snapshot_is_refused(data: Path) -> None
     write_journal(data, entries(7, 9))
     write_dump(data, (b"command 4", 4, 2), (b"command 5", 5, 2))
     write_meta(data, Meta(term=2))
-    message = refusal(data)
-    assert "starts at entry 7" in message and "missing" in message
+    refused_with(data, f"{data / recovery.JOURNAL} starts at entry 7, after the snapshot's last "
+                 "entries (4, 5): entries in between are missing")
 
 
 def test_a_journal_with_nothing_beyond_its_snapshot_is_kept(data: Path, prepare) -> None:  # type: ignore[no-untyped-def]
@@ -471,7 +516,8 @@ def test_a_journal_starting_just_after_its_snapshot_is_refused(data: Path) -> No
     write_journal(data, entries(6, 9))
     write_dump(data, (b"command 4", 4, 2), (b"command 5", 5, 2))
     write_meta(data, Meta(term=2))
-    assert "starts at entry 6" in refusal(data)
+    refused_with(data, f"{data / recovery.JOURNAL} starts at entry 6, after the snapshot's last "
+                 "entries (4, 5): entries in between are missing")
 
 
 def test_a_snapshot_renamed_before_the_journal_was_compacted_is_compacted_now(
@@ -494,3 +540,20 @@ def test_legacy_meta_is_read_without_our_meta_file(data: Path, prepare) -> None:
     journal = prepare()
     assert (journal.getCurrentTerm(), journal.getVotedForNodeId()) == (5, "127.0.0.1:2")
     assert journal.getRaftCommitIndex() == 2
+
+
+def test_a_pysyncobj_record_with_an_empty_command_is_converted(data: Path, prepare) -> None:  # type: ignore[no-untyped-def]
+    """A record's size counts its index and term (16 bytes) and its command, which may be
+    empty."""
+    records = [(b"", 1, 1), (b"command 2", 2, 1)]
+    write_legacy(data, records, term=1, vote=None)
+    assert prepare()[:] == records
+
+
+def test_pysyncobjs_meta_without_its_fields_is_its_defaults(data: Path, prepare) -> None:  # type: ignore[no-untyped-def]
+    """PySyncObj's own defaults: term 0, no vote, commit index 1."""
+    write_journal(data, entries(1, 3))
+    (data / recovery.LEGACY_META).write_bytes(pickle.dumps({}))
+    journal = prepare()
+    assert (journal.getCurrentTerm(), journal.getVotedForNodeId(),
+            journal.getRaftCommitIndex()) == (0, None, 1)
