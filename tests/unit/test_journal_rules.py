@@ -452,3 +452,35 @@ def test_aligning_an_empty_journal_does_nothing(tmp_path: Path) -> None:
     journal = new_journal(tmp_path)
     journal.align_to_snapshot((b"p", 4, 2), (b"l", 5, 2))
     assert len(journal) == 0
+
+
+def test_the_meta_files_own_directory_is_synced_after_the_rename(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rename is durable only once the directory that holds the file is synced."""
+    calls = fsync_calls(monkeypatch)
+    MetaFile(str(tmp_path / recovery.META)).store(Meta(term=2))
+    assert calls == [str(tmp_path / "raft.meta.tmp"), str(tmp_path)]
+
+
+def test_a_meta_file_named_without_a_directory_is_in_the_current_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    MetaFile(recovery.META).store(Meta(term=2))
+    assert MetaFile(str(tmp_path / recovery.META)).load() == (Meta(term=2), "")
+
+
+def test_the_checksum_is_the_last_line_of_the_meta_file(tmp_path: Path) -> None:
+    """Everything before the last line is the body the crc covers, newlines included."""
+    body = b'{"commit_index": 4,\n"term": 2, "version": 1, "voted_for": null}'
+    (tmp_path / recovery.META).write_bytes(body + b"\n%08x\n" % zlib.crc32(body))
+    assert MetaFile(str(tmp_path / recovery.META)).load() == (Meta(2, None, 4), "")
+
+
+@pytest.mark.parametrize("after", [b" \n", b"X\n"], ids=["blank", "garbage"])
+def test_a_meta_file_with_anything_after_its_checksum_line_is_not_believed(
+        tmp_path: Path, after: bytes) -> None:
+    meta_file = MetaFile(str(tmp_path / recovery.META))
+    meta_file.store(Meta(term=3))
+    with open(tmp_path / recovery.META, "ab") as f:
+        f.write(after)
+    assert MetaFile(str(tmp_path / recovery.META)).load() == (None, "not a meta file")

@@ -186,3 +186,20 @@ def test_the_json_form_is_what_snapshots_store() -> None:
         {"name": "n1", "raft": A, "api": "127.0.0.1:800", "role": "voter"},
         {"name": "n2", "raft": B, "api": "127.0.0.1:801", "role": "learner"}]}
     assert [r.value for r in Role] == ["voter", "learner", "removed"]
+
+
+def test_promoting_makes_that_learner_a_voter_and_no_one_else() -> None:
+    """One server at a time: the promoted learner becomes a voter; another learner stays a
+    learner and every voter stays a voter."""
+    table = three().with_learner("n4", D, "127.0.0.1:83").with_learner(
+        "n5", "127.0.0.1:705", "127.0.0.1:85")
+    promoted = table.promoted(D)
+    assert promoted.role_of(D) is Role.VOTER
+    assert promoted.role_of("127.0.0.1:705") is Role.LEARNER
+    assert promoted.voters == {A, B, C, D}
+    assert promoted.get(D) == MemberInfo("n4", D, "127.0.0.1:83", Role.VOTER)
+
+
+def test_a_new_learner_is_recorded_with_both_its_addresses() -> None:
+    grown = three().with_learner("n4", D, "127.0.0.1:83")
+    assert grown.get(D) == MemberInfo("n4", D, "127.0.0.1:83", Role.LEARNER)
