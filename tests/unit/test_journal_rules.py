@@ -484,3 +484,112 @@ def test_a_meta_file_with_anything_after_its_checksum_line_is_not_believed(
     with open(tmp_path / recovery.META, "ab") as f:
         f.write(after)
     assert MetaFile(str(tmp_path / recovery.META)).load() == (None, "not a meta file")
+
+
+# -- what start-up reads back ---------------------------------------------------------------------
+
+def test_a_reopened_journal_counts_its_entries_as_durable(tmp_path: Path) -> None:
+    """What was read from the file is on disk: synced up to its last index, nothing dirty."""
+    journal = new_journal(tmp_path)
+    for index in range(1, 4):
+        journal.add(b"c", index, 7)
+    journal._destroy()
+    again = Journal.open(journal.path, journal.meta_file, journal.snapshot_path)
+    assert again.synced_index == 3 and not again.dirty
+    other = tmp_path / "other"
+    other.mkdir()
+    assert new_journal(other).synced_index == 0
+
+
+def test_a_reopened_journal_truncates_at_the_right_byte(tmp_path: Path) -> None:
+    journal = filled(tmp_path, 5)
+    journal._destroy()
+    again = Journal.open(journal.path, journal.meta_file, journal.snapshot_path)
+    again.deleteEntriesFrom(2)
+    again.add(b"new 3", 3, 4)
+    assert reopened(again) == [(b"command 1", 1, 1), (b"command 2", 2, 1), (b"new 3", 3, 4)]
+
+
+def test_a_last_record_with_an_empty_payload_is_kept(tmp_path: Path) -> None:
+    """A record is valid with no payload at all: exactly its header, at the end of the file."""
+    path = tmp_path / recovery.JOURNAL
+    path.write_bytes(MAGIC + encode(1, 1, b"a") + encode(2, 1, b""))
+    assert Journal.open(str(path), MetaFile(str(tmp_path / "m")), "")[:] == [
+        (b"a", 1, 1), (b"", 2, 1)]
+
+
+def test_a_torn_tail_warning_names_the_last_entry_by_index(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / recovery.JOURNAL
+    path.write_bytes(MAGIC + encode(4, 9, b"a") + b"\x01")
+    caplog.set_level(logging.WARNING, "kvstore.node.journal")
+    Journal.open(str(path), MetaFile(str(tmp_path / "m")), "")
+    assert "after entry 4 (cut short)" in caplog.records[0].getMessage()
+
+
+def test_a_poisoned_journal_repeats_the_first_reason_and_its_cause(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = filled(tmp_path, 2)
+    monkeypatch.setattr(os, "fdatasync", io_error)
+    with pytest.raises(JournalFailed) as first:
+        journal.sync()
+    assert isinstance(first.value.__cause__, OSError) and first.value.__cause__.errno == 5
+    with pytest.raises(JournalFailed) as later:
+        journal.add(b"x", 3, 1)
+    assert str(later.value) == str(first.value) == journal.failed
+
+
+@pytest.mark.parametrize("step", ["snapshot", "compaction", "meta"])
+def test_every_fail_stop_keeps_the_os_error_as_its_cause(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str) -> None:
+    journal = filled(tmp_path, 3)
+    (tmp_path / recovery.DUMP).write_bytes(b"snapshot")
+    if step == "snapshot":
+        monkeypatch.setattr(os, "fsync", io_error)
+    else:
+        monkeypatch.setattr(os, "replace", io_error)
+    with pytest.raises(JournalFailed) as failed:
+        journal.setCurrentTerm(2, None) if step == "meta" else journal.deleteEntriesTo(1)
+    assert isinstance(failed.value.__cause__, OSError)
+
+
+def test_creating_a_journal_syncs_it_and_its_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = fsync_calls(monkeypatch)
+    Journal.create(str(tmp_path / recovery.JOURNAL))
+    assert calls == [str(tmp_path / "raft.journal.tmp"), str(tmp_path)]
+
+
+def test_a_journal_named_without_a_directory_is_in_the_current_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Journal.create(recovery.JOURNAL)
+    journal = Journal.open(recovery.JOURNAL, MetaFile(recovery.META), recovery.DUMP)
+    journal.add(b"a", 1, 1)
+    journal.clear()  # syncs the directory, here "."
+    assert len(journal) == 0
+
+
+def test_a_crash_during_compaction_leaves_only_the_file_recovery_removes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = filled(tmp_path, 3)
+
+    def crash(*_: object) -> None:
+        raise SystemExit("killed before the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(SystemExit):
+        journal.deleteEntriesTo(1)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == [
+        "raft.journal.tmp"]
+
+
+@pytest.mark.parametrize("position", [1, 7], ids=["second-entry", "next-to-last"])
+def test_a_journal_holding_the_snapshots_entries_anywhere_before_its_end_is_compacted(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, position: int) -> None:
+    """The snapshot's prev entry at the journal's second position, or its last two entries
+    the journal's last two: both are compacted to start at prev."""
+    prev, last = position + 1, position + 2
+    kept = aligned(tmp_path, 9, (b"command %d" % prev, prev, 2), (b"command %d" % last, last, 2),
+                   caplog)
+    assert kept == list(range(prev, 10))

@@ -9,6 +9,7 @@ checked in milliseconds (and ``make mutate`` can run them against every mutant o
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -557,3 +558,71 @@ def test_pysyncobjs_meta_without_its_fields_is_its_defaults(data: Path, prepare)
     journal = prepare()
     assert (journal.getCurrentTerm(), journal.getVotedForNodeId(),
             journal.getRaftCommitIndex()) == (0, None, 1)
+
+
+# -- found by mutating this module (``make mutate`` with it in ``only_mutate``) -----------------
+
+@pytest.mark.parametrize("journal", ["missing", "ours", "pysyncobjs", "empty"])
+def test_the_journal_syncs_the_nodes_snapshot_before_forgetting_entries(
+        data: Path, prepare, monkeypatch: pytest.MonkeyPatch, journal: str) -> None:  # type: ignore[no-untyped-def]
+    """However start-up found the journal, the one it hands PySyncObj knows which snapshot
+    must be durable before a compaction or a clear (D13)."""
+    write_meta(data, Meta(term=2))
+    if journal == "ours":
+        write_journal(data, entries(1, 3))
+    elif journal == "pysyncobjs":
+        write_legacy(data, entries(1, 3), term=2, vote=None)
+    elif journal == "empty":
+        (data / recovery.JOURNAL).write_bytes(b"")
+    opened = prepare()
+    write_dump(data, (b"p", 1, 1), (b"l", 2, 1))
+    synced: list[str] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                 real(fd))[1])
+    opened.clear()
+    assert synced[:2] == [str(data / recovery.DUMP), str(data)]
+
+
+def test_the_term_recovered_is_that_of_the_logs_last_entry(data: Path, prepare) -> None:  # type: ignore[no-untyped-def]
+    write_journal(data, [*entries(1, 3, term=2), (b"command 4", 4, 5), (b"command 5", 5, 6)])
+    assert prepare().getCurrentTerm() == 6
+
+
+def test_a_journal_without_a_dump_must_start_at_entry_one(data: Path) -> None:
+    write_journal(data, entries(2, 4))
+    write_meta(data, Meta(term=2))
+    refused_with(data, f"{data / recovery.DUMP} is missing but {data / recovery.JOURNAL} starts "
+                 "at entry 2: the snapshot of the entries before it is gone")
+
+
+def test_a_pysyncobj_journal_cut_inside_a_records_size_ends_before_it(data: Path, prepare) -> None:  # type: ignore[no-untyped-def]
+    raw = legacy_bytes(data, entries(1, 6))
+    offsets = legacy_record_offsets(raw)
+    (data / recovery.JOURNAL).write_bytes(bytes(raw[:offsets[5] + 2]))
+    assert prepare()[:] == entries(1, 5)
+
+
+def test_a_pysyncobj_journal_cut_inside_a_records_trailer_ends_before_it(
+        data: Path, prepare) -> None:  # type: ignore[no-untyped-def]
+    raw = legacy_bytes(data, entries(1, 6))
+    offsets = legacy_record_offsets(raw)
+    records_end = int.from_bytes(
+        raw[recovery._LEGACY_LAST_RECORD_OFFSET:recovery._LEGACY_FIRST_RECORD], "little")
+    (data / recovery.JOURNAL).write_bytes(bytes(raw[:records_end - 2]))
+    assert offsets[5] < records_end - 2
+    assert prepare()[:] == entries(1, 5)
+
+
+def test_a_crash_while_converting_pysyncobjs_journal_leaves_a_file_recovery_removes(
+        data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_legacy(data, entries(1, 3), term=2, vote=None)
+
+    def crash(*_: object) -> None:
+        raise SystemExit("killed before the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(SystemExit):
+        recovery.prepare(str(data))
+    left = [p.name for p in data.iterdir() if p.name.endswith(".tmp")]
+    assert left == ["raft.journal.tmp"] and set(left) <= set(recovery.TEMPORARY)
