@@ -8,6 +8,7 @@ in ``finally`` (also on Ctrl-C, SIGTERM and errors) and leftovers are looked for
 from __future__ import annotations
 
 import json
+import os
 import signal
 from typing import Any
 
@@ -82,10 +83,21 @@ def _tls_files(settings: Settings) -> tuple[str | None, ...] | None:
               "the runs meet snapshots of a large state.")
 @click.option("--workers", type=Integer(1, 256), default=default_workers(),
               show_default=True, help="Client worker processes (threads inside).")
+@click.option("--client", "client_kind", type=click.Choice(["sync", "aio"]), default="sync",
+              show_default=True, help="Ours: kvstore.Client (sync) or kvstore.aio.Client (aio, "
+              "one per worker process on one event loop).")
+@click.option("--ceiling/--no-ceiling", default=None,
+              help="With --compare etcd (default on): after the rounds, etcd's own Go load "
+              "generator, etcdctl check perf --load=l (60 s, Debian etcd-client), as one more "
+              "row: etcd at its best on this machine.")
+@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None,
+              metavar="FILE.svg", help="Also draw throughput and p99 against client count, "
+              "every target side by side, as an SVG file.")
 @global_options
 def bench(clients: list[int], duration: float, warmup: float, rounds: int, value_size: int,
           read_ratio: float, consistency: str, sessions: str, nodes: int, fsync: bool | None,
-          tls: bool, compare: list[str], preload: int, workers: int) -> None:
+          tls: bool, compare: list[str], preload: int, workers: int, client_kind: str,
+          ceiling: bool | None, plot: str | None) -> None:
     """Closed-loop load: ops/s, latency percentiles, errors, client and node CPU per op.
 
     \b
@@ -96,6 +108,7 @@ def bench(clients: list[int], duration: float, warmup: float, rounds: int, value
     \b
       kv bench --clients 1,16,64 --duration 10s --rounds 3 --compare etcd
       kv bench --compare raw --duration 2s --rounds 1 -w json
+      kv bench --clients 1,16,64 --compare etcd --plot bench.svg
     """
     settings = Settings.current()
     if "plaintext" in compare and not tls:
@@ -104,6 +117,21 @@ def bench(clients: list[int], duration: float, warmup: float, rounds: int, value
     if "plaintext" in compare and settings.endpoints:
         raise CliError("--compare plaintext starts two clusters of its own (TLS and plaintext): "
                        "it does not take --endpoints", BAD_ARGUMENTS)
+    if ceiling and "etcd" not in compare:
+        raise CliError("--ceiling runs etcdctl check perf on the etcd cluster of the run: it "
+                       "needs --compare etcd", BAD_ARGUMENTS)
+    if ceiling is None:
+        ceiling = "etcd" in compare
+    if plot is not None and not plot.endswith(".svg"):
+        raise CliError(f"--plot writes SVG: name a .svg file, not {plot!r}", BAD_ARGUMENTS)
+    if plot is not None and not os.path.isdir(os.path.dirname(os.path.abspath(plot))):
+        raise CliError(f"--plot: no directory for {plot!r}", BAD_ARGUMENTS)
+    if client_kind == "aio":
+        from cli.bench.load import aio_missing
+
+        missing = aio_missing()
+        if missing:
+            raise CliError(missing, ERROR)
     if "noop" in compare and sessions == "off":
         raise CliError("--compare noop compares sessions with no-op sessions: it needs "
                        "--sessions on", BAD_ARGUMENTS)
@@ -124,7 +152,8 @@ def bench(clients: list[int], duration: float, warmup: float, rounds: int, value
         sessions=sessions == "on", nodes=nodes, fsync=fsync, tls=tls, compare=compare,
         endpoints=list(settings.endpoints), tls_files=_tls_files(settings),
         op_timeout=settings.timeout,
-        dial_timeout=settings.dial_timeout, workers=workers, preload=preload)
+        dial_timeout=settings.dial_timeout, workers=workers, preload=preload,
+        client=client_kind, ceiling=ceiling)
 
     def interrupted(*_: Any) -> None:
         raise KeyboardInterrupt  # unwinds through every finally: targets stopped
@@ -134,6 +163,13 @@ def bench(clients: list[int], duration: float, warmup: float, rounds: int, value
         doc = run_bench(options, Display())
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if plot is not None:
+        from cli.bench.plot import write_svg
+
+        try:
+            write_svg(doc, plot)
+        except OSError as exc:
+            raise CliError(f"--plot: cannot write {plot}: {exc.strerror or exc}", ERROR) from exc
     if settings.write_out == "json":
         click.echo(json.dumps(doc))
     else:

@@ -147,19 +147,23 @@ class EtcdTarget:
                 return client
         raise OSError("no leader yet")
 
-    def run(self, spec: RunSpec, progress: Progress) -> RunResult:
+    def current_leader(self) -> str:
+        """The leader's client address, looked up again (a leader change between runs is
+        possible); raises if a member exited or there is no leader within 10 s."""
         for i, proc in enumerate(self._procs):
             if proc.poll() is not None:
                 raise CliError(f"etcd: member e{i + 1} exited: {self._log_tail(i)}", ERROR)
         deadline = time.monotonic() + 10
-        while True:  # a leader change between runs is possible: look again each time
+        while True:
             try:
-                leader = self._find_leader()
-                break
+                return self._find_leader()
             except (OSError, ValueError, KeyError, http.client.HTTPException):
                 if time.monotonic() > deadline:
                     raise CliError("etcd: no leader", UNAVAILABLE) from None
                 time.sleep(0.1)
+
+    def run(self, spec: RunSpec, progress: Progress) -> RunResult:
+        leader = self.current_leader()
         params = {"endpoint": leader, "consistency": spec.consistency,
                   "op_timeout": spec.op_timeout}
         return self.pool.run("etcd", params, spec, [p.pid for p in self._procs], progress)

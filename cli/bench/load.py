@@ -187,7 +187,111 @@ class EtcdDriver:
         state.conn.close()
 
 
+AIO_MODULE = "kvstore.aio"
+"""The asyncio client (issue 11, item 1). ``--client aio`` drives it once this module exists."""
+
+
+def aio_missing() -> str | None:
+    """Why ``--client aio`` cannot run in this build, or None if it can."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(AIO_MODULE) is not None
+    except ModuleNotFoundError:
+        found = False
+    return None if found else (f"--client aio needs the asyncio client, module {AIO_MODULE} "
+                               "(kvstore.aio.Client), which this build does not have yet")
+
+
+class AioOursDriver(OursDriver):
+    """``--client aio``: one ``kvstore.aio.Client`` per worker process, on one event loop.
+
+    The closed-loop client threads stay as they are (the same counting, the same window); each
+    hands its operation to the worker's event loop and waits for it, so all the proposals of a
+    worker are in flight on one loop and one client, as an asyncio program would have them
+    (that is what lets the client carry concurrent proposals together). The hook assumes the
+    aio client has the sync client's API with awaitables: ``Client(endpoints, timeout=,
+    dial_timeout=, cluster_id=, tls=)``, ``await sync_get_session()``, ``get_noop_session()``,
+    ``await sync_propose(session, command, timeout=)``, ``await read(command, consistency=,
+    timeout=)``, ``await sync_close_session(session, timeout=)``, ``await close()``.
+    """
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        import asyncio
+        import importlib
+
+        super().__init__(params)
+        self._client_class = importlib.import_module(AIO_MODULE).Client
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="bench-aio-loop")
+        self._thread.start()
+        self._shared: Any = None
+
+    def _await(self, make: Any) -> Any:
+        """Runs the coroutine ``make()`` on the worker's loop; returns its result here."""
+        import asyncio
+
+        async def run() -> Any:
+            return await make()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
+
+    def _kv(self) -> Any:
+        if self._shared is None:
+            async def create() -> Any:
+                return self._client_class(self.endpoints, timeout=self.timeout,
+                                          dial_timeout=self.dial_timeout,
+                                          cluster_id=self.cluster_id, tls=self.tls)
+            self._shared = self._await(create)
+        return self._shared
+
+    def open(self, client: int) -> _OursState:
+        kv = self._kv()
+        return _OursState(kv, self._new_session(kv))
+
+    def _new_session(self, kv: Any) -> Any:
+        if not self.sessions:
+            return kv.get_noop_session()
+        return self._await(kv.sync_get_session)
+
+    def write(self, state: _OursState, key: bytes, value: bytes) -> None:
+        if state.session is None:
+            state.session = self._new_session(state.client)
+        session, command = state.session, self._ops.put(key, value)
+        self._await(lambda: state.client.sync_propose(session, command, timeout=self.timeout))
+        if self.sessions:
+            session.proposal_completed()
+
+    def read(self, state: _OursState, key: bytes) -> None:
+        command = self._ops.get(key)
+        self._await(lambda: state.client.read(command, consistency=self.consistency,
+                                              timeout=self.timeout))
+
+    def close(self, state: _OursState) -> None:
+        if self.sessions and state.session is not None:
+            session = state.session
+            with contextlib.suppress(Exception):
+                self._await(lambda: state.client.sync_close_session(session,
+                                                                    timeout=self.timeout))
+
+    def shutdown(self) -> None:
+        """After every client thread of the job has closed: the shared client, then the loop."""
+        if self._shared is not None:
+            with contextlib.suppress(Exception):
+                self._await(self._shared.close)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
 DRIVERS: dict[str, type] = {"ours": OursDriver, "etcd": EtcdDriver}
+
+
+def make_driver(kind: str, params: dict[str, Any]) -> Driver:
+    """The driver of a job: ``params["client"]`` picks our sync or asyncio client."""
+    if kind == "ours" and params.get("client", "sync") == "aio":
+        return AioOursDriver(params)
+    return DRIVERS[kind](params)  # type: ignore[no-any-return]
 
 
 # -- one client --------------------------------------------------------------------------------
@@ -344,7 +448,16 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def _run_job(conn: Connection, job: Job, counts: Any, slot: int) -> None:
-    driver = DRIVERS[job.kind](job.params)
+    driver = make_driver(job.kind, job.params)
+    try:
+        _run_loops(conn, job, driver, counts, slot)
+    finally:
+        shutdown = getattr(driver, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def _run_loops(conn: Connection, job: Job, driver: Driver, counts: Any, slot: int) -> None:
     loops = [ClientLoop(driver, client, job.spec) for client in job.clients]
     go = threading.Event()
     threads = run_clients(loops, go)

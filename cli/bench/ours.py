@@ -52,11 +52,13 @@ class OursTarget:
     def __init__(self, pool: WorkerPool, *, nodes: int, endpoints: Sequence[str] = (),
                  fsync: bool = True, sessions: bool = True, dial_timeout: float = 2.0,
                  tls: bool = True, tls_files: tuple[str | None, ...] | None = None,
-                 name: str = "ours", preload: int = 0) -> None:
+                 name: str = "ours", preload: int = 0, client: str = "sync") -> None:
         self.name = name
         self.tls = tls
         self.tls_files = tls_files
         self.pool = pool
+        self.client = client
+        """``sync`` (kvstore.client.Client) or ``aio`` (kvstore.aio.Client: ``load.AioOursDriver``)."""
         self.preload = preload
         self.nodes = nodes
         self.given_endpoints = list(endpoints)
@@ -149,6 +151,7 @@ class OursTarget:
             "sessions": sessions, "consistency": spec.consistency,
             "op_timeout": spec.op_timeout, "dial_timeout": self.dial_timeout,
             "tls_files": self.tls_files,
+            "client": self.client,
         }
         if self.pids and any(not os.path.exists(f"/proc/{pid}") for pid in self.pids):
             raise CliError("ours: a node process exited during the benchmark", ERROR)
@@ -170,7 +173,9 @@ class OursTarget:
             "nodes": len(self.endpoints),
             "cluster": "existing (--endpoints)" if self.given_endpoints else "fresh, kv cluster up",
             "endpoints": self.endpoints,
-            "client": "kvstore.client.Client (gRPC), one channel and "
+            "client": ("kvstore.client.Client (gRPC), one channel and " if self.client == "sync"
+                       else "kvstore.aio.Client (grpc.aio), one per worker process, shared by its "
+                       "clients, and ")
                       + ("one registered session per client, proposal_completed() after each answer"
                          if sessions else "a no-op session per client (no deduplication)"),
             "timers": f"profile {profile.name!r}: our own tick loop, woken on each proposal "

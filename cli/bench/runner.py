@@ -48,6 +48,10 @@ class BenchOptions:
     workers: int = 4
     seed: int = 1
     preload: int = 0
+    client: str = "sync"
+    """Our client in the workers: ``sync`` or ``aio`` (``load.AioOursDriver``)."""
+    ceiling: bool = False
+    """After the rounds, ``etcdctl check perf --load=l`` on the etcd cluster (``etcd_ceiling``)."""
 
 
 class Display:
@@ -84,7 +88,8 @@ def build_targets(options: BenchOptions, pool: WorkerPool) -> list[Target]:
     ours = OursTarget(pool, nodes=options.nodes, endpoints=options.endpoints,
                       fsync=options.fsync, sessions=options.sessions,
                       dial_timeout=options.dial_timeout, tls=options.tls,
-                      tls_files=options.tls_files, preload=options.preload)
+                      tls_files=options.tls_files, preload=options.preload,
+                      client=options.client)
     targets: list[Target] = [ours]
     for name in options.compare:
         if name == "noop":
@@ -93,7 +98,7 @@ def build_targets(options: BenchOptions, pool: WorkerPool) -> list[Target]:
             targets.append(OursTarget(pool, nodes=options.nodes, fsync=options.fsync,
                                       sessions=options.sessions,
                                       dial_timeout=options.dial_timeout, tls=False,
-                                      name="ours-plaintext"))
+                                      name="ours-plaintext", client=options.client))
         elif name == "etcd":
             from cli.bench.etcd import EtcdTarget
 
@@ -116,6 +121,7 @@ def run_bench(options: BenchOptions, display: Display,
     runs: list[dict[str, Any]] = []
     started: list[Target] = []
     leftover: list[dict[str, Any]] = []
+    ceiling: dict[str, Any] | None = None
     try:
         for target in targets:
             target.guard = guard
@@ -132,6 +138,8 @@ def run_bench(options: BenchOptions, display: Display,
                 for target in targets:
                     done += 1
                     runs.append(_one_run(options, target, clients, round_no, done, total, display))
+        if options.ceiling:
+            ceiling = _measure_ceiling(targets, display)
     finally:
         pool.close()  # first: clients still running (after an interrupt) slow the nodes' stop
         for target in reversed(started):
@@ -147,7 +155,28 @@ def run_bench(options: BenchOptions, display: Display,
             leftover.append({"target": "client worker", "pid": pid, "command": ""})
         guard.close()
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return _document(options, targets, runs, leftover, load_start, load_end, pool.size)
+    return _document(options, targets, runs, leftover, load_start, load_end, pool.size, ceiling)
+
+
+def _measure_ceiling(targets: list[Target], display: Display) -> dict[str, Any]:
+    """etcd's ceiling with its own Go clients, on the etcd cluster of this run, after the rounds
+    (so it disturbs none of them)."""
+    from cli.bench import etcd_ceiling
+
+    etcd = next((t for t in targets if t.name == "etcd"), None)
+    if etcd is None:
+        return etcd_ceiling.Ceiling(None, note="needs --compare etcd").as_dict()
+    if etcd_ceiling.etcdctl_binary() is None:
+        display.line(f"{etcd_ceiling.NAME}: not measured, {etcd_ceiling.INSTALL_HINT}")
+        return etcd_ceiling.Ceiling(None, note=etcd_ceiling.INSTALL_HINT).as_dict()
+    leader = etcd.current_leader()  # type: ignore[attr-defined]
+    display.status(f"{etcd_ceiling.NAME}: --load={etcd_ceiling.LOAD}, "
+                   f"{etcd_ceiling.CLIENTS} clients, {etcd_ceiling.DURATION_S}s...")
+    found = etcd_ceiling.measure([leader])
+    display.line(f"{etcd_ceiling.NAME}: "
+                 + (f"{found.ops_s:8,.0f} writes/s ({found.verdict})" if found.ops_s is not None
+                    else f"not measured, {found.note}"))
+    return found.as_dict()
 
 
 def _one_run(options: BenchOptions, target: Target, clients: int, round_no: int, index: int,
@@ -180,7 +209,7 @@ def _one_run(options: BenchOptions, target: Target, clients: int, round_no: int,
 
 def _document(options: BenchOptions, targets: list[Target], runs: list[dict[str, Any]],
               leftover: list[dict[str, Any]], load_start: Any, load_end: Any,
-              workers: int) -> dict[str, Any]:
+              workers: int, ceiling: dict[str, Any] | None = None) -> dict[str, Any]:
     names = [t.name for t in targets]
     results = []
     for clients in options.clients:
@@ -210,6 +239,11 @@ def _document(options: BenchOptions, targets: list[Target], runs: list[dict[str,
                                                   theirs["node_cpu_us_per_op"]),
                 "ops_s_per_round": per_round,
             })
+    if ceiling is not None:
+        peak = max((float(r["ops_s"]) for r in results
+                    if r["target"] == "ours" and r["ops_s"] is not None), default=None)
+        ceiling = {**ceiling, "ours_peak_ops_s": peak,
+                   "ours_peak_ratio": stats.ratio(peak, ceiling.get("ops_s"))}
     config = asdict(options)
     config.update(keys_per_client=KEYS_PER_CLIENT, client_worker_processes=workers,
                   workload=_workload(options))
@@ -220,6 +254,7 @@ def _document(options: BenchOptions, targets: list[Target], runs: list[dict[str,
         "runs": runs,
         "results": results,
         "ratios": ratios,
+        "ceiling": ceiling,
         "leftover_processes": leftover,
     }
 
@@ -268,6 +303,10 @@ def text_report(doc: dict[str, Any]) -> list[str]:
     cpu = [[r["target"], str(r["clients"]), _num(r["client_cpu_us_per_op"], ",.0f"),
             _num(r["node_cpu_us_per_op"], ",.0f"), _num(r["node_cores"], ".2f"),
             _num(r["other_cores"], ".2f")] for r in doc["results"]]
+    ceiling = doc.get("ceiling")
+    if ceiling is not None:
+        speed.append([ceiling["target"], str(ceiling["clients"]), _num(ceiling["ops_s"], ",.0f"),
+                      "-", "-", "-", _num(ceiling["slowest_ms"], ".1f"), str(ceiling["errors"])])
     lines = _wrapped(
         f"kv bench: {config['workload']}, {config['value_size']} B values, "
         f"{config['duration']:g}s measured after {config['warmup']:g}s warm-up, medians of "
@@ -286,6 +325,8 @@ def text_report(doc: dict[str, Any]) -> list[str]:
         lines += ["", "Ratios (ours divided by the other, same rounds):",
                   table(["ratio", "clients", "ops/s", "p50", "p99", "node cpu/op",
                          "ops/s per round"], ratio_rows)]
+    if ceiling is not None:
+        lines += [""] + _wrapped(_ceiling_text(ceiling))
     lines += ["", "What ran:"]
     for name, facts in doc["targets"].items():
         lines.append(f"  {name}")
@@ -303,3 +344,19 @@ def text_report(doc: dict[str, Any]) -> list[str]:
     if doc["leftover_processes"]:
         lines.append(f"LEFTOVER PROCESSES (killed): {doc['leftover_processes']}")
     return lines
+
+
+def _ceiling_text(ceiling: dict[str, Any]) -> str:
+    """What the ceiling row is, and ours' peak set against it."""
+    if ceiling["ops_s"] is None:
+        return f"{ceiling['target']}: not measured ({ceiling['note']})."
+    text = (f"{ceiling['target']}: etcd with its own Go clients, --load={ceiling['load']}: "
+            f"{ceiling['clients']} gRPC clients, 256 B keys and 1 KiB values for 60 s, rate-capped "
+            f"at {ceiling['cap_writes_s']:,}/s (so {ceiling['cap_writes_s']:,} is the most it "
+            f"can show); etcdctl said {ceiling['verdict']}"
+            + (f" ({ceiling['note']})" if ceiling["note"] else "") + ". MAX is its slowest "
+            "request.")
+    if ceiling.get("ours_peak_ratio") is not None:
+        text += (f" Ours' peak, {ceiling['ours_peak_ops_s']:,.0f} ops/s, is "
+                 f"{ceiling['ours_peak_ratio']:.2f}x this ceiling.")
+    return text
