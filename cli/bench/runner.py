@@ -240,7 +240,7 @@ def _document(options: BenchOptions, targets: list[Target], runs: list[dict[str,
                 "ops_s_per_round": per_round,
             })
     if ceiling is not None:
-        peak = max((float(r["ops_s"]) for r in results
+        peak = max((float(r["ops_s"]) for r in results  # type: ignore[arg-type]
                     if r["target"] == "ours" and r["ops_s"] is not None), default=None)
         ceiling = {**ceiling, "ours_peak_ops_s": peak,
                    "ours_peak_ratio": stats.ratio(peak, ceiling.get("ops_s"))}

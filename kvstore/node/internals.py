@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from pysyncobj import SyncObj
 from pysyncobj.node import TCPNode
+from pysyncobj.tcp_connection import TcpConnection
 
 
 class Internals:
@@ -106,6 +108,36 @@ class Internals:
         ``wrapper(original)``: an instance attribute wins over the class's method."""
         original = self._syncobj._SyncObj__applyLogEntries
         self._syncobj._SyncObj__applyLogEntries = lambda: wrapper(original)
+
+    def on_each_connection(self, hook: Callable[[TcpConnection], object]) -> None:
+        """Calls ``hook`` once for each peer connection of this node: those open or pending
+        now, each new outgoing one (``addNode``), and each one the server accepts from now on
+        (before its first message). Used by ``kvstore.node.lean_wire``."""
+        transport, seen = self.transport, weakref.WeakSet[TcpConnection]()
+
+        def once(conn: TcpConnection | None) -> None:
+            if conn is not None and conn not in seen:
+                seen.add(conn)
+                hook(conn)
+
+        for conn in [*transport._connections.values(), *transport._unknownConnections]:
+            once(conn)
+        add_node = transport.addNode
+
+        def add_node_then_hook(node: TCPNode) -> None:
+            add_node(node)
+            once(transport._connections.get(node))
+
+        transport.addNode = add_node_then_hook
+        server = transport._server
+        if server is not None:
+            accepted = server._TcpServer__onNewConnectionCallback
+
+            def hook_then_accept(conn: TcpConnection) -> None:
+                once(conn)
+                accepted(conn)
+
+            server._TcpServer__onNewConnectionCallback = hook_then_accept
 
     def wrap_send(self, wrapper: Callable[[Callable[[], None]], None]) -> None:
         """The same for the leader's send step (``__sendAppendEntries``)."""

@@ -21,6 +21,8 @@ does about each defect of ``shared/reference/pysyncobj-0.3.17.md``:
   takes and installs snapshots on threads of its own; the tick thread only freezes a copy and
   swaps a restored state in.
 * D8 (100 ms timers): ``kvstore.node.timers``; we drive the tick loop ourselves.
+* zlib on every peer message, however small: ``kvstore.node.lean_wire`` sends small ones
+  uncompressed to peers that read them.
 * M1-M7 (PySyncObj's dynamic membership): ``kvstore.node.membership``; its own is off.
 
 Exactly one method is replicated, and it takes the entry as bytes: the log carries our protobuf
@@ -47,7 +49,16 @@ from pysyncobj.poller import POLL_EVENT_TYPE
 
 from kvstore import snapshot
 from kvstore.entry import encode_batch
-from kvstore.node import d6_fence, dial, dump_file, durable, journal_hook, membership, recovery
+from kvstore.node import (
+    d6_fence,
+    dial,
+    dump_file,
+    durable,
+    journal_hook,
+    lean_wire,
+    membership,
+    recovery,
+)
 from kvstore.node.internals import Internals
 from kvstore.node.journal import JournalFailed
 from kvstore.node.member_table import MemberInfo, Role, Table, bootstrap
@@ -109,6 +120,9 @@ class RaftOptions:
     membership_fence: bool = True
     """Our membership (``kvstore.node.membership``). False: PySyncObj's own dynamic
     membership instead, with its defects (for the regression tests only)."""
+    lean_wire: bool = True
+    """Small Raft messages go uncompressed to peers that read them (``kvstore.node.lean_wire``).
+    False: PySyncObj's zlib on every message (a control for benchmarks and the tests)."""
     background_snapshots: bool = True
     """Take and install snapshots off the tick thread (``kvstore.node.snapshotter``). False
     does both on the tick thread, as PySyncObj calls them: a control for benchmarks and tests."""
@@ -233,6 +247,8 @@ class RaftNode(SyncObj):
             self.internals.wrap_send(self._n_snapshotter.paced_send)
         self._poller.subscribe(self._n_wake_r, self._n_on_wake, POLL_EVENT_TYPE.READ)
         self.addOnTickCallback(self._n_on_tick)
+        if options.lean_wire:
+            lean_wire.install(self.internals, self.counters)
         if options.d6_fence:
             d6_fence.install(self, self.internals, self.counters)
         if options.membership_fence:
