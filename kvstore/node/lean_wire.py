@@ -5,7 +5,7 @@ seals it (``kvstore.node.wire_crypto``); the receiver undoes all three. Almost e
 message here is small: an acknowledgement is 64 bytes of pickle (68 compressed), an append of
 one batch a few hundred. zlib saves nothing worth having on those, and it costs the one tick
 thread of every node about 4-5 µs per message sent (mostly setting up its state) and 1 µs per
-message received, for every message (measured: ``benchmarks/wire_costs.py``).
+message received, for every message (measured: ``benchmarks/write_path_costs.py``).
 
 The rule: a message under ``COMPRESS_FROM`` bytes of pickle goes uncompressed, *if the peer
 reads uncompressed messages*; anything bigger (snapshot chunks, catch-up appends) is still

@@ -10,7 +10,9 @@ import json
 import os
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -49,8 +51,14 @@ def assert_nothing_left(doc: dict[str, Any]) -> None:
 
 
 @pytest.mark.integration
-def test_bench_against_a_fresh_cluster() -> None:
-    doc = kv_bench("--clients", "1,4", "--duration", "2s", "--warmup", "0.5s", "--rounds", "1")
+def test_bench_against_a_fresh_cluster(tmp_path: Path) -> None:
+    chart = tmp_path / "bench.svg"
+    doc = kv_bench("--clients", "1,4", "--duration", "2s", "--warmup", "0.5s", "--rounds", "1",
+                   "--plot", str(chart))
+    svg = ET.parse(chart).getroot()  # --plot: the chart of this run, one line per panel
+    lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
+    assert [line.get("data-target") for line in lines] == ["ours", "ours"]
+    assert doc["ceiling"] is None  # no etcd compared: no ceiling row
     assert doc["config"]["clients"] == [1, 4]
     assert set(doc["targets"]) == {"ours"}
     assert [(r["target"], r["clients"], r["round"]) for r in doc["runs"]] == \
