@@ -38,6 +38,24 @@ def best_us(work: Callable[[], object], number: int = 2000, repeat: int = 7) -> 
     return min(timeit.repeat(work, number=number, repeat=repeat)) / number * 1e6
 
 
+def _wire_rows(name: str, message: object, crypto: WireCrypto) -> list[tuple[str, float]]:
+    """One Raft message through PySyncObj's send and receive steps, step by step."""
+    pickled = pysyncobj_pickle.dumps(message)
+    packed = zlib.compress(pickled, 3)
+    sealed = crypto.encrypt_at_time(packed, 0)
+    return [
+        (f"wire, {name} ({len(pickled)} B): pickle",
+         best_us(lambda: pysyncobj_pickle.dumps(message))),
+        (f"wire, {name}: zlib level 3 (PySyncObj)", best_us(lambda: zlib.compress(pickled, 3))),
+        (f"wire, {name}: zlib level {LEAN_LEVEL} (lean_wire, to unknown peers)",
+         best_us(lambda: zlib.compress(pickled, LEAN_LEVEL))),
+        (f"wire, {name}: zlib decompress", best_us(lambda: zlib.decompress(packed))),
+        (f"wire, {name}: unpickle", best_us(lambda: pysyncobj_pickle.loads(pickled))),
+        (f"wire, {name}: seal (AES-GCM)", best_us(lambda: crypto.encrypt_at_time(packed, 0))),
+        (f"wire, {name}: open", best_us(lambda: crypto.decrypt(sealed))),
+    ]
+
+
 def main() -> None:
     session = Session(cluster_id=CLUSTER, client_id=CLIENT, series_id=1000, responded_to=999)
     command = ops.put(b"bench/c0001/k0001", b"v" * 100)
@@ -73,20 +91,8 @@ def main() -> None:
               "entries": [(b"\x00" + batch, 1235, 3)], "prevLogIdx": 1234, "prevLogTerm": 3}
     ack = {"type": "next_node_idx", "next_node_idx": 1236, "reset": False, "success": True}
     crypto = WireCrypto("write-path-costs")
-    for name, message in (("append of 1 batch", append), ("acknowledgement", ack)):
-        pickled = pysyncobj_pickle.dumps(message)
-        packed = zlib.compress(pickled, 3)
-        sealed = crypto.encrypt_at_time(packed, 0)
-        rows += [
-            (f"wire, {name} ({len(pickled)} B): pickle", best_us(lambda: pysyncobj_pickle.dumps(message))),
-            (f"wire, {name}: zlib level 3 (PySyncObj)", best_us(lambda: zlib.compress(pickled, 3))),
-            (f"wire, {name}: zlib level {LEAN_LEVEL} (lean_wire, to unknown peers)",
-             best_us(lambda: zlib.compress(pickled, LEAN_LEVEL))),
-            (f"wire, {name}: zlib decompress", best_us(lambda: zlib.decompress(packed))),
-            (f"wire, {name}: unpickle", best_us(lambda: pysyncobj_pickle.loads(pickled))),
-            (f"wire, {name}: seal (AES-GCM)", best_us(lambda: crypto.encrypt_at_time(packed, 0))),
-            (f"wire, {name}: open", best_us(lambda: crypto.decrypt(sealed))),
-        ]
+    rows += _wire_rows("append of 1 batch", append, crypto)
+    rows += _wire_rows("acknowledgement", ack, crypto)
     with tempfile.TemporaryDirectory(prefix="write-path-costs-") as root:
         fd = os.open(os.path.join(root, "journal"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         record = b"x" * 250

@@ -195,3 +195,56 @@ def test_the_aio_driver_is_picked_by_the_client_parameter(monkeypatch: pytest.Mo
 def test_bad_options_are_refused_before_anything_starts(args: list[str], said: str) -> None:
     outcome = CliRunner().invoke(bench, ["--clients", "1", *args])
     assert outcome.exit_code != 0 and said in str(outcome.exception)
+
+
+def test_the_aio_driver_runs_every_call_on_one_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hook for ``kvstore.aio.Client`` (issue 11, item 1), with a stand-in of its API."""
+    import asyncio
+    import types
+
+    calls: list[tuple[str, Any]] = []
+    loops: set[int] = set()
+
+    class Session:
+        def proposal_completed(self) -> None:
+            calls.append(("completed", None))
+
+    class FakeAioClient:
+        def __init__(self, endpoints: list[str], **kwargs: Any) -> None:
+            calls.append(("client", (tuple(endpoints), sorted(kwargs))))
+
+        async def sync_get_session(self) -> Session:
+            loops.add(id(asyncio.get_running_loop()))
+            return Session()
+
+        async def sync_propose(self, session: Session, command: Any, timeout: float) -> None:
+            loops.add(id(asyncio.get_running_loop()))
+            calls.append(("propose", command.put.key))
+
+        async def read(self, command: Any, consistency: str, timeout: float) -> None:
+            calls.append(("read", consistency))
+
+        async def sync_close_session(self, session: Session, timeout: float) -> None:
+            calls.append(("close_session", None))
+
+        async def close(self) -> None:
+            calls.append(("close", None))
+
+    fake = types.ModuleType("kvstore.aio")
+    fake.Client = FakeAioClient  # type: ignore[attr-defined]
+    monkeypatch.setattr("importlib.import_module", lambda name: fake)
+    params = {"endpoints": ["127.0.0.1:1"], "cluster_id": 5, "sessions": True,
+              "consistency": "s", "op_timeout": 1.0, "dial_timeout": 1.0, "client": "aio"}
+    driver = load.make_driver("ours", params)
+    states = [driver.open(n) for n in range(3)]
+    for state in states:
+        driver.write(state, b"k", b"v")
+        driver.read(state, b"k")
+    for state in states:
+        driver.close(state)
+    driver.shutdown()  # type: ignore[attr-defined]
+    assert calls.count(("client", (("127.0.0.1:1",), ["cluster_id", "dial_timeout", "timeout"]))) == 1
+    assert calls.count(("propose", b"k")) == 3 and calls.count(("completed", None)) == 3
+    assert calls.count(("read", "serializable")) == 3
+    assert calls.count(("close_session", None)) == 3 and calls[-1] == ("close", None)
+    assert len(loops) == 1  # one event loop for every client of the worker
