@@ -356,6 +356,9 @@ def _ceiling_text(ceiling: dict[str, Any]) -> str:
             f"can show); etcdctl said {ceiling['verdict']}"
             + (f" ({ceiling['note']})" if ceiling["note"] else "") + ". MAX is its slowest "
             "request.")
+    if ceiling.get("etcdctl_cpu_s") is not None and ceiling.get("seconds"):
+        text += (f" etcdctl itself used {ceiling['etcdctl_cpu_s'] / ceiling['seconds']:.2f} "
+                 "cores of this machine meanwhile.")
     if ceiling.get("ours_peak_ratio") is not None:
         text += (f" Ours' peak, {ceiling['ours_peak_ops_s']:,.0f} ops/s, is "
                  f"{ceiling['ours_peak_ratio']:.2f}x this ceiling.")
