@@ -166,6 +166,22 @@ def _check_bindable(address: str) -> None:
                           f"{exc.strerror or exc}") from None
 
 
+def may_wait(queued: bool, commit_index: int, last_applied: int, restoring: bool) -> bool:
+    """Whether the coming pass of the tick loop may end waiting in ``poll()`` for a message.
+
+    Not if a command is still queued inside PySyncObj: it is appended at the end of the pass
+    and must be shipped by the next one at once. Not if the pass cannot apply everything that
+    is committed (it applies at most ``MAX_APPLY_PER_PASS``): the rest would wait for the next
+    message. Otherwise it may: the pass applies every committed entry before it polls. (A
+    follower learns a new commit index from a message, so at the start of the next pass it is
+    nearly always a little behind; not waiting then cost each follower a second, empty pass
+    per write.) While a snapshot is restored nothing is applied, so it may wait.
+    """
+    if queued:
+        return False
+    return restoring or commit_index - last_applied <= MAX_APPLY_PER_PASS
+
+
 class RaftNode(SyncObj):
     """One replica. Call ``propose`` from any thread but the tick thread; ``stop`` at the end.
 
@@ -461,11 +477,9 @@ class RaftNode(SyncObj):
                         sent = last
                 if self._n_sync_before_commit is not None:
                     self._n_sync_before_commit()
-                # A command still queued inside PySyncObj is appended at the end of the tick:
-                # do not let the next tick sleep in poll() before shipping it.
-                behind = (self.raftCommitIndex > self.raftLastApplied  # MAX_APPLY_PER_PASS
-                          and not self._n_snapshotter.restoring)
-                self.doTick(0.0 if internals.queue or behind else idle)
+                waits = may_wait(bool(internals.queue), self.raftCommitIndex,
+                                 self.raftLastApplied, self._n_snapshotter.restoring)
+                self.doTick(idle if waits else 0.0)
             except JournalFailed:
                 break  # fail-stop: the journal has said why (status: fatal)
             except Exception:
