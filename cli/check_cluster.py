@@ -21,9 +21,11 @@ import time
 from pathlib import Path
 
 from cli import processes
+from cli.check_netns import NamespaceLinks, create_cluster_dir
 from cli.cluster_dir import ClusterDir, ClusterSpec, NodeSpec
 from kvstore import errors
 from kvstore.check.powerfs_mount import PowerMount
+from kvstore.check.netns import Topology
 from kvstore.check.proxy import Network
 from kvstore.client import Client
 
@@ -34,12 +36,21 @@ RESTART_TIMEOUT = 30.0
 
 class CheckCluster:
     def __init__(self, root: Path, nodes: int, *, snapshot_count: int, fsync: bool = True,
-                 planted_bug: str | None = None, power_loss: bool = False) -> None:
+                 planted_bug: str | None = None, power_loss: bool = False,
+                 topology: Topology | None = None) -> None:
         self.dir = ClusterDir(root)
-        self.spec: ClusterSpec = self.dir.create(nodes, snapshot_count=snapshot_count,
-                                                 fsync=fsync)
+        self.topology = topology
+        self.network: Network | NamespaceLinks
+        if topology is None:
+            self.spec: ClusterSpec = self.dir.create(nodes, snapshot_count=snapshot_count,
+                                                     fsync=fsync)
+            self.network = Network([node.raft for node in self.spec.nodes])
+        else:  # kv check --net netns: each node on a machine of its own (cli.check_netns)
+            self.spec = create_cluster_dir(self.dir, topology, snapshot_count=snapshot_count,
+                                           fsync=fsync)
+            self.network = NamespaceLinks(topology, self.spec)
         self.dir.prepare_node_dirs(self.spec)
-        self.network = Network([node.raft for node in self.spec.nodes])
+        self.client_tls = self.dir.certs.client_tls() if self.spec.tls else None
         self.planted_bug = planted_bug
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self.paused: set[str] = set()
@@ -55,6 +66,10 @@ class CheckCluster:
                 self._unmount_all()
                 self.network.close()
                 raise
+
+    def client(self, timeout: float, endpoints: list[str] | None = None) -> Client:
+        """A client of the cluster (with its client certificate when the API is TLS)."""
+        return Client(endpoints or self.endpoints, timeout=timeout, tls=self.client_tls)
 
     @property
     def node_ids(self) -> list[str]:
@@ -75,7 +90,8 @@ class CheckCluster:
                  for arg in ("--dial-via", f"{peer}={proxy}")]
         if self.planted_bug:
             extra += ["--planted-bug", self.planted_bug]
-        self._procs[node_id] = processes.start_node(self.dir, self.spec, node, extra)
+        prefix = self.topology.exec_prefix(node_id) if self.topology else []
+        self._procs[node_id] = processes.start_node(self.dir, self.spec, node, extra, prefix)
 
     def start_all(self) -> None:
         for node_id in self.node_ids:
@@ -128,7 +144,7 @@ class CheckCluster:
         return [problem for node_id in node_ids if (problem := self._await_up(node_id))]
 
     def _await_up(self, node_id: str) -> str | None:
-        client = Client([self.node(node_id).api], timeout=2)
+        client = self.client(2, [self.node(node_id).api])
         try:
             deadline = time.monotonic() + RESTART_TIMEOUT
             while time.monotonic() < deadline:

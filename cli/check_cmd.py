@@ -18,13 +18,14 @@ import click
 from cli.check_run import CheckOptions, run_check
 from cli.exits import ERROR, CliError
 from cli.kv_click import KvCommand
-from cli.nemesis import FAULT_KINDS, POWER_LOSS_SCOPES
+from cli.nemesis import FAULT_KINDS, NETNS_FAULT_KINDS, POWER_LOSS_SCOPES
 from cli.output import Report, emit
 from cli.params import Duration, Integer
 from cli.settings import Settings, global_options
 from kvstore.check.workloads import WORKLOADS
 
 PLANTED_BUGS = ("no-dedup",)
+NETS = ("loopback", "netns")
 
 
 class Everything(list[str]):
@@ -56,8 +57,9 @@ def _names(choices: tuple[str, ...], allow_none: bool) -> click.ParamType:
 @click.command(cls=KvCommand)
 @click.option("--workload", "workloads", type=_names(tuple(WORKLOADS), False), default="all",
               show_default=True, help=f"Comma list of {', '.join(WORKLOADS)}, or all.")
-@click.option("--faults", type=_names(FAULT_KINDS, True), default="all", show_default=True,
-              help=f"Comma list of {', '.join(FAULT_KINDS)}, all, or none.")
+@click.option("--faults", type=_names(FAULT_KINDS + NETNS_FAULT_KINDS, True), default="all",
+              show_default=True, help=f"Comma list of {', '.join(FAULT_KINDS)}, all, or none; "
+              f"with --net netns also {', '.join(NETNS_FAULT_KINDS)}.")
 @click.option("--duration", type=Duration(), default="60s", show_default=True,
               help="How long the workload runs (30s, 10m, ...).")
 @click.option("--seed", type=Integer(), help="Seed of the operations and faults [default: random].")
@@ -72,26 +74,43 @@ def _names(choices: tuple[str, ...], allow_none: bool) -> click.ParamType:
 @click.option("--power-loss-scope", type=click.Choice(POWER_LOSS_SCOPES), default="any",
               show_default=True, help="Which nodes a power-loss fault takes down at once: one, "
               "a minority, all, or any of these at random.")
+@click.option("--net", type=click.Choice(NETS), default="loopback", show_default=True,
+              help="loopback: the nodes on 127.0.0.1, a fault proxy on each Raft link. netns: "
+              "each node in a network namespace of its own, with its own address and TLS, the "
+              "checker in another; partitions are blackhole routes, plus netem and loss on "
+              "the links (needs root and ip netns).")
 @click.option("--planted-bug", type=click.Choice(PLANTED_BUGS), hidden=True,
               help="Run nodes with a known bug, to show the checkers catch it.")
 @global_options
 def check(workloads: list[str], faults: list[str], duration: float, seed: int | None,
           clients: int, nodes: int, report_dir: Path, fsync: bool, power_loss_scope: str,
-          planted_bug: str | None) -> None:
+          net: str, planted_bug: str | None) -> None:
     """Runs workloads against a local cluster under faults and checks the history.
 
     The power-loss fault puts each node's data directory on a FUSE file system that drops what
     was not fsynced (kvstore/check/powerfs.py); it needs /dev/fuse and Debian's fuse3."""
     settings = Settings.current()
+    topology = None
+    if net == "netns":
+        from cli import check_netns
+
+        topology = check_netns.inside()
+        if topology is None:  # build the network, run this command again inside it
+            from kvstore.check import netns
+
+            if (reason := netns.unusable()) is not None:
+                raise CliError(f"kv check --net netns cannot run here: {reason}")
+            click.get_current_context().exit(check_netns.run_outside(nodes))
     seed = secrets.randbelow(2**31) if seed is None else seed
-    faults = _usable_faults(faults)
+    faults = _usable_faults(faults, net)
     options = CheckOptions(workloads=workloads, faults=faults, duration=duration, seed=seed,
                            clients=clients, nodes=nodes, planted_bug=planted_bug,
                            report_dir=report_dir, fsync=fsync,
-                           power_loss_scope=power_loss_scope)
+                           power_loss_scope=power_loss_scope, topology=topology)
     tty = sys.stderr.isatty()
+    where = f", nodes in namespaces on {topology.address('n1')}/24" if topology else ""
     click.echo(f"kv check: seed {seed}, workloads {','.join(workloads)}, faults "
-               f"{','.join(faults) or 'none'}, {duration:.0f} s", err=True)
+               f"{','.join(faults) or 'none'}, {duration:.0f} s{where}", err=True)
 
     def progress(line: str) -> None:
         click.echo(("\r" + line) if tty else line, err=True, nl=not tty)
@@ -116,9 +135,11 @@ def check(workloads: list[str], faults: list[str], duration: float, seed: int | 
         raise CliError(f"the history is not valid (seed {seed}); see {outcome.report}", ERROR)
 
 
-def _usable_faults(faults: list[str]) -> list[str]:
+def _usable_faults(faults: list[str], net: str = "loopback") -> list[str]:
     """The faults to inject: power-loss needs FUSE; without it, ``all`` leaves it out (and says
-    so) and naming it is an error."""
+    so) and naming it is an error. Likewise the faults of a real network need ``--net netns``
+    (``all`` on loopback means the others), netem tc netem or iptables, loss nftables."""
+    faults = _network_faults(faults, net)
     if "power-loss" not in faults:
         return faults
     from kvstore.check.powerfs_mount import fuse_unusable
@@ -130,6 +151,29 @@ def _usable_faults(faults: list[str]) -> list[str]:
         click.echo(f"kv check: no power-loss faults: {reason}", err=True)
         return [f for f in faults if f != "power-loss"]
     raise CliError(f"the power-loss fault cannot run here: {reason}")
+
+
+def _network_faults(faults: list[str], net: str) -> list[str]:
+    everything = isinstance(faults, Everything)
+    if net != "netns":
+        named = [f for f in faults if f in NETNS_FAULT_KINDS]
+        if named and not everything:
+            raise CliError(f"the {named[0]} fault needs a real network: add --net netns")
+        return Everything(f for f in faults if f not in NETNS_FAULT_KINDS) if everything \
+            else faults
+    from kvstore.check import netns
+
+    if "power-loss" in faults:
+        if not everything:
+            raise CliError("the power-loss fault does not run with --net netns yet")
+        faults = Everything(f for f in faults if f != "power-loss")
+    for kind, unusable in (("netem", netns.impair_unusable), ("loss", netns.nft_unusable)):
+        if kind in faults and (reason := unusable()) is not None:
+            if not everything:
+                raise CliError(f"the {kind} fault cannot run here: {reason}")
+            click.echo(f"kv check: no {kind} faults: {reason}", err=True)
+            faults = Everything(f for f in faults if f != kind)
+    return faults
 
 
 def _verdict_lines(s: dict[str, Any], violations: list[Any]) -> list[str]:

@@ -28,6 +28,7 @@ from cli.nemesis import Nemesis
 from kvstore import errors
 from kvstore.check import history as history_io
 from kvstore.check.history import Op, Recorder
+from kvstore.check.netns import Topology
 from kvstore.check.verdict import check_convergence, check_restarts
 from kvstore.check.report import write_report
 from kvstore.check.workloads import OP_DEADLINE, WORKLOADS, Worker, run_workers
@@ -77,6 +78,8 @@ class CheckOptions:
     fsync: bool = True
     """The nodes' durable mode (``kv node run --fsync``, the default)."""
     power_loss_scope: str = "any"
+    topology: Topology | None = None
+    """With ``--net netns``: the network the cluster runs in (``cli.check_netns``)."""
 
 
 @dataclass
@@ -92,11 +95,12 @@ def run_check(options: CheckOptions, progress: Callable[[str], None]) -> CheckOu
         cluster = CheckCluster(Path(tmp) / "cluster", options.nodes,
                                snapshot_count=options.snapshot_count, fsync=options.fsync,
                                planted_bug=options.planted_bug,
-                               power_loss="power-loss" in options.faults)
+                               power_loss="power-loss" in options.faults,
+                               topology=options.topology)
         clients: list[Client] = []
         try:
             cluster.start_all()
-            admin = Client(cluster.endpoints, timeout=10)
+            admin = cluster.client(timeout=10)
             clients.append(admin)
             _wait(lambda: cluster.leader_id(admin), LEADER_TIMEOUT, "a leader")
             return _run(options, cluster, admin, clients, progress)
@@ -114,7 +118,7 @@ def _run(options: CheckOptions, cluster: CheckCluster, admin: Client, clients: l
     threads = []
     labels: dict[int, str] = {FINAL_PROCESS: FINAL_LABEL}
     for number, workload in enumerate(workloads):
-        mine = [Client(cluster.endpoints, timeout=5) for _ in range(options.clients)]
+        mine = [cluster.client(timeout=5) for _ in range(options.clients)]
         clients += mine
         first = number * options.clients
         threads += run_workers(workload, mine, recorder, options.seed, stop, first_process=first)

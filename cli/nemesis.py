@@ -15,14 +15,23 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from cli.check_cluster import CheckCluster
+from kvstore.check.netns import Netem
 
 FAULT_KINDS = ("kill", "pause", "partition", "power-loss")
+NETNS_FAULT_KINDS = ("netem", "loss")
+"""Faults of a real network, only with ``kv check --net netns`` (``cli.check_netns``): ``netem``
+(delay with jitter, loss and reordering on one host's link: tc netem, or its user-space stand-in
+on kernels without sch_netem) and ``loss`` (nftables dropping a share of one host's frames).
+There, ``partition`` is made of blackhole routes."""
 POWER_LOSS_SCOPES = ("any", "one", "minority", "all")
 """Which nodes a power loss takes: one node, a minority, every node, or any of the three."""
 QUIET = (0.5, 2.0)
 """Seconds between faults (uniform)."""
 HOLD = (0.5, 2.5)
 """Seconds a fault is held (uniform)."""
+LINK_HOLD = (1.0, 5.0)
+"""Seconds a bad link (netem, loss) is held: long enough for TCP and Raft's timeouts to feel it."""
+LOSS_PERCENTS = (5, 10, 20, 40)
 
 
 @dataclass
@@ -65,9 +74,10 @@ class Nemesis(threading.Thread):
         leader = self.leader() if self.rng.random() < 0.5 else None
         return leader or self.rng.choice(self.cluster.node_ids)
 
-    def _hold(self, fault: Fault, heal: Callable[[], None]) -> None:
+    def _hold(self, fault: Fault, heal: Callable[[], None],
+              hold: tuple[float, float] = HOLD) -> None:
         self.faults.append(fault)
-        self.stop_event.wait(self.rng.uniform(*HOLD))
+        self.stop_event.wait(self.rng.uniform(*hold))
         heal()
         fault.end_ns = time.monotonic_ns()
 
@@ -111,3 +121,35 @@ class Nemesis(threading.Thread):
         label = ",".join(sorted(targets)) + (" (torn)" if torn is not None else "")
         self._hold(Fault("power-loss", label, time.monotonic_ns()),
                    lambda: self.restart_failures.extend(self.cluster.power_on(sorted(targets))))
+
+    # -- faults of a real network (kv check --net netns) -------------------------------------------
+
+    def _pick_link(self) -> str:
+        """The host whose link goes bad: a quarter of the time the client's (so requests and
+        answers are lost and retried), else a node (``_pick_target``)."""
+        return "client" if self.rng.random() < 0.25 else self._pick_target()
+
+    def _netem(self) -> None:
+        host = self._pick_link()
+        impairment = random_netem(self.rng)
+        links = self.cluster.network
+        how = links.impair(host, impairment, self.rng.randrange(2**31))  # type: ignore[union-attr]
+        self._hold(Fault("netem", f"{host}: {impairment} ({how})", time.monotonic_ns()),
+                   lambda: links.unimpair(host), LINK_HOLD)  # type: ignore[union-attr]
+
+    def _loss(self) -> None:
+        host = self._pick_link()
+        percent = self.rng.choice(LOSS_PERCENTS)
+        links = self.cluster.network
+        links.drop(host, percent)  # type: ignore[union-attr]
+        self._hold(Fault("loss", f"{host}: {percent}%", time.monotonic_ns()),
+                   lambda: links.undrop(host), LINK_HOLD)  # type: ignore[union-attr]
+
+
+def random_netem(rng: random.Random) -> Netem:
+    """Delay 20-200 ms with up to half as much jitter; half the time up to 10% loss, half the
+    time up to 30% reordering."""
+    delay = rng.randint(20, 200)
+    return Netem(delay_ms=delay, jitter_ms=rng.randint(0, delay // 2),
+                 loss_percent=rng.choice((0, rng.randint(1, 10))),
+                 reorder_percent=rng.choice((0, rng.randint(5, 30))))

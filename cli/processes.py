@@ -57,8 +57,10 @@ def node_argv(cluster: ClusterDir, spec: ClusterSpec, node: NodeSpec,
 
 
 def start_node(cluster: ClusterDir, spec: ClusterSpec, node: NodeSpec,
-               extra_args: Sequence[str] = ()) -> subprocess.Popen[bytes]:
-    """Starts ``node`` in the background and records its pid.
+               extra_args: Sequence[str] = (),
+               prefix: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """Starts ``node`` in the background and records its pid; ``prefix`` runs it elsewhere
+    (``ip netns exec NS``, which execs the node in place: the pid is the node's).
 
     The node gets a session of its own (``start_new_session``), so a Ctrl-C typed at the
     terminal reaches ``kv cluster up`` only, which then stops the nodes in order, instead of
@@ -68,7 +70,7 @@ def start_node(cluster: ClusterDir, spec: ClusterSpec, node: NodeSpec,
         log.write(f"{START_MARKER} {node.id} at {time.ctime()}\n".encode())
         log.flush()
         proc = subprocess.Popen(
-            node_argv(cluster, spec, node, extra_args),
+            [*prefix, *node_argv(cluster, spec, node, extra_args)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
