@@ -94,6 +94,13 @@ elif what == "udp":
 # -- helpers ----------------------------------------------------------------------------------
 
 
+def _skip_without_link_faults() -> None:
+    """netem needs tc netem or iptables, loss needs nft (.ci/run installs them)."""
+    for reason in (netns.impair_unusable(), netns.nft_unusable()):
+        if reason is not None:
+            pytest.skip(reason)
+
+
 def _root_network_state() -> dict[str, str]:
     """What the machine's own namespace has: links, addresses, routes, firewall rules."""
     commands = {
@@ -216,6 +223,7 @@ def test_a_partition_is_blackhole_routes_both_ways_and_heals() -> None:
 
 @needs_netns
 def test_netem_delays_both_directions_of_a_link_and_loss_drops_a_share_of_its_packets() -> None:
+    _skip_without_link_faults()
     with netns.network(1) as topology:
         echo = Echo(topology, "n1")
         try:
@@ -357,6 +365,7 @@ def _kv_check(report: Path, *args: str, timeout: float = 120) -> tuple[int, dict
 
 @needs_netns
 def test_kv_check_net_netns_passes_under_netem_loss_partitions_and_kills(tmp_path: Path) -> None:
+    _skip_without_link_faults()
     started = time.monotonic()
     before = set(netns.list_namespaces())
     code, summary, _ = _kv_check(tmp_path / "report", "--faults", "partition,netem,loss,kill",
