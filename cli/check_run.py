@@ -128,14 +128,16 @@ def _run(options: CheckOptions, cluster: CheckCluster, admin: Client, clients: l
     if options.faults:
         nemesis.start()
     started = time.monotonic()
-    while (elapsed := time.monotonic() - started) < options.duration:
-        time.sleep(min(1.0, options.duration - elapsed))
-        progress(_progress_line(elapsed, options.duration, recorder.history(), nemesis))
-    if options.faults:
-        nemesis.stop()
-    stop.set()
-    for thread in threads:
-        thread.join(OP_DEADLINE + 5)
+    try:
+        while (elapsed := time.monotonic() - started) < options.duration:
+            time.sleep(min(1.0, options.duration - elapsed))
+            progress(_progress_line(elapsed, options.duration, recorder.history(), nemesis))
+    finally:  # also on Ctrl-C or SIGTERM: no client or fault outlives the cluster's files
+        if options.faults:
+            nemesis.stop()
+        stop.set()
+        for thread in threads:
+            thread.join(OP_DEADLINE + 5)
 
     cluster.heal()
     digests = _converged_digests(cluster, admin)
