@@ -302,6 +302,14 @@ def test_the_readme_three_machine_howto_runs_as_written_on_three_namespaces(tmp_
                 (command,) = _lines(node_block)
                 command = real(_for_node(command, k))
                 assert f"--id {name} " in command and topology.address(name) in command
+                if k == 1:  # on its own address, a node without the three TLS files refuses
+                    plain = re.sub(r" --cert \S+ --key \S+ --cacert \S+", "", command)
+                    plain = plain.replace(f"{tmp_path}/var/n1", f"{tmp_path}/plain")
+                    done = subprocess.run([*topology.exec_prefix(name), "sh", "-c", plain],
+                                          cwd=machine, env=env, capture_output=True, text=True,
+                                          timeout=60)
+                    assert done.returncode == exits.INVALID_INPUT, (plain, done.stderr)
+                    assert "without TLS" in done.stderr and "Traceback" not in done.stderr
                 procs.append(subprocess.Popen(
                     [*topology.exec_prefix(name), "sh", "-c", f"exec {command}"], cwd=machine,
                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
