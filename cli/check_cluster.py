@@ -10,6 +10,11 @@ A power loss (``power_off``) of several nodes is simultaneous: every one is froz
 before any disk is cut, so none acknowledges anything after the first cut; then each disk drops
 what was not synced (``kvstore.check.powerfs_mount``), the processes are killed and the mounts
 go. ``power_on`` mounts the durable images and starts the nodes again.
+
+With a ``topology`` (``kv check --net netns``), each node is instead started in a network
+namespace of its own, on its own address with TLS on its API, and ``network`` is that real
+network's links (``cli.check_netns.NamespaceLinks``): the same calls, made with routes, tc and
+nftables instead of proxies.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from cli import processes
 from cli.check_netns import NamespaceLinks, create_cluster_dir
 from cli.cluster_dir import ClusterDir, ClusterSpec, NodeSpec
 from kvstore import errors
-from kvstore.check.powerfs_mount import PowerMount
 from kvstore.check.netns import Topology
+from kvstore.check.powerfs_mount import PowerMount
 from kvstore.check.proxy import Network
 from kvstore.client import Client
 
