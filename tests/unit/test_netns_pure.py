@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from cli.nemesis import random_netem
-from kvstore.check import nfq_netem
+from kvstore.check import netns, nfq_netem
 from kvstore.check.netns import Netem, Topology
 from kvstore.check.nfq_netem import Schedule
 
@@ -131,3 +131,24 @@ def test_a_verdict_is_the_nfnetlink_queue_layout() -> None:
     assert struct.unpack_from("=HH", data, 20) == (12, nfq_netem.NFQA_VERDICT_HDR)
     assert struct.unpack_from("!II", data, 24) == (nfq_netem.NF_ACCEPT, 9)
     assert struct.unpack_from("!I", nfq_netem.verdict(0, 9, False), 24)[0] == nfq_netem.NF_DROP
+
+
+def test_with_kernel_netem_both_ends_of_the_link_get_the_qdisc_and_lose_it_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tc path, which a kernel without sch_netem (as on the machine these tests were
+    written on) cannot run: the commands it would give, recorded instead of run."""
+    ran: list[list[str]] = []
+    monkeypatch.setattr(netns, "netem_backend", lambda: "tc")
+    monkeypatch.setattr(netns, "_run", lambda command, **_: ran.append(command) or "")
+    topology = _plan()
+    assert topology.impair("n2", Netem(80, 20, 1, 10)) == "tc"
+    qdisc = ["root", "netem", "delay", "80ms", "20ms", "loss", "1%", "reorder", "10%", "50%"]
+    assert ran == [["tc", "-n", "kvnet-123-abcd-n2", "qdisc", "add", "dev", "eth0", *qdisc],
+                   ["tc", "-n", "kvnet-123-abcd-hub", "qdisc", "add", "dev", "v-n2", *qdisc]]
+    ran.clear()
+    topology.heal()
+    assert ran == [["tc", "-n", "kvnet-123-abcd-n2", "qdisc", "del", "dev", "eth0", "root"],
+                   ["tc", "-n", "kvnet-123-abcd-hub", "qdisc", "del", "dev", "v-n2", "root"]]
+    ran.clear()
+    topology.heal()
+    assert ran == [], "healed once is healed"
