@@ -383,7 +383,7 @@ def test_kv_check_net_netns_passes_under_netem_loss_partitions_and_kills(tmp_pat
     assert summary["verdict"] == "valid" and code == 0, summary
     injected = summary["faults_injected"]
     assert isinstance(injected, dict) and injected.get("netem", 0) >= 1, injected
-    assert sum(injected.values()) >= 5, injected
+    assert sum(injected.values()) >= 3, injected  # about 6 in 20 s; fewer would mean little
     assert summary["ops_ok"] > 500  # type: ignore[operator]
     faults = json.loads((tmp_path / "report" / "faults.json").read_text())
     assert all(f["end_ns"] is not None for f in faults), "every fault was healed"
