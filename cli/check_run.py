@@ -51,6 +51,7 @@ SUMMARY_LABELS = {
     "duration_s": "Duration (s)",
     "clients_per_workload": "Clients per workload",
     "nodes": "Nodes",
+    "net": "Network",
     "planted_bug": "Planted bug",
     "ops_ok": "Operations ok",
     "ops_failed": "Operations failed (certainly not applied)",
@@ -195,6 +196,8 @@ def _summary(options: CheckOptions, ops: list[Op], nemesis: Nemesis, results: di
         "duration_s": options.duration,
         "clients_per_workload": options.clients,
         "nodes": options.nodes,
+        "net": (f"netns, {options.topology.address('n1')}/24" if options.topology
+                else "loopback, a proxy on each Raft link"),
         "fsync": options.fsync,
         "planted_bug": options.planted_bug or "none",
         "ops_ok": statuses["ok"],

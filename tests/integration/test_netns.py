@@ -381,6 +381,7 @@ def test_kv_check_net_netns_passes_under_netem_loss_partitions_and_kills(tmp_pat
     code, summary, _ = _kv_check(tmp_path / "report", "--faults", "partition,netem,loss,kill",
                                  "--duration", "20s")
     assert summary["verdict"] == "valid" and code == 0, summary
+    assert str(summary["net"]).startswith(f"netns, {netns.SUPERNET}.")
     injected = summary["faults_injected"]
     assert isinstance(injected, dict) and injected.get("netem", 0) >= 1, injected
     assert sum(injected.values()) >= 3, injected  # about 6 in 20 s; fewer would mean little
