@@ -33,10 +33,11 @@ import grpc
 from google.protobuf import message_factory
 from google.protobuf.message import Message
 
-from kvstore import api_errors, auth, commands, results
+from kvstore import api_errors, auth, commands, results, retry
 from kvstore.config import NodeConfig
 from kvstore.entry import encode_entry
 from kvstore.node import KVNode, NodeStatusView, NotApplied, OutcomeUnknown
+from kvstore.node.outcomes import ProposeError
 from kvstore.node.member_table import ChangeRefused
 from kvstore.proto import api_pb2
 from kvstore.proto.log_pb2 import Code, Result
@@ -53,6 +54,9 @@ DEFAULT_PROPOSE_TIMEOUT = 5.0
 DEADLINE_MARGIN = 0.05
 """Seconds kept for the answer to travel back before the client's own deadline expires (at
 most half of what is left, so a short deadline still gets a chance to commit)."""
+
+MAX_BATCH_PROPOSALS = 1024
+"""Most proposals one ``ProposeBatch`` may carry (the node's own replicated batch holds as many)."""
 
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 """Bigger than any valid request (a 4 KiB key and a 1 MiB value); larger ones are refused by gRPC."""
@@ -95,15 +99,39 @@ class KVService:
         return await self._session_op(request, context, SERIES_ID_FOR_UNREGISTER, "unregister")
 
     async def Propose(self, request: api_pb2.ProposeRequest, context: grpc.aio.ServicerContext) -> Result:
-        session = self._session(request.session)
+        return await self._propose(self._proposal_entry(request), context)
+
+    async def ProposeBatch(self, request: api_pb2.ProposeBatchRequest,
+                           context: grpc.aio.ServicerContext) -> api_pb2.ProposeBatchResponse:
+        """Every proposal of the batch checked on its own, the valid ones handed to the node in
+        one submission, and each answered with its own ``ProposeOutcome``: the status a lone
+        ``Propose`` would have got, and the fate that status means (``retry.fate_of_status``,
+        the client's own rule), so that a batch failing part way stays exact per proposal."""
+        self._refuse_if_removed()
+        if not self._node.is_leader():
+            raise self._not_leader("NOT_LEADER")
+        _require(len(request.proposals) <= MAX_BATCH_PROPOSALS,
+                 f"a batch holds at most {MAX_BATCH_PROPOSALS} proposals")
+        outcomes: list[api_pb2.ProposeOutcome | None] = [None] * len(request.proposals)
+        entries: list[bytes] = []
+        slots: list[int] = []
+        for i, proposal in enumerate(request.proposals):
+            try:
+                entries.append(self._proposal_entry(proposal))
+                slots.append(i)
+            except Refused as refusal:
+                outcomes[i] = _refused_outcome(refusal)
         try:
-            valid = session.valid_for_proposal(self._config.cluster_id)
-        except Exception as exc:  # a broken invariant in the client's session
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-        _require(valid, "the session is not valid for a proposal (client id 0, or a "
-                 "register/unregister series id)")
-        _check_command(request)
-        return await self._propose(encode_entry(session, request.command), context)
+            answers = await self._node.propose_many_async(entries, self._node_timeout(context))
+        except NotApplied as exc:
+            raise self._propose_refusal(exc) from exc
+        for i, answer in zip(slots, answers, strict=True):
+            if isinstance(answer, bytes):
+                outcomes[i] = api_pb2.ProposeOutcome(fate=api_pb2.FATE_ANSWERED,
+                                                     result=results.decode(answer))
+            else:
+                outcomes[i] = _refused_outcome(self._propose_refusal(answer))
+        return api_pb2.ProposeBatchResponse(outcomes=outcomes)
 
     async def Read(self, request: api_pb2.ReadRequest, context: grpc.aio.ServicerContext) -> Result:
         self._check_cluster(request.cluster_id)
@@ -242,26 +270,45 @@ class KVService:
                           f"cluster mismatch: request for cluster {cluster_id}, this is "
                           f"{self._config.cluster_id}")
 
+    def _proposal_entry(self, request: api_pb2.ProposeRequest) -> bytes:
+        """The log entry of one proposal, or ``Refused`` if it must not reach the log."""
+        session = self._session(request.session)
+        try:
+            valid = session.valid_for_proposal(self._config.cluster_id)
+        except Exception as exc:  # a broken invariant in the client's session
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        _require(valid, "the session is not valid for a proposal (client id 0, or a "
+                 "register/unregister series id)")
+        _check_command(request)
+        return encode_entry(session, request.command)
+
     async def _propose(self, entry: bytes, context: grpc.aio.ServicerContext) -> Result:
         self._refuse_if_removed()
         if not self._node.is_leader():
             raise self._not_leader("NOT_LEADER")
-        remaining = context.time_remaining()
-        timeout = (DEFAULT_PROPOSE_TIMEOUT if remaining is None
-                   else max(remaining - DEADLINE_MARGIN, remaining / 2, 0.0))
         try:
-            answer = await self._node.propose_async(entry, timeout)
-        except NotApplied as exc:
-            if exc.reason == "QUEUE_FULL":
-                raise Refused(api_errors.QUEUE_FULL_STATUS, "the proposal queue is full; retry",
-                              (api_errors.REASON_METADATA_KEY, exc.reason)) from exc
-            raise self._not_leader(exc.reason) from exc
-        except OutcomeUnknown as exc:
-            status = (api_errors.TIMEOUT_STATUS if exc.reason == "TIMEOUT"
-                      else api_errors.UNKNOWN_OUTCOME_STATUS)
-            raise Refused(status, f"outcome unknown ({exc.reason}): retry with the same session "
-                          "and series id", (api_errors.REASON_METADATA_KEY, exc.reason)) from exc
+            answer = await self._node.propose_async(entry, self._node_timeout(context))
+        except (NotApplied, OutcomeUnknown) as exc:
+            raise self._propose_refusal(exc) from exc
         return _answer(results.decode(answer))
+
+    @staticmethod
+    def _node_timeout(context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        return (DEFAULT_PROPOSE_TIMEOUT if remaining is None
+                else max(remaining - DEADLINE_MARGIN, remaining / 2, 0.0))
+
+    def _propose_refusal(self, exc: ProposeError) -> Refused:
+        """The status of a proposal the node did not apply (``NotApplied``) or gave up on."""
+        if isinstance(exc, NotApplied):
+            if exc.reason == "QUEUE_FULL":
+                return Refused(api_errors.QUEUE_FULL_STATUS, "the proposal queue is full; retry",
+                               (api_errors.REASON_METADATA_KEY, exc.reason))
+            return self._not_leader(exc.reason)
+        status = (api_errors.TIMEOUT_STATUS if exc.reason == "TIMEOUT"
+                  else api_errors.UNKNOWN_OUTCOME_STATUS)
+        return Refused(status, f"outcome unknown ({exc.reason}): retry with the same session "
+                       "and series id", (api_errors.REASON_METADATA_KEY, exc.reason))
 
     def _not_leader(self, reason: str, detail: str = "") -> Refused:
         leader = self._node.api_address_of(self._node.leader_address() or "")
@@ -283,6 +330,18 @@ def _check_command(request: api_pb2.ProposeRequest | api_pb2.ReadRequest) -> Non
         # session does not move on.
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                       f"{Code.Name(refused.code)}: {refused.message} (refused before the log)")
+
+
+def _refused_outcome(refusal: Refused) -> api_pb2.ProposeOutcome:
+    """One proposal's share of a batch answer, for a proposal that got no answer."""
+    metadata = dict(refusal.metadata)
+    reason, leader = metadata.get(api_errors.REASON_METADATA_KEY, ""), \
+        metadata.get(api_errors.LEADER_METADATA_KEY, "")
+    return api_pb2.ProposeOutcome(
+        fate=int(retry.fate_of_status(refusal.code, refusal.message, metadata)),
+        code=refusal.code.value[0], message=refusal.message,
+        reason=reason if isinstance(reason, str) else "",
+        leader=leader if isinstance(leader, str) else "")
 
 
 def _answer(result: Result) -> Result:

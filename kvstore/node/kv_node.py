@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import Future
 from typing import BinaryIO
 
@@ -10,7 +11,7 @@ from kvstore.node import dump_file
 from kvstore.node.health import Health, NodeStatusView, raft_view
 from kvstore.node.member_table import MemberInfo, Role, Table, bootstrap
 from kvstore.node.membership import Membership, MemberView
-from kvstore.node.outcomes import NotApplied
+from kvstore.node.outcomes import LoopWaiter, NotApplied, OutcomeUnknown, ProposeError, outcome
 from kvstore.node.raft_node import RaftNode, RaftOptions
 from kvstore.node.snapshotter import digest_of
 from kvstore.proto.log_pb2 import Command, Result
@@ -48,6 +49,31 @@ class KVNode:
 
     async def propose_async(self, entry: bytes, timeout: float) -> bytes:
         return await self.raft.propose_async(entry, timeout)
+
+    async def propose_many_async(self, entries: list[bytes],
+                                 timeout: float) -> list[bytes | ProposeError]:
+        """Proposes ``entries`` in one submission (they share the next replicated batch) and
+        returns, in order, each one's result or the ``NotApplied``/``OutcomeUnknown`` that says
+        what became of it. Those still unanswered at ``timeout`` are ``OutcomeUnknown``
+        (``TIMEOUT``): PySyncObj cannot take an entry back. Raises ``NotApplied`` if the node
+        refuses them all at once (it failed)."""
+        if not entries:
+            return []
+        loop = asyncio.get_running_loop()
+        waiters = [LoopWaiter(loop) for _ in entries]
+        self.raft.submit_many(entries, list(waiters))
+        await asyncio.wait([w.future for w in waiters], timeout=timeout)
+        answers: list[bytes | ProposeError] = []
+        for waiter in waiters:
+            if not waiter.future.done():
+                waiter.future.cancel()  # a late outcome is dropped (LoopWaiter.settle)
+                answers.append(OutcomeUnknown("TIMEOUT", f"no outcome within {timeout:.3f}s"))
+                continue
+            try:
+                answers.append(outcome(*waiter.future.result()))
+            except ProposeError as exc:
+                answers.append(exc)
+        return answers
 
     def is_leader(self) -> bool:
         return self.raft.is_leader()

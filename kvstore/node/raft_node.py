@@ -323,6 +323,19 @@ class RaftNode(SyncObj):
         else:
             self._n_apply_batch(encode_batch([bytes(entry)]), callback=BatchCallback([waiter]))
 
+    def submit_many(self, entries: list[bytes], waiters: list[Waiter]) -> None:
+        """``submit`` for several entries at once (a client's ``ProposeBatch``): queued together
+        with one wake-up, so the tick loop's next pass replicates them in one batch."""
+        if self._n_fatal:
+            raise NotApplied("NODE_FAILED", self._n_fatal)
+        if not self._n_options.profile.driven:
+            for entry, waiter in zip(entries, waiters, strict=True):
+                self.submit(entry, waiter)
+            return
+        queued = [(bytes(entry), waiter) for entry, waiter in zip(entries, waiters, strict=True)]
+        self._n_waiting.extend(queued)  # one C call: the tick thread sees all or none
+        self._n_wake()
+
     def propose(self, entry: bytes, timeout: float) -> bytes:
         """Replicates ``entry`` and returns the state machine's result, blocking this thread.
 

@@ -26,41 +26,49 @@ from session import session_pb2 as session_dot_session__pb2
 from kvstore.proto import log_pb2 as kvstore_dot_proto_dot_log__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvstore/proto/api.proto\x12\x07kvstore\x1a\x15session/session.proto\x1a\x17kvstore/proto/log.proto\"7\n\x0eSessionRequest\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.kvsession.SessionPB\"Z\n\x0eProposeRequest\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.kvsession.SessionPB\x12!\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x10.kvstore.Command\"o\n\x0bReadRequest\x12\x12\n\ncluster_id\x18\x01 \x01(\x04\x12!\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x10.kvstore.Command\x12)\n\x0b\x63onsistency\x18\x03 \x01(\x0e\x32\x14.kvstore.Consistency\"$\n\rStatusRequest\x12\x13\n\x0bwith_digest\x18\x01 \x01(\x08\"{\n\nPeerStatus\x12\x14\n\x0craft_address\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_address\x18\x02 \x01(\t\x12\x11\n\tconnected\x18\x03 \x01(\x08\x12\x13\n\x0bmatch_index\x18\x04 \x01(\x04\x12\x0c\n\x04role\x18\x05 \x01(\t\x12\x0c\n\x04name\x18\x06 \x01(\t\"\xf4\x04\n\nNodeStatus\x12\x12\n\ncluster_id\x18\x01 \x01(\x04\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x14\n\x0craft_address\x18\x03 \x01(\t\x12\x13\n\x0b\x61pi_address\x18\x04 \x01(\t\x12\x0c\n\x04role\x18\x05 \x01(\t\x12\x1b\n\x13leader_raft_address\x18\x06 \x01(\t\x12\x1a\n\x12leader_api_address\x18\x07 \x01(\t\x12\x0c\n\x04term\x18\x08 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\t \x01(\x04\x12\x15\n\rapplied_index\x18\n \x01(\x04\x12\x10\n\x08sessions\x18\x0b \x01(\x04\x12\x0c\n\x04keys\x18\x0c \x01(\x04\x12\x0e\n\x06\x64igest\x18\r \x01(\t\x12\x0b\n\x03lag\x18\x0e \x01(\x04\x12\x12\n\nhas_quorum\x18\x0f \x01(\x08\x12\x0b\n\x03pid\x18\x10 \x01(\r\x12\"\n\x05peers\x18\x11 \x03(\x0b\x32\x13.kvstore.PeerStatus\x12\x0e\n\x06\x61larms\x18\x12 \x03(\t\x12\x12\n\nlog_length\x18\x13 \x01(\x04\x12\x10\n\x08snapshot\x18\x1e \x03(\t\x12\x17\n\x0ftick_gap_max_ms\x18\x1f \x01(\x01\x12\x1a\n\x12tick_gap_recent_ms\x18  \x01(\x01\x12\x19\n\x11snapshots_written\x18! \x01(\x04\x12\x18\n\x10snapshots_loaded\x18\" \x01(\x04\x12\x1e\n\x16snapshot_write_seconds\x18# \x01(\x01\x12 \n\x18snapshot_restore_seconds\x18$ \x01(\x01\x12!\n\x19membership_change_pending\x18( \x01(\x08\x12\r\n\x05\x66sync\x18\x32 \x01(\x08\"\"\n\x11MemberListRequest\x12\r\n\x05local\x18\x01 \x01(\x08\"K\n\x10MemberAddRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0craft_address\x18\x02 \x01(\t\x12\x13\n\x0b\x61pi_address\x18\x03 \x01(\t\"%\n\rMemberRequest\x12\x14\n\x0craft_address\x18\x01 \x01(\t\"\xa1\x01\n\x0cMemberStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0craft_address\x18\x02 \x01(\t\x12\x13\n\x0b\x61pi_address\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\x11\n\tis_leader\x18\x05 \x01(\x08\x12\x13\n\x0bmatch_index\x18\x06 \x01(\x04\x12\x11\n\tconnected\x18\x07 \x01(\x08\x12\x0f\n\x07in_sync\x18\x08 \x01(\x08\"\xd7\x01\n\x12MemberListResponse\x12\x12\n\ncluster_id\x18\x01 \x01(\x04\x12\x13\n\x0b\x61nswered_by\x18\x02 \x01(\t\x12\x13\n\x0b\x66rom_leader\x18\x03 \x01(\x08\x12\x18\n\x10membership_index\x18\x04 \x01(\x04\x12\x16\n\x0e\x63hange_pending\x18\x05 \x01(\x08\x12\x13\n\x0blast_change\x18\x06 \x01(\t\x12&\n\x07members\x18\x07 \x03(\x0b\x32\x15.kvstore.MemberStatus\x12\x14\n\x0c\x63ommit_index\x18\x08 \x01(\x04\"%\n\x0fSnapshotRequest\x12\x12\n\ncluster_id\x18\x01 \x01(\x04\"\x1d\n\rSnapshotChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c*1\n\x0b\x43onsistency\x12\x10\n\x0cLINEARIZABLE\x10\x00\x12\x10\n\x0cSERIALIZABLE\x10\x01\x32\xf2\x04\n\x02KV\x12;\n\x0fRegisterSession\x12\x17.kvstore.SessionRequest\x1a\x0f.kvstore.Result\x12=\n\x11UnregisterSession\x12\x17.kvstore.SessionRequest\x1a\x0f.kvstore.Result\x12\x33\n\x07Propose\x12\x17.kvstore.ProposeRequest\x1a\x0f.kvstore.Result\x12-\n\x04Read\x12\x14.kvstore.ReadRequest\x1a\x0f.kvstore.Result\x12\x35\n\x06Status\x12\x16.kvstore.StatusRequest\x1a\x13.kvstore.NodeStatus\x12>\n\x08Snapshot\x12\x18.kvstore.SnapshotRequest\x1a\x16.kvstore.SnapshotChunk0\x01\x12\x45\n\nMemberList\x12\x1a.kvstore.MemberListRequest\x1a\x1b.kvstore.MemberListResponse\x12\x43\n\tMemberAdd\x12\x19.kvstore.MemberAddRequest\x1a\x1b.kvstore.MemberListResponse\x12\x44\n\rMemberPromote\x12\x16.kvstore.MemberRequest\x1a\x1b.kvstore.MemberListResponse\x12\x43\n\x0cMemberRemove\x12\x16.kvstore.MemberRequest\x1a\x1b.kvstore.MemberListResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvstore/proto/api.proto\x12\x07kvstore\x1a\x15session/session.proto\x1a\x17kvstore/proto/log.proto\"7\n\x0eSessionRequest\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.kvsession.SessionPB\"Z\n\x0eProposeRequest\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.kvsession.SessionPB\x12!\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x10.kvstore.Command\"A\n\x13ProposeBatchRequest\x12*\n\tproposals\x18\x01 \x03(\x0b\x32\x17.kvstore.ProposeRequest\"\x8d\x01\n\x0eProposeOutcome\x12\x1b\n\x04\x66\x61te\x18\x01 \x01(\x0e\x32\r.kvstore.Fate\x12\x1f\n\x06result\x18\x02 \x01(\x0b\x32\x0f.kvstore.Result\x12\x0c\n\x04\x63ode\x18\x03 \x01(\r\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06leader\x18\x06 \x01(\t\"A\n\x14ProposeBatchResponse\x12)\n\x08outcomes\x18\x01 \x03(\x0b\x32\x17.kvstore.ProposeOutcome\"o\n\x0bReadRequest\x12\x12\n\ncluster_id\x18\x01 \x01(\x04\x12!\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x10.kvstore.Command\x12)\n\x0b\x63onsistency\x18\x03 \x01(\x0e\x32\x14.kvstore.Consistency\"$\n\rStatusRequest\x12\x13\n\x0bwith_digest\x18\x01 \x01(\x08\"{\n\nPeerStatus\x12\x14\n\x0craft_address\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_address\x18\x02 \x01(\t\x12\x11\n\tconnected\x18\x03 \x01(\x08\x12\x13\n\x0bmatch_index\x18\x04 \x01(\x04\x12\x0c\n\x04role\x18\x05 \x01(\t\x12\x0c\n\x04name\x18\x06 \x01(\t\"\xf4\x04\n\nNodeStatus\x12\x12\n\ncluster_id\x18\x01 \x01(\x04\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x14\n\x0craft_address\x18\x03 \x01(\t\x12\x13\n\x0b\x61pi_address\x18\x04 \x01(\t\x12\x0c\n\x04role\x18\x05 \x01(\t\x12\x1b\n\x13leader_raft_address\x18\x06 \x01(\t\x12\x1a\n\x12leader_api_address\x18\x07 \x01(\t\x12\x0c\n\x04term\x18\x08 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\t \x01(\x04\x12\x15\n\rapplied_index\x18\n \x01(\x04\x12\x10\n\x08sessions\x18\x0b \x01(\x04\x12\x0c\n\x04keys\x18\x0c \x01(\x04\x12\x0e\n\x06\x64igest\x18\r \x01(\t\x12\x0b\n\x03lag\x18\x0e \x01(\x04\x12\x12\n\nhas_quorum\x18\x0f \x01(\x08\x12\x0b\n\x03pid\x18\x10 \x01(\r\x12\"\n\x05peers\x18\x11 \x03(\x0b\x32\x13.kvstore.PeerStatus\x12\x0e\n\x06\x61larms\x18\x12 \x03(\t\x12\x12\n\nlog_length\x18\x13 \x01(\x04\x12\x10\n\x08snapshot\x18\x1e \x03(\t\x12\x17\n\x0ftick_gap_max_ms\x18\x1f \x01(\x01\x12\x1a\n\x12tick_gap_recent_ms\x18  \x01(\x01\x12\x19\n\x11snapshots_written\x18! \x01(\x04\x12\x18\n\x10snapshots_loaded\x18\" \x01(\x04\x12\x1e\n\x16snapshot_write_seconds\x18# \x01(\x01\x12 \n\x18snapshot_restore_seconds\x18$ \x01(\x01\x12!\n\x19membership_change_pending\x18( \x01(\x08\x12\r\n\x05\x66sync\x18\x32 \x01(\x08\"\"\n\x11MemberListRequest\x12\r\n\x05local\x18\x01 \x01(\x08\"K\n\x10MemberAddRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0craft_address\x18\x02 \x01(\t\x12\x13\n\x0b\x61pi_address\x18\x03 \x01(\t\"%\n\rMemberRequest\x12\x14\n\x0craft_address\x18\x01 \x01(\t\"\xa1\x01\n\x0cMemberStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0craft_address\x18\x02 \x01(\t\x12\x13\n\x0b\x61pi_address\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\x11\n\tis_leader\x18\x05 \x01(\x08\x12\x13\n\x0bmatch_index\x18\x06 \x01(\x04\x12\x11\n\tconnected\x18\x07 \x01(\x08\x12\x0f\n\x07in_sync\x18\x08 \x01(\x08\"\xd7\x01\n\x12MemberListResponse\x12\x12\n\ncluster_id\x18\x01 \x01(\x04\x12\x13\n\x0b\x61nswered_by\x18\x02 \x01(\t\x12\x13\n\x0b\x66rom_leader\x18\x03 \x01(\x08\x12\x18\n\x10membership_index\x18\x04 \x01(\x04\x12\x16\n\x0e\x63hange_pending\x18\x05 \x01(\x08\x12\x13\n\x0blast_change\x18\x06 \x01(\t\x12&\n\x07members\x18\x07 \x03(\x0b\x32\x15.kvstore.MemberStatus\x12\x14\n\x0c\x63ommit_index\x18\x08 \x01(\x04\"%\n\x0fSnapshotRequest\x12\x12\n\ncluster_id\x18\x01 \x01(\x04\"\x1d\n\rSnapshotChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c*[\n\x04\x46\x61te\x12\x11\n\rFATE_ANSWERED\x10\x00\x12\x14\n\x10\x46\x41TE_NOT_APPLIED\x10\x01\x12\x18\n\x14\x46\x41TE_OUTCOME_UNKNOWN\x10\x02\x12\x10\n\x0c\x46\x41TE_REFUSED\x10\x03*1\n\x0b\x43onsistency\x12\x10\n\x0cLINEARIZABLE\x10\x00\x12\x10\n\x0cSERIALIZABLE\x10\x01\x32\xbf\x05\n\x02KV\x12;\n\x0fRegisterSession\x12\x17.kvstore.SessionRequest\x1a\x0f.kvstore.Result\x12=\n\x11UnregisterSession\x12\x17.kvstore.SessionRequest\x1a\x0f.kvstore.Result\x12\x33\n\x07Propose\x12\x17.kvstore.ProposeRequest\x1a\x0f.kvstore.Result\x12K\n\x0cProposeBatch\x12\x1c.kvstore.ProposeBatchRequest\x1a\x1d.kvstore.ProposeBatchResponse\x12-\n\x04Read\x12\x14.kvstore.ReadRequest\x1a\x0f.kvstore.Result\x12\x35\n\x06Status\x12\x16.kvstore.StatusRequest\x1a\x13.kvstore.NodeStatus\x12>\n\x08Snapshot\x12\x18.kvstore.SnapshotRequest\x1a\x16.kvstore.SnapshotChunk0\x01\x12\x45\n\nMemberList\x12\x1a.kvstore.MemberListRequest\x1a\x1b.kvstore.MemberListResponse\x12\x43\n\tMemberAdd\x12\x19.kvstore.MemberAddRequest\x1a\x1b.kvstore.MemberListResponse\x12\x44\n\rMemberPromote\x12\x16.kvstore.MemberRequest\x1a\x1b.kvstore.MemberListResponse\x12\x43\n\x0cMemberRemove\x12\x16.kvstore.MemberRequest\x1a\x1b.kvstore.MemberListResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvstore.proto.api_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONSISTENCY']._serialized_start=1744
-  _globals['_CONSISTENCY']._serialized_end=1793
+  _globals['_FATE']._serialized_start=2022
+  _globals['_FATE']._serialized_end=2113
+  _globals['_CONSISTENCY']._serialized_start=2115
+  _globals['_CONSISTENCY']._serialized_end=2164
   _globals['_SESSIONREQUEST']._serialized_start=84
   _globals['_SESSIONREQUEST']._serialized_end=139
   _globals['_PROPOSEREQUEST']._serialized_start=141
   _globals['_PROPOSEREQUEST']._serialized_end=231
-  _globals['_READREQUEST']._serialized_start=233
-  _globals['_READREQUEST']._serialized_end=344
-  _globals['_STATUSREQUEST']._serialized_start=346
-  _globals['_STATUSREQUEST']._serialized_end=382
-  _globals['_PEERSTATUS']._serialized_start=384
-  _globals['_PEERSTATUS']._serialized_end=507
-  _globals['_NODESTATUS']._serialized_start=510
-  _globals['_NODESTATUS']._serialized_end=1138
-  _globals['_MEMBERLISTREQUEST']._serialized_start=1140
-  _globals['_MEMBERLISTREQUEST']._serialized_end=1174
-  _globals['_MEMBERADDREQUEST']._serialized_start=1176
-  _globals['_MEMBERADDREQUEST']._serialized_end=1251
-  _globals['_MEMBERREQUEST']._serialized_start=1253
-  _globals['_MEMBERREQUEST']._serialized_end=1290
-  _globals['_MEMBERSTATUS']._serialized_start=1293
-  _globals['_MEMBERSTATUS']._serialized_end=1454
-  _globals['_MEMBERLISTRESPONSE']._serialized_start=1457
-  _globals['_MEMBERLISTRESPONSE']._serialized_end=1672
-  _globals['_SNAPSHOTREQUEST']._serialized_start=1674
-  _globals['_SNAPSHOTREQUEST']._serialized_end=1711
-  _globals['_SNAPSHOTCHUNK']._serialized_start=1713
-  _globals['_SNAPSHOTCHUNK']._serialized_end=1742
-  _globals['_KV']._serialized_start=1796
-  _globals['_KV']._serialized_end=2422
+  _globals['_PROPOSEBATCHREQUEST']._serialized_start=233
+  _globals['_PROPOSEBATCHREQUEST']._serialized_end=298
+  _globals['_PROPOSEOUTCOME']._serialized_start=301
+  _globals['_PROPOSEOUTCOME']._serialized_end=442
+  _globals['_PROPOSEBATCHRESPONSE']._serialized_start=444
+  _globals['_PROPOSEBATCHRESPONSE']._serialized_end=509
+  _globals['_READREQUEST']._serialized_start=511
+  _globals['_READREQUEST']._serialized_end=622
+  _globals['_STATUSREQUEST']._serialized_start=624
+  _globals['_STATUSREQUEST']._serialized_end=660
+  _globals['_PEERSTATUS']._serialized_start=662
+  _globals['_PEERSTATUS']._serialized_end=785
+  _globals['_NODESTATUS']._serialized_start=788
+  _globals['_NODESTATUS']._serialized_end=1416
+  _globals['_MEMBERLISTREQUEST']._serialized_start=1418
+  _globals['_MEMBERLISTREQUEST']._serialized_end=1452
+  _globals['_MEMBERADDREQUEST']._serialized_start=1454
+  _globals['_MEMBERADDREQUEST']._serialized_end=1529
+  _globals['_MEMBERREQUEST']._serialized_start=1531
+  _globals['_MEMBERREQUEST']._serialized_end=1568
+  _globals['_MEMBERSTATUS']._serialized_start=1571
+  _globals['_MEMBERSTATUS']._serialized_end=1732
+  _globals['_MEMBERLISTRESPONSE']._serialized_start=1735
+  _globals['_MEMBERLISTRESPONSE']._serialized_end=1950
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1952
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1989
+  _globals['_SNAPSHOTCHUNK']._serialized_start=1991
+  _globals['_SNAPSHOTCHUNK']._serialized_end=2020
+  _globals['_KV']._serialized_start=2167
+  _globals['_KV']._serialized_end=2870
 # @@protoc_insertion_point(module_scope)

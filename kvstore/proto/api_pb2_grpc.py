@@ -50,6 +50,11 @@ class KVStub:
                 request_serializer=kvstore_dot_proto_dot_api__pb2.ProposeRequest.SerializeToString,
                 response_deserializer=kvstore_dot_proto_dot_log__pb2.Result.FromString,
                 _registered_method=True)
+        self.ProposeBatch = channel.unary_unary(
+                '/kvstore.KV/ProposeBatch',
+                request_serializer=kvstore_dot_proto_dot_api__pb2.ProposeBatchRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_api__pb2.ProposeBatchResponse.FromString,
+                _registered_method=True)
         self.Read = channel.unary_unary(
                 '/kvstore.KV/Read',
                 request_serializer=kvstore_dot_proto_dot_api__pb2.ReadRequest.SerializeToString,
@@ -106,6 +111,16 @@ class KVServicer:
 
     def Propose(self, request, context):
         """Proposes a command with a session: a registered one, or a no-op one (series id 0).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProposeBatch(self, request, context):
+        """Several proposals in one call, each with its own session and series id, answered one by
+        one, in order: a ProposeOutcome per proposal (the client library forms these batches from
+        concurrent proposals). A status on the whole call (not the leader, a deadline, a dropped
+        connection) applies to every proposal in it, as it would to a lone Propose.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -180,6 +195,11 @@ def add_KVServicer_to_server(servicer, server):
                     servicer.Propose,
                     request_deserializer=kvstore_dot_proto_dot_api__pb2.ProposeRequest.FromString,
                     response_serializer=kvstore_dot_proto_dot_log__pb2.Result.SerializeToString,
+            ),
+            'ProposeBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProposeBatch,
+                    request_deserializer=kvstore_dot_proto_dot_api__pb2.ProposeBatchRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_api__pb2.ProposeBatchResponse.SerializeToString,
             ),
             'Read': grpc.unary_unary_rpc_method_handler(
                     servicer.Read,
@@ -298,6 +318,33 @@ class KV:
             '/kvstore.KV/Propose',
             kvstore_dot_proto_dot_api__pb2.ProposeRequest.SerializeToString,
             kvstore_dot_proto_dot_log__pb2.Result.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProposeBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.KV/ProposeBatch',
+            kvstore_dot_proto_dot_api__pb2.ProposeBatchRequest.SerializeToString,
+            kvstore_dot_proto_dot_api__pb2.ProposeBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
