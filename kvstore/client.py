@@ -30,7 +30,8 @@ from typing import BinaryIO, Literal, TypeVar
 
 import grpc
 
-from kvstore import api_errors, commands, errors, ops, results
+from kvstore import commands, errors, ops, retry
+from kvstore.batching import GroupCommit
 from kvstore.config import ConfigError, split_address
 from kvstore.proto import api_pb2, api_pb2_grpc
 from kvstore.proto.log_pb2 import Command, Result
@@ -41,18 +42,8 @@ from session.session import Session, new_noop_session, new_session
 Consistency = Literal["linearizable", "serializable"]
 
 DEFAULT_TIMEOUT = 5.0
-RETRY_BACKOFF = (0.01, 0.2)
-"""First and longest pause between attempts when no leader is known (an election is on)."""
-ATTEMPT_SHARE = 0.25
-MIN_ATTEMPT = 0.5
-"""When a retry is safe, one attempt gets at most a quarter of the deadline (and at least
-0.5 s), so a node that hangs (paused, partitioned) cannot use up the whole deadline: the next
-attempt goes to another node."""
 
 _CONSISTENCY = {"linearizable": api_pb2.LINEARIZABLE, "serializable": api_pb2.SERIALIZABLE}
-_NEVER_SENT = ("failed to connect", "connection refused", "dns resolution failed", "name resolution")
-_TLS_TROUBLE = ("socket closed", "handshake failed")
-"""What gRPC says when a node closed the connection at the TLS handshake (see ``kvstore.tls``)."""
 _T = TypeVar("_T")
 
 
@@ -67,15 +58,9 @@ class Client:
         dial_timeout: float = 2.0,
         cluster_id: int | None = None,
         tls: ClientTLS | None = None,
+        batching: bool = True,
     ) -> None:
-        if not endpoints:
-            raise errors.InvalidArgument("no endpoints given")
-        for endpoint in endpoints:
-            try:
-                split_address(endpoint)
-            except ConfigError as exc:
-                raise errors.InvalidArgument(str(exc)) from exc
-        self.endpoints = list(endpoints)
+        self.endpoints = checked_endpoints(endpoints)
         self.timeout = timeout
         self.dial_timeout = dial_timeout
         self._cluster_id = cluster_id
@@ -84,6 +69,7 @@ class Client:
         self._channels: dict[str, tuple[grpc.Channel, api_pb2_grpc.KVStub]] = {}
         self._preferred = self.endpoints[0]
         self._pool: list[Session] = []
+        self._batches = _Batches(self._stub) if batching else None
 
     # -- the cluster ------------------------------------------------------------------------
 
@@ -102,11 +88,14 @@ class Client:
         try:
             return self._stub(endpoint).Status(request, timeout=timeout)
         except grpc.RpcError as exc:
-            failure = _classify(exc)
-            if isinstance(failure, errors.AccessDenied):
-                raise failure from exc
-            raise self._refusal(endpoint, exc, timeout) or errors.Unavailable(
-                f"{endpoint}: {_details(exc)}") from exc
+            failure = failure_of(exc)
+            if isinstance(failure.error, errors.AccessDenied):
+                raise failure.error from exc
+            reason = failure.tls_suspect and explain_refusal(
+                endpoint, self._tls, max(min(timeout, self.dial_timeout), 0.1))
+            if reason:
+                raise errors.Unauthenticated(reason) from exc
+            raise errors.Unavailable(f"{endpoint}: {_details(exc)}") from exc
 
     def snapshot(self, out: BinaryIO, *, timeout: float | None = None) -> int:
         """Writes a consistent snapshot of the whole state, taken by the leader, to ``out``
@@ -117,40 +106,20 @@ class Client:
         starts ``out`` over.
         """
         request = api_pb2.SnapshotRequest(cluster_id=self.cluster_id)
-        deadline = time.monotonic() + (timeout or self.timeout)
-        last_error = "no attempt made"
-        backoff = RETRY_BACKOFF[0]
-        while True:
-            for endpoint in self._rotation():
-                remaining = _remaining(deadline)
-                if remaining <= 0:
-                    break
-                out.seek(0)
-                out.truncate()
-                try:
-                    size = 0
-                    for chunk in self._stub(endpoint).Snapshot(request, timeout=remaining):
-                        out.write(chunk.data)
-                        size += len(chunk.data)
-                except grpc.RpcError as exc:
-                    failure = _classify(exc)
-                    if isinstance(failure, errors.KVError):
-                        raise failure from exc
-                    last_error = f"{endpoint}: {_details(exc)}"
-                    hint = _metadata(exc).get(api_errors.LEADER_METADATA_KEY, "")
-                    if isinstance(hint, str) and hint:
-                        with self._lock:
-                            self._preferred = hint
-                        break  # start over at the leader
-                    continue
-                with self._lock:
-                    self._preferred = endpoint
-                return size
-            remaining = _remaining(deadline)
-            if remaining <= 0:
-                raise errors.Unavailable(f"no snapshot in time: {last_error}")
-            time.sleep(min(backoff, remaining))
-            backoff = min(backoff * 2, RETRY_BACKOFF[1])
+
+        def stream(stub: api_pb2_grpc.KVStub, timeout: float) -> int:
+            out.seek(0)
+            out.truncate()
+            size = 0
+            for chunk in stub.Snapshot(request, timeout=timeout):
+                out.write(chunk.data)
+                size += len(chunk.data)
+            return size
+
+        # A backup changes nothing: every failure is safe to retry, and one attempt may take
+        # all the time there is (a large state streams for a while).
+        return self._call(stream, timeout, retry_unknown=True, cap_attempts=False)
+
     # -- membership (etcd's MemberList/MemberAdd/MemberPromote/MemberRemove) -------------------
 
     def member_list(self, *, endpoint: str | None = None,
@@ -196,19 +165,14 @@ class Client:
 
     def sync_get_session(self, timeout: float | None = None) -> Session:
         """Opens a new session on the cluster, ready for its first proposal."""
-        session = new_session(self.cluster_id)
-        session.prepare_for_register()
-        request = api_pb2.SessionRequest(session=session.to_pb())
+        session, request = register_request(self.cluster_id)
         self._call(lambda stub, t: stub.RegisterSession(request, timeout=t), timeout, retry_unknown=True)
         session.prepare_for_propose()
         return session
 
     def sync_close_session(self, session: Session, timeout: float | None = None) -> None:
         """Closes ``session`` on the cluster (retrying is safe: closing twice succeeds)."""
-        self._check_session_cluster(session)
-        closing = Session(session.cluster_id, session.client_id)
-        closing.prepare_for_unregister()
-        request = api_pb2.SessionRequest(session=closing.to_pb())
+        request = closing_request(session, self.cluster_id)
         self._call(lambda stub, t: stub.UnregisterSession(request, timeout=t), timeout, retry_unknown=True)
 
     def get_noop_session(self) -> Session:
@@ -222,18 +186,18 @@ class Client:
         ``OutcomeUnknown`` is raised and the caller may retry with the same session later.
         The caller calls ``session.proposal_completed()`` once it has the answer.
         """
-        self._check_session_cluster(session)
-        try:
-            valid = session.valid_for_proposal(self.cluster_id)
-        except SessionInvariantError as exc:
-            raise errors.InvalidArgument(str(exc)) from exc
-        if not valid:
-            raise errors.InvalidArgument(
-                "the session is not valid for a proposal: register it first (sync_get_session)")
-        _check_command(command)
-        request = api_pb2.ProposeRequest(session=session.to_pb(), command=command)
-        return self._call(lambda stub, t: stub.Propose(request, timeout=t), timeout,
-                          retry_unknown=not session.is_noop_session())
+        request = proposal_request(session, command, self.cluster_id)
+        if self._batches is None:
+            return self._call(lambda stub, t: stub.Propose(request, timeout=t), timeout,
+                              retry_unknown=not session.is_noop_session())
+        batches = self._batches
+        return self._retry(lambda endpoint, t: batches.propose(endpoint, request, t), timeout,
+                           retry_unknown=not session.is_noop_session())
+
+    # The same calls under the names of ``kvstore.aio.Client``, so code moves between the two.
+    get_session = sync_get_session
+    propose = sync_propose
+    close_session = sync_close_session
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -241,9 +205,7 @@ class Client:
              timeout: float | None = None) -> Result:
         """A get or range. Linearizable (default) goes through the leader's log; serializable
         asks one node's local replica and may be stale."""
-        _check_command(command)
-        request = api_pb2.ReadRequest(cluster_id=self.cluster_id, command=command,
-                                      consistency=_CONSISTENCY[consistency])
+        request = read_request(command, consistency, self.cluster_id)
         # A read changes nothing, so every failure is safe to retry.
         return self._call(lambda stub, t: stub.Read(request, timeout=t), timeout,
                           retry_unknown=True, any_node=consistency == "serializable")
@@ -289,7 +251,7 @@ class Client:
         """
         if session is not None:
             return self.sync_propose(session, command, timeout)
-        _check_command(command)
+        check_command(command)
         deadline = time.monotonic() + (timeout or self.timeout)
         try:
             return self._propose_pooled(self._take_session(_remaining(deadline)), command, deadline)
@@ -319,25 +281,30 @@ class Client:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def proposal_calls(self) -> tuple[int, int]:
+        """(calls, proposals) sent so far by the batching path: proposals / calls is the mean
+        batch size (``(0, 0)`` with ``batching=False``)."""
+        return self._batches.stats() if self._batches is not None else (0, 0)
+
     # -- machinery --------------------------------------------------------------------------
 
     def _propose_pooled(self, session: Session, command: Command, deadline: float) -> Result:
         """Proposes with a pooled session and decides whether the session can serve again."""
         try:
             result = self.sync_propose(session, command, _remaining(deadline))
-        except (errors.OutcomeUnknown, errors.SessionExpired, errors.AlreadyResponded,
-                errors.SeriesReused):
-            raise  # dropped: a late copy may still apply, or the cluster knows it otherwise
-        except errors.ResultError:
-            session.proposal_completed()  # the state machine answered, with an error
-            self._return_session(session)
+        except BaseException as exc:
+            self._after_pooled(session, exc)
             raise
-        except errors.KVError:
-            self._return_session(session)  # refused before the log: the session is unchanged
-            raise
-        session.proposal_completed()
-        self._return_session(session)
+        self._after_pooled(session, None)
         return result
+
+    def _after_pooled(self, session: Session, error: BaseException | None) -> None:
+        fate = retry.pooled_session_fate(error)
+        if fate == "drop":
+            return  # a late copy may still apply, or the cluster knows it otherwise
+        if fate == "complete":
+            session.proposal_completed()
+        self._return_session(session)
 
     def _take_session(self, timeout: float) -> Session:
         with self._lock:
@@ -349,28 +316,12 @@ class Client:
         with self._lock:
             self._pool.append(session)
 
-    def _check_session_cluster(self, session: Session) -> None:
-        try:
-            session.cluster_id_must_match(self.cluster_id)
-        except ClusterMismatchError as exc:
-            raise errors.ClusterMismatch(str(exc)) from exc
-
     def _stub(self, endpoint: str) -> api_pb2_grpc.KVStub:
         with self._lock:
             if endpoint not in self._channels:
                 channel = open_channel(endpoint, self._tls)
                 self._channels[endpoint] = (channel, api_pb2_grpc.KVStub(channel))
             return self._channels[endpoint][1]
-
-    def _refusal(self, endpoint: str, exc: grpc.RpcError,
-                 timeout: float) -> errors.Unauthenticated | None:
-        """``Unauthenticated`` if ``endpoint`` closed the connection because of our TLS settings
-        (not on every failure: only when gRPC saw the connection close at the handshake)."""
-        if exc.code() != grpc.StatusCode.UNAVAILABLE or not any(
-                s in _details(exc).lower() for s in _TLS_TROUBLE):
-            return None
-        reason = explain_refusal(endpoint, self._tls, max(min(timeout, self.dial_timeout), 0.1))
-        return errors.Unauthenticated(reason) if reason else None
 
     def _discover_cluster_id(self) -> int:
         failures = []
@@ -388,93 +339,239 @@ class Client:
         return [preferred] + [e for e in self.endpoints if e != preferred]
 
     def _call(self, rpc: Callable[[api_pb2_grpc.KVStub, float], _T], timeout: float | None, *,
-              retry_unknown: bool, any_node: bool = False) -> _T:
-        """Sends one request, following leader hints and retrying until ``timeout``.
+              retry_unknown: bool, any_node: bool = False, cap_attempts: bool = True) -> _T:
+        """Sends one request by ``rpc(stub, timeout)`` under the retry rules (``_retry``)."""
+        def attempt(endpoint: str, attempt_timeout: float) -> _T | retry.Failure:
+            try:
+                return rpc(self._stub(endpoint), attempt_timeout)
+            except grpc.RpcError as exc:
+                return failure_of(exc)
+        return self._retry(attempt, timeout, retry_unknown=retry_unknown, any_node=any_node,
+                           cap_attempts=cap_attempts)
+
+    def _retry(self, attempt: Callable[[str, float], _T | retry.Failure], timeout: float | None,
+               *, retry_unknown: bool, any_node: bool = False, cap_attempts: bool = True) -> _T:
+        """Runs ``attempt(endpoint, timeout)`` as ``kvstore.retry.Attempts`` says: following
+        leader hints, retrying until ``timeout``, raising what the caller must see.
 
         ``retry_unknown``: whether a failure with an unknown outcome may be retried (true with
-        a session, or for a read). Errors that the state machine or the request itself caused
-        are raised at once.
+        a session, or for a read).
         """
-        total = timeout or self.timeout
-        deadline = time.monotonic() + total
-        attempt_cap = max(MIN_ATTEMPT, total * ATTEMPT_SHARE) if retry_unknown else total
-        maybe_applied = False
-        last_error = "no attempt made"
-        backoff = RETRY_BACKOFF[0]
+        plan = retry.Attempts(timeout or self.timeout, time.monotonic(),
+                              retry_unknown=retry_unknown, any_node=any_node,
+                              cap_attempts=cap_attempts)
         while True:
-            for endpoint in self._rotation():
-                remaining = _remaining(deadline)
-                if remaining <= 0:
-                    break
-                try:
-                    answer = rpc(self._stub(endpoint), min(remaining, attempt_cap))
-                except grpc.RpcError as exc:
-                    failure = _classify(exc)
-                    last_error = f"{endpoint}: {_details(exc)}"
-                    if isinstance(failure, errors.KVError):
-                        raise failure from exc
-                    refusal = None if maybe_applied else self._refusal(endpoint, exc, remaining)
-                    if refusal is not None:
-                        raise refusal from exc
-                    if failure == "unknown":
-                        maybe_applied = True
-                        if not retry_unknown:
-                            raise errors.OutcomeUnknown(
-                                f"{last_error}; the request may have been applied") from exc
-                    hint = _metadata(exc).get(api_errors.LEADER_METADATA_KEY, "")
-                    if isinstance(hint, str) and hint and not any_node:
-                        with self._lock:
-                            self._preferred = hint
-                        break  # start over at the leader
-                    continue
-                with self._lock:
-                    self._preferred = endpoint
+            step = plan.next(time.monotonic(), self._rotation)
+            if isinstance(step, retry.Pause):
+                time.sleep(step.seconds)
+                continue
+            answer = attempt(step.endpoint, step.timeout)
+            if not isinstance(answer, retry.Failure):
+                self._prefer(step.endpoint)
                 return answer
-            remaining = _remaining(deadline)
-            if remaining <= 0:
-                if maybe_applied:
-                    raise errors.OutcomeUnknown(
-                        f"timed out; the request may have been applied ({last_error}); "
-                        "retry with the same session")
-                raise errors.Unavailable(f"no leader reachable: {last_error}")
-            time.sleep(min(backoff, remaining))
-            backoff = min(backoff * 2, RETRY_BACKOFF[1])
+            if plan.should_explain(answer):
+                wait = max(min(plan.remaining(time.monotonic()), self.dial_timeout), 0.1)
+                reason = explain_refusal(step.endpoint, self._tls, wait)
+                if reason:
+                    raise errors.Unauthenticated(reason)
+            hint = plan.failed(step.endpoint, answer)
+            if hint:
+                self._prefer(hint)
+
+    def _prefer(self, endpoint: str) -> None:
+        with self._lock:
+            self._preferred = endpoint
 
 
-def _classify(exc: grpc.RpcError) -> errors.KVError | Literal["not_applied", "unknown"]:
-    """What a failed call means: an error to raise, or whether a retry risks a duplicate."""
-    code = exc.code()
-    metadata = _metadata(exc)
-    encoded = metadata.get(api_errors.RESULT_METADATA_KEY)
-    if isinstance(encoded, bytes):
-        result = results.decode(encoded)
-        _, error_type = api_errors.RESULT_ERRORS[result.code]
-        message = f"{results.code_name(result)}: {result.message}"
-        if issubclass(error_type, errors.ResultError):
-            return error_type(message, result)
-        return error_type(message)
-    node_answered = api_errors.REASON_METADATA_KEY in metadata
-    if metadata.get(api_errors.REASON_METADATA_KEY) == api_errors.MEMBERSHIP_REFUSED:
-        return errors.MembershipRefused(_details(exc))
-    if code in (api_errors.NOT_APPLIED_STATUS, api_errors.QUEUE_FULL_STATUS) and node_answered:
-        return "not_applied"
-    if code == grpc.StatusCode.UNAVAILABLE and any(s in _details(exc).lower() for s in _NEVER_SENT):
-        return "not_applied"
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN):
-        return "unknown"
-    if code == grpc.StatusCode.UNAUTHENTICATED:
-        return errors.Unauthenticated(_details(exc))
-    if code == grpc.StatusCode.PERMISSION_DENIED:
-        return errors.PermissionDenied(_details(exc))
-    if code == grpc.StatusCode.FAILED_PRECONDITION and "cluster mismatch" in _details(exc):
-        return errors.ClusterMismatch(_details(exc))
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
-        return errors.InvalidArgument(_details(exc))
-    return errors.KVError(f"{code.name}: {_details(exc)}")
+class _Slot:
+    """One proposal waiting for its share of a call."""
+
+    __slots__ = ("deadline", "done", "outcome", "request", "size")
+
+    def __init__(self, request: api_pb2.ProposeRequest, deadline: float) -> None:
+        self.request = request
+        self.size = request.ByteSize()
+        self.deadline = deadline
+        self.done = threading.Event()
+        self.outcome: Result | retry.Failure | None = None
+
+    def settle(self, outcome: Result | retry.Failure) -> None:
+        self.outcome = outcome
+        self.done.set()
 
 
-def _check_command(command: Command) -> None:
+class _Batches:
+    """The proposals of many threads, sent to each endpoint in shared calls (``kvstore.batching``).
+
+    A proposal that goes out alone is sent by its own thread, a blocking ``Propose``; a batch
+    formed while calls were in flight is sent without blocking anyone (a gRPC future), and its
+    answer, on gRPC's thread, wakes each proposer and sends the next batch.
+    """
+
+    def __init__(self, stub: Callable[[str], api_pb2_grpc.KVStub]) -> None:
+        self._stub = stub
+        self._lock = threading.Lock()
+        self._groups: dict[str, GroupCommit[_Slot]] = {}
+
+    def propose(self, endpoint: str, request: api_pb2.ProposeRequest,
+                timeout: float) -> Result | retry.Failure:
+        slot = _Slot(request, time.monotonic() + timeout)
+        with self._lock:
+            group = self._groups.get(endpoint)
+            if group is None:
+                group = self._groups[endpoint] = GroupCommit(_slot_size)
+            alone = group.add(slot)
+        if alone is not None:
+            try:
+                return self._stub(endpoint).Propose(request, timeout=timeout)
+            except grpc.RpcError as exc:
+                return failure_of(exc)
+            finally:
+                self._finished(endpoint)
+        if slot.done.wait(timeout):
+            return slot.outcome  # type: ignore[return-value]
+        with self._lock:
+            never_sent = group.withdraw(slot)
+        if never_sent:
+            return retry.Failure(retry.Fate.NOT_APPLIED, WAITED_TOO_LONG)
+        if slot.done.is_set():
+            return slot.outcome  # type: ignore[return-value]
+        return retry.Failure(retry.Fate.OUTCOME_UNKNOWN, "no answer in time (client deadline)")
+
+    def stats(self) -> tuple[int, int]:
+        with self._lock:
+            return (sum(g.calls for g in self._groups.values()),
+                    sum(g.sent for g in self._groups.values()))
+
+    def _finished(self, endpoint: str) -> None:
+        with self._lock:
+            batches = self._groups[endpoint].finished()
+        for batch in batches:
+            self._launch(endpoint, batch)
+
+    def _launch(self, endpoint: str, batch: list[_Slot]) -> None:
+        now = time.monotonic()
+        late = [slot for slot in batch if slot.deadline <= now]
+        for slot in late:
+            slot.settle(retry.Failure(retry.Fate.NOT_APPLIED, WAITED_TOO_LONG))
+        batch = [slot for slot in batch if slot.deadline > now]
+        if not batch:
+            self._finished(endpoint)
+            return
+        timeout = max(slot.deadline for slot in batch) - now
+        try:
+            stub = self._stub(endpoint)
+            if len(batch) == 1:
+                call = stub.Propose.future(batch[0].request, timeout=timeout)
+            else:
+                call = stub.ProposeBatch.future(
+                    api_pb2.ProposeBatchRequest(proposals=[slot.request for slot in batch]),
+                    timeout=timeout)
+        except Exception as exc:  # a closed channel: nothing left
+            for slot in batch:
+                slot.settle(retry.Failure(retry.Fate.NOT_APPLIED, f"not sent: {exc}"))
+            self._finished(endpoint)
+            return
+        call.add_done_callback(lambda done: self._landed(endpoint, batch, done))
+
+    def _landed(self, endpoint: str, batch: list[_Slot], call: grpc.Future) -> None:
+        """On gRPC's thread: hands out the answers, then sends what queued meanwhile."""
+        try:
+            try:
+                answer: object = call.result()
+            except BaseException as exc:
+                answer = exc
+            for slot, outcome in zip(batch, outcomes_of(len(batch), answer), strict=True):
+                slot.settle(outcome)
+        finally:
+            self._finished(endpoint)
+
+
+WAITED_TOO_LONG = "waited in the client's queue past the attempt's deadline (never sent)"
+
+
+def _slot_size(slot: _Slot) -> int:
+    return slot.size
+
+
+def outcomes_of(count: int, answer: object) -> list[Result | retry.Failure]:
+    """Each proposal's outcome from the call that carried ``count`` of them: ``answer`` is the
+    lone ``Propose``'s result, the ``ProposeBatch`` response, or the exception the call raised."""
+    if isinstance(answer, grpc.RpcError):
+        return [failure_of(answer)] * count
+    if isinstance(answer, BaseException):  # cancelled by close(), or a bug: they may have left
+        return [retry.Failure(retry.Fate.OUTCOME_UNKNOWN, f"call failed: {answer!r}")] * count
+    if isinstance(answer, Result):
+        return [answer]
+    outcomes = list(answer.outcomes)  # type: ignore[attr-defined]
+    if len(outcomes) != count:
+        return [retry.Failure(retry.Fate.OUTCOME_UNKNOWN,
+                              f"the node answered {len(outcomes)} of {count} proposals")] * count
+    return [retry.classify_outcome(outcome) for outcome in outcomes]
+
+
+# -- what both clients send (kvstore.aio uses these too) ---------------------------------------
+
+
+def proposal_request(session: Session, command: Command, cluster_id: int) -> api_pb2.ProposeRequest:
+    """A proposal, or ``InvalidArgument``/``ClusterMismatch`` if it must not leave."""
+    check_session_cluster(session, cluster_id)
+    try:
+        valid = session.valid_for_proposal(cluster_id)
+    except SessionInvariantError as exc:
+        raise errors.InvalidArgument(str(exc)) from exc
+    if not valid:
+        raise errors.InvalidArgument(
+            "the session is not valid for a proposal: register it first (get_session)")
+    check_command(command)
+    return api_pb2.ProposeRequest(session=session.to_pb(), command=command)
+
+
+def register_request(cluster_id: int) -> tuple[Session, api_pb2.SessionRequest]:
+    """A new session and the request that registers it (``prepare_for_propose`` once done)."""
+    session = new_session(cluster_id)
+    session.prepare_for_register()
+    return session, api_pb2.SessionRequest(session=session.to_pb())
+
+
+def closing_request(session: Session, cluster_id: int) -> api_pb2.SessionRequest:
+    check_session_cluster(session, cluster_id)
+    closing = Session(session.cluster_id, session.client_id)
+    closing.prepare_for_unregister()
+    return api_pb2.SessionRequest(session=closing.to_pb())
+
+
+def read_request(command: Command, consistency: Consistency, cluster_id: int) -> api_pb2.ReadRequest:
+    check_command(command)
+    return api_pb2.ReadRequest(cluster_id=cluster_id, command=command,
+                               consistency=_CONSISTENCY[consistency])
+
+
+def check_session_cluster(session: Session, cluster_id: int) -> None:
+    try:
+        session.cluster_id_must_match(cluster_id)
+    except ClusterMismatchError as exc:
+        raise errors.ClusterMismatch(str(exc)) from exc
+
+
+def checked_endpoints(endpoints: Sequence[str]) -> list[str]:
+    if not endpoints:
+        raise errors.InvalidArgument("no endpoints given")
+    for endpoint in endpoints:
+        try:
+            split_address(endpoint)
+        except ConfigError as exc:
+            raise errors.InvalidArgument(str(exc)) from exc
+    return list(endpoints)
+
+
+def failure_of(exc: grpc.RpcError) -> retry.Failure:
+    """What a failed call means, by the rules of ``kvstore.retry``."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    return retry.classify(code, _details(exc), _metadata(exc))
+
+
+def check_command(command: Command) -> None:
     refused = commands.static_error(command)
     if refused is not None:
         raise errors.InvalidArgument(refused.message)
