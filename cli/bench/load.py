@@ -76,7 +76,9 @@ class _OursState:
 
 
 class OursDriver:
-    """Our gRPC client: one ``Client`` (channel) and one session per client thread."""
+    """Our gRPC client: one ``Client`` per worker process, shared by its client threads (as a
+    program with many threads would share one: their concurrent proposals then travel together
+    in ``ProposeBatch`` calls), and one session per client thread."""
 
     def __init__(self, params: dict[str, Any]) -> None:
         from kvstore import ops  # grpc and protobuf only in the workers that need them
@@ -91,12 +93,33 @@ class OursDriver:
         self.timeout: float = params["op_timeout"]
         self.dial_timeout: float = params["dial_timeout"]
         self.tls = client_tls(params.get("tls_files"))
+        self._shared: Any = None
+        self._users = 0
+        self._lock = threading.Lock()
 
     def open(self, client: int) -> _OursState:
-        kv = self._client_class(self.endpoints, timeout=self.timeout,
-                                dial_timeout=self.dial_timeout, cluster_id=self.cluster_id,
-                                tls=self.tls)
-        return _OursState(kv, self._new_session(kv))
+        with self._lock:
+            if self._shared is None:
+                self._shared = self._client_class(
+                    self.endpoints, timeout=self.timeout, dial_timeout=self.dial_timeout,
+                    cluster_id=self.cluster_id, tls=self.tls)
+            self._users += 1
+            kv = self._shared
+        try:
+            return _OursState(kv, self._new_session(kv))
+        except BaseException:
+            self._release(kv)
+            raise
+
+    def _release(self, kv: Any) -> None:
+        """One client thread is done with the shared client; the last one closes it."""
+        with self._lock:
+            self._users -= 1
+            last = self._users == 0
+            if last:
+                self._shared = None
+        if last:
+            kv.close()
 
     def _new_session(self, kv: Any) -> Any:
         return kv.sync_get_session() if self.sessions else kv.get_noop_session()
@@ -125,7 +148,7 @@ class OursDriver:
             # Best effort: an unclosed session is evicted from the LRU store eventually.
             with contextlib.suppress(Exception):
                 state.client.sync_close_session(state.session, timeout=self.timeout)
-        state.client.close()
+        self._release(state.client)
 
 
 class _EtcdState:

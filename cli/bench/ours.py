@@ -173,7 +173,9 @@ class OursTarget:
             "nodes": len(self.endpoints),
             "cluster": "existing (--endpoints)" if self.given_endpoints else "fresh, kv cluster up",
             "endpoints": self.endpoints,
-            "client": ("kvstore.client.Client (gRPC), one channel and " if self.client == "sync"
+            "client": ("kvstore.client.Client (gRPC), one per worker process shared by its "
+                       "client threads (concurrent proposals share ProposeBatch calls), and "
+                       if self.client == "sync"
                        else "kvstore.aio.Client (grpc.aio), one per worker process, shared by its "
                        "clients, and ")
                       + ("one registered session per client, proposal_completed() after each answer"
