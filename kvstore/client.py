@@ -11,9 +11,16 @@ client never calls ``proposal_completed()`` for the caller: only the caller know
 accepted the answer. A no-op session has no such protection, so its proposals are retried only
 when they were certainly not applied.
 
-A ``Client`` is safe to share between threads: gRPC channels are thread-safe, and the little
-state the client keeps (the leader it last saw, the pool of sessions of the convenience
-methods) is behind a lock. A ``Session`` is not: give each thread its own.
+The rules themselves (what each failure means, which endpoint next, when the deadline means
+``OutcomeUnknown``) are ``kvstore.retry``'s, shared with the asyncio client (``kvstore.aio``);
+this module adds the blocking I/O, and the requests both clients send.
+
+A ``Client`` is safe to share between threads, and meant to be: gRPC channels are thread-safe,
+the little state the client keeps (the leader it last saw, the pool of sessions of the
+convenience methods) is behind a lock, and the proposals of threads sharing a client travel
+together in ``ProposeBatch`` calls (``kvstore.batching``: a lone proposal goes out at once;
+those arriving while calls are in flight share the next). A ``Session`` is not: give each
+thread its own.
 
 With ``tls`` (``kvstore.tls.ClientTLS``) every channel is mutual TLS. A node that refuses the
 client's certificate closes the connection at the handshake, which looks like a node going
