@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 
 import grpc
@@ -74,6 +75,51 @@ def test_two_thousand_concurrent_proposals_on_one_event_loop_each_apply_once(
         previous = number
     assert proposals == CONCURRENT
     assert calls < CONCURRENT / 4, f"{proposals} proposals in {calls} calls: batching did not form"
+    print(f"\n{proposals} proposals in {calls} calls")
+
+
+def test_threads_sharing_a_blocking_client_share_calls_and_each_get_their_own_answer(
+        cluster: Cluster) -> None:
+    """The blocking client's batches: 32 threads, each with its own session, add distinct
+    amounts to one counter 20 times each through one ``Client``. Ordered by answer, each answer
+    is the previous one plus its own amount, and fewer calls than proposals were made."""
+    key = b"batching/threads"
+    threads, rounds = 32, 20
+    answers: list[tuple[int, int]] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+    with cluster.client(timeout=30) as client:
+        sessions = [client.get_session() for _ in range(threads)]
+        start = threading.Barrier(threads)
+
+        def run(n: int) -> None:
+            start.wait()
+            for r in range(rounds):
+                delta = n * rounds + r + 1
+                try:
+                    number = client.propose(sessions[n], ops.incr(key, delta)).number
+                except errors.KVError as exc:
+                    failures.append(repr(exc))
+                    return
+                sessions[n].proposal_completed()
+                with lock:
+                    answers.append((number, delta))
+
+        workers = [threading.Thread(target=run, args=(n,)) for n in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+        final = int(client.get(key).value)
+        calls, proposals = client.proposal_calls()
+    assert not failures
+    assert len(answers) == threads * rounds == proposals
+    assert final == sum(delta for _, delta in answers)
+    previous = 0
+    for number, delta in sorted(answers):
+        assert number == previous + delta, "an answer is not its own proposal's"
+        previous = number
+    assert calls < proposals / 2, f"{proposals} proposals in {calls} calls"
     print(f"\n{proposals} proposals in {calls} calls")
 
 
