@@ -20,14 +20,14 @@ def _size(item: tuple[int, int]) -> int:
 
 
 steps = st.lists(st.one_of(
-    st.tuples(st.just("add"), st.integers(1, 600)),   # a proposal of that many bytes
+    st.tuples(st.just("add"), st.integers(1, 500)),   # a proposal of that many bytes
     st.tuples(st.just("finish"), st.integers(0, 7)),  # the call at that position ends
     st.tuples(st.just("withdraw"), st.integers(0, 50)),
 ), max_size=120)
 
 
 @settings(max_examples=200, deadline=None)
-@given(steps, st.integers(1, 3), st.integers(1, 5), st.integers(400, 2000))
+@given(steps, st.integers(1, 3), st.integers(1, 6), st.integers(200, 1000))
 def test_group_commit_rules_hold_in_every_interleaving(
         script: list[Step], max_in_flight: int, max_items: int, max_bytes: int) -> None:
     group: GroupCommit[tuple[int, int]] = GroupCommit(
