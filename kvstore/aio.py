@@ -1,8 +1,8 @@
 """The asyncio client: ``kvstore.Client``'s API as coroutines, over ``grpc.aio``.
 
-Same calls (``get_session``, ``propose``, ``close_session``, ``get_noop_session``, ``read``,
-``get``, ``range``, ``put``, ``delete``, ``incr``, ``append``, ``cas``, ``write``), same typed
-errors (``kvstore.errors``), same retry rules: those are ``kvstore.retry``'s, which both clients
+Same calls (``get_session``, ``propose``, ``close_session``, also under their dragonboat
+names ``sync_get_session``..., ``get_noop_session``, ``read``, ``get``, ``range``, ``put``,
+``delete``, ``incr``, ``append``, ``cas``, ``write``), same typed errors (``kvstore.errors``), same retry rules: those are ``kvstore.retry``'s, which both clients
 run; what differs is only how they wait. Same TLS files (``kvstore.tls.ClientTLS``).
 
 It is made for many proposals at once on one event loop: thousands of tasks may propose
@@ -122,9 +122,16 @@ class Client:
         await self._call(lambda stub, t: stub.UnregisterSession(request, timeout=t), timeout,
                          retry_unknown=True)
 
-    async def get_noop_session(self) -> Session:
-        """A session without deduplication: needs no registration, and a retry may apply twice."""
-        return new_noop_session(await self.get_cluster_id())
+    def get_noop_session(self) -> Session:
+        """A session without deduplication: needs no registration, and a retry may apply twice.
+
+        Not a coroutine, as in the blocking client; it needs the cluster id, so it comes after
+        the first call that learnt it (or pass ``cluster_id=``).
+        """
+        if self._cluster_id is None:
+            raise errors.InvalidArgument("the cluster id is not known yet: pass cluster_id= or "
+                                         "await get_cluster_id() first")
+        return new_noop_session(self._cluster_id)
 
     async def propose(self, session: Session, command: Command,
                       timeout: float | None = None) -> Result:
@@ -142,6 +149,11 @@ class Client:
         batches = self._batches
         return await self._retry(lambda endpoint, t: batches.propose(endpoint, request, t),
                                  timeout, retry_unknown=retry_unknown)
+
+    # The blocking client's dragonboat names, so code moves between the two by adding await.
+    sync_get_session = get_session
+    sync_propose = propose
+    sync_close_session = close_session
 
     # -- reads ------------------------------------------------------------------------------
 
