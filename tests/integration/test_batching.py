@@ -20,6 +20,7 @@ import pytest
 from kvstore import aio, errors, ops
 from kvstore.proto import api_pb2, api_pb2_grpc
 from kvstore.proto.log_pb2 import Code
+from kvstore.tls import ClientTLS
 from session.session import Session
 from tests import support
 from tests.integration.conftest import Cluster
@@ -191,6 +192,36 @@ def test_sigkill_of_the_leader_while_batches_are_in_flight_applies_each_retry_on
         cluster.wait_for(lambda: cluster.pid(victim) is None, 15, f"{victim} to be gone")
         cluster.up()  # brings back only the killed node
         wait_converged(cluster, client)
+
+
+def test_the_asyncio_client_raises_the_blocking_clients_typed_errors(cluster: Cluster) -> None:
+    """The same rules, so the same errors: refused before the log, another cluster's session,
+    an unregistered session, a read-only certificate writing, no certificate at all (told at
+    once, not retried until the deadline); a no-op session's write goes through."""
+    async def run() -> None:
+        async with aio_client(cluster, timeout=5) as kv:
+            with pytest.raises(errors.InvalidArgument):
+                await kv.put(b"", b"x")
+            cluster_id = await kv.get_cluster_id()
+            with pytest.raises(errors.ClusterMismatch):
+                await kv.propose(Session(cluster_id + 1, 7, 1, 0), ops.incr(b"batching/e"))
+            with pytest.raises(errors.SessionExpired):
+                await kv.propose(Session(cluster_id, 424242, 3, 2), ops.incr(b"batching/e"))
+            assert (await kv.propose(kv.get_noop_session(), ops.incr(b"batching/e"))).number == 1
+        async with aio.Client(cluster.endpoints, tls=cluster.tls("readonly")) as reader:
+            assert (await reader.get(b"batching/e")).value == b"1"
+            with pytest.raises(errors.PermissionDenied):
+                await reader.put(b"batching/e", b"2")
+        tls = cluster.tls()
+        assert tls is not None
+        anonymous = ClientTLS.load(tls.ca_file, None, None)
+        started = time.monotonic()
+        async with aio.Client(cluster.endpoints, tls=anonymous, timeout=20) as nobody:
+            with pytest.raises(errors.Unauthenticated):
+                await nobody.get(b"batching/e")
+        assert time.monotonic() - started < 10
+
+    asyncio.run(run())
 
 
 def _find_leader(cluster: Cluster) -> tuple[str, int]:
