@@ -125,7 +125,10 @@ class Client:
 
         # A backup changes nothing: every failure is safe to retry, and one attempt may take
         # all the time there is (a large state streams for a while).
-        return self._call(stream, timeout, retry_unknown=True, cap_attempts=False)
+        try:
+            return self._call(stream, timeout, retry_unknown=True, cap_attempts=False)
+        except (errors.OutcomeUnknown, errors.Unavailable) as exc:
+            raise errors.Unavailable(f"no snapshot in time: {exc}") from exc
 
     # -- membership (etcd's MemberList/MemberAdd/MemberPromote/MemberRemove) -------------------
 
