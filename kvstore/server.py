@@ -37,8 +37,8 @@ from kvstore import api_errors, auth, commands, results, retry
 from kvstore.config import NodeConfig
 from kvstore.entry import encode_entry
 from kvstore.node import KVNode, NodeStatusView, NotApplied, OutcomeUnknown
-from kvstore.node.outcomes import ProposeError
 from kvstore.node.member_table import ChangeRefused
+from kvstore.node.outcomes import ProposeError
 from kvstore.proto import api_pb2
 from kvstore.proto.log_pb2 import Code, Result
 from kvstore.state_machine import StateMachine
