@@ -394,9 +394,9 @@ class Client:
 
 
 class _Slot:
-    """One proposal waiting for its share of a call."""
+    """One proposal waiting for its share of a call, or for its turn to carry one (``batch``)."""
 
-    __slots__ = ("deadline", "done", "outcome", "request", "size")
+    __slots__ = ("batch", "deadline", "done", "outcome", "request", "size")
 
     def __init__(self, request: api_pb2.ProposeRequest, deadline: float) -> None:
         self.request = request
@@ -404,18 +404,26 @@ class _Slot:
         self.deadline = deadline
         self.done = threading.Event()
         self.outcome: Result | retry.Failure | None = None
+        self.batch: list[_Slot] | None = None
 
     def settle(self, outcome: Result | retry.Failure) -> None:
         self.outcome = outcome
+        self.done.set()
+
+    def carry(self, batch: list[_Slot]) -> None:
+        """Wakes this proposal's thread to send ``batch`` (itself among them)."""
+        self.batch = batch
         self.done.set()
 
 
 class _Batches:
     """The proposals of many threads, sent to each endpoint in shared calls (``kvstore.batching``).
 
-    A proposal that goes out alone is sent by its own thread, a blocking ``Propose``; a batch
-    formed while calls were in flight is sent without blocking anyone (a gRPC future), and its
-    answer, on gRPC's thread, wakes each proposer and sends the next batch.
+    Every call is a blocking call in the thread of one of the proposals it carries: a proposal
+    that goes out alone is sent by its own thread; a batch formed when a call ends is handed to
+    its first proposal's thread, which sends it and wakes the others with their answers. No
+    thread of our own and no gRPC future (whose completion thread gRPC starts anew whenever a
+    channel goes from no such call in flight to one: a thread per batch at moderate load).
     """
 
     def __init__(self, stub: Callable[[str], api_pb2_grpc.KVStub]) -> None:
@@ -431,70 +439,54 @@ class _Batches:
             if group is None:
                 group = self._groups[endpoint] = GroupCommit(_slot_size)
             alone = group.add(slot)
-        if alone is not None:
+        if alone is None:
+            slot.done.wait(timeout)
+            with self._lock:
+                if slot.batch is None and not slot.done.is_set():
+                    if group.withdraw(slot):
+                        return retry.Failure(retry.Fate.NOT_APPLIED, WAITED_TOO_LONG)
+                    # In a batch another thread is carrying: it may still be applied.
+                    return retry.Failure(retry.Fate.OUTCOME_UNKNOWN,
+                                         "no answer in time (client deadline)")
+            if slot.batch is None:
+                return slot.outcome  # type: ignore[return-value]
+            alone = slot.batch
+        self._send(endpoint, alone)
+        return slot.outcome  # type: ignore[return-value]
+
+    def _send(self, endpoint: str, batch: list[_Slot]) -> None:
+        """Sends ``batch`` and settles every proposal in it; then hands on what queued."""
+        try:
+            now = time.monotonic()
+            for slot in batch:
+                if slot.deadline <= now:
+                    slot.settle(retry.Failure(retry.Fate.NOT_APPLIED, WAITED_TOO_LONG))
+            batch = [slot for slot in batch if slot.outcome is None]
+            if not batch:
+                return
+            timeout = max(slot.deadline for slot in batch) - now
+            answer: object
             try:
-                return self._stub(endpoint).Propose(request, timeout=timeout)
-            except grpc.RpcError as exc:
-                return failure_of(exc)
-            finally:
-                self._finished(endpoint)
-        if slot.done.wait(timeout):
-            return slot.outcome  # type: ignore[return-value]
-        with self._lock:
-            never_sent = group.withdraw(slot)
-        if never_sent:
-            return retry.Failure(retry.Fate.NOT_APPLIED, WAITED_TOO_LONG)
-        if slot.done.is_set():
-            return slot.outcome  # type: ignore[return-value]
-        return retry.Failure(retry.Fate.OUTCOME_UNKNOWN, "no answer in time (client deadline)")
+                stub = self._stub(endpoint)
+                if len(batch) == 1:
+                    answer = stub.Propose(batch[0].request, timeout=timeout)
+                else:
+                    answer = stub.ProposeBatch(api_pb2.ProposeBatchRequest(
+                        proposals=[slot.request for slot in batch]), timeout=timeout)
+            except Exception as exc:
+                answer = exc
+            for slot, outcome in zip(batch, outcomes_of(len(batch), answer), strict=True):
+                slot.settle(outcome)
+        finally:
+            # Under the lock: a proposal that times out meanwhile then sees it must carry.
+            with self._lock:
+                for next_batch in self._groups[endpoint].finished():
+                    next_batch[0].carry(next_batch)
 
     def stats(self) -> tuple[int, int]:
         with self._lock:
             return (sum(g.calls for g in self._groups.values()),
                     sum(g.sent for g in self._groups.values()))
-
-    def _finished(self, endpoint: str) -> None:
-        with self._lock:
-            batches = self._groups[endpoint].finished()
-        for batch in batches:
-            self._launch(endpoint, batch)
-
-    def _launch(self, endpoint: str, batch: list[_Slot]) -> None:
-        now = time.monotonic()
-        late = [slot for slot in batch if slot.deadline <= now]
-        for slot in late:
-            slot.settle(retry.Failure(retry.Fate.NOT_APPLIED, WAITED_TOO_LONG))
-        batch = [slot for slot in batch if slot.deadline > now]
-        if not batch:
-            self._finished(endpoint)
-            return
-        timeout = max(slot.deadline for slot in batch) - now
-        try:
-            stub = self._stub(endpoint)
-            if len(batch) == 1:
-                call = stub.Propose.future(batch[0].request, timeout=timeout)
-            else:
-                call = stub.ProposeBatch.future(
-                    api_pb2.ProposeBatchRequest(proposals=[slot.request for slot in batch]),
-                    timeout=timeout)
-        except Exception as exc:  # a closed channel: nothing left
-            for slot in batch:
-                slot.settle(retry.Failure(retry.Fate.NOT_APPLIED, f"not sent: {exc}"))
-            self._finished(endpoint)
-            return
-        call.add_done_callback(lambda done: self._landed(endpoint, batch, done))
-
-    def _landed(self, endpoint: str, batch: list[_Slot], call: grpc.Future) -> None:
-        """On gRPC's thread: hands out the answers, then sends what queued meanwhile."""
-        try:
-            try:
-                answer: object = call.result()
-            except BaseException as exc:
-                answer = exc
-            for slot, outcome in zip(batch, outcomes_of(len(batch), answer), strict=True):
-                slot.settle(outcome)
-        finally:
-            self._finished(endpoint)
 
 
 WAITED_TOO_LONG = "waited in the client's queue past the attempt's deadline (never sent)"
