@@ -15,19 +15,28 @@ With a ``topology`` (``kv check --net netns``), each node is instead started in 
 namespace of its own, on its own address with TLS on its API, and ``network`` is that real
 network's links (``cli.check_netns.NamespaceLinks``): the same calls, made with routes, tc and
 nftables instead of proxies.
+
+The member set changes during a run (the ``membership`` fault): ``new_node`` describes a node
+to add and gives it its proxies, ``forget`` stops a removed node and drops it. ``spec`` is
+always the current members (learners included) and the clients handed to ``follow`` are told
+every change of endpoints (as etcd's ``SetEndpoints``), so that they never end up knowing only
+nodes that were removed. A new node's Raft address sorts after every other, because only the
+larger address dials (``Network.add_node``).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from cli import processes
 from cli.check_netns import NamespaceLinks, create_cluster_dir
-from cli.cluster_dir import ClusterDir, ClusterSpec, NodeSpec
+from cli.cluster_dir import HOST, ClusterDir, ClusterSpec, NodeSpec
 from kvstore import errors
 from kvstore.check.netns import Topology
 from kvstore.check.powerfs_mount import PowerMount
@@ -57,6 +66,8 @@ class CheckCluster:
         self.dir.prepare_node_dirs(self.spec)
         self.client_tls = self.dir.certs.client_tls() if self.spec.tls else None
         self.planted_bug = planted_bug
+        self.power_loss = power_loss
+        self._followers: list[Client] = []
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self.paused: set[str] = set()
         self.powered_off: set[str] = set()
@@ -89,14 +100,16 @@ class CheckCluster:
 
     # -- processes ----------------------------------------------------------------------------
 
-    def start(self, node_id: str) -> None:
+    def start(self, node_id: str) -> subprocess.Popen[bytes]:
         node = self.node(node_id)
         extra = [arg for peer, proxy in self.network.dial_via(node.raft).items()
                  for arg in ("--dial-via", f"{peer}={proxy}")]
         if self.planted_bug:
             extra += ["--planted-bug", self.planted_bug]
         prefix = self.topology.exec_prefix(node_id) if self.topology else []
-        self._procs[node_id] = processes.start_node(self.dir, self.spec, node, extra, prefix)
+        proc = processes.start_node(self.dir, self.spec, node, extra, prefix)
+        self._procs[node_id] = proc
+        return proc
 
     def start_all(self) -> None:
         for node_id in self.node_ids:
@@ -165,6 +178,53 @@ class CheckCluster:
         finally:
             client.close()
 
+    # -- membership ---------------------------------------------------------------------------
+
+    def follow(self, client: Client) -> None:
+        """Keeps ``client.endpoints`` equal to the members' API addresses from now on."""
+        self._followers.append(client)
+
+    def new_node(self) -> NodeSpec:
+        """A fresh node (new name, empty data directory, ``--join``), made part of ``spec`` and
+        of the network, not started: ``cluster_nodes.grow`` starts and adds it."""
+        fresh = self.dir.new_node(self.spec)
+        node = replace(fresh, raft=f"{HOST}:{_port_after(self.network.nodes)}")
+        self.network.add_node(node.raft)
+        self._set_spec(replace(self.spec, nodes=(*self.spec.nodes, node)))
+        self.dir.prepare_node_dirs(self.spec)
+        if self.power_loss:
+            disk = PowerMount(self.dir.data_dir(node), self.dir.node_dir(node.id) / "disk")
+            self.disks[node.id] = disk
+            disk.mount()
+        return node
+
+    def forget(self, node_id: str) -> None:
+        """Stops ``node_id`` (no longer a member, or never made one) and drops it: from
+        ``spec``, the network, the followers' endpoints. Its directory is kept."""
+        node = self.node(node_id)
+        self.resume(node_id)
+        proc = self._procs.pop(node_id, None)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(STOP_TIMEOUT)
+        self._set_spec(replace(self.spec, nodes=tuple(n for n in self.spec.nodes
+                                                      if n.id != node_id)))
+        self.network.remove_node(node.raft)
+        self.powered_off.discard(node_id)
+        disk = self.disks.pop(node_id, None)
+        if disk is not None:
+            disk.unmount()
+
+    def _set_spec(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        self.dir.save(spec)
+        for client in self._followers:
+            client.endpoints = list(spec.endpoints)
+
     def heal(self) -> None:
         """Ends every fault: links healed, paused nodes resumed, killed or powered-off nodes
         restarted."""
@@ -181,7 +241,7 @@ class CheckCluster:
         """Stops every node (SIGTERM, then SIGKILL) and the proxies."""
         for node_id in list(self.paused):
             self.resume(node_id)
-        for proc in self._procs.values():
+        for proc in list(self._procs.values()):
             if proc.poll() is None:
                 proc.terminate()
         deadline = time.monotonic() + STOP_TIMEOUT
@@ -210,3 +270,18 @@ class CheckCluster:
             except errors.Unavailable:
                 continue
         return None
+
+
+def _port_after(raft_addresses: tuple[str, ...]) -> int:
+    """A free loopback port whose ``HOST:port`` sorts after every one of ``raft_addresses``."""
+    highest = max(raft_addresses)
+    for port in range(int(highest.rsplit(":", 1)[1]) + 1, 65536):
+        if f"{HOST}:{port}" <= highest:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((HOST, port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port sorts after {highest}")

@@ -187,6 +187,10 @@ def _verdict_lines(s: dict[str, Any], violations: list[Any]) -> list[str]:
                       or "none"),
         "violations: " + ", ".join(f"{k} {v}" for k, v in s["violations"].items()),
     ]
+    if "membership" in s["faults_injected"]:
+        changes = s["membership_changes"]
+        lines.insert(3, f"membership changes: add {changes['add']}, promote {changes['promote']}"
+                        f", remove {changes['remove']} (the leader {changes['remove-leader']})")
     lines += [f"  - {v.kind} on {v.key}: {v.message}" for v in violations[:10]]
     lines += [f"  nemesis: {error}" for error in s["nemesis_errors"]]
     if s["report"]:

@@ -4,7 +4,12 @@
 2. Run the workloads' clients for the duration while the nemesis injects faults.
 3. Stop the faults, heal everything, wait until every replica has applied the same index and
    reports the same state digest.
-4. Read the final values, run each workload's checker and the convergence check.
+4. Read the final values, run each workload's checker, the convergence check over the
+   current members, and the membership check (those members are the nodes the harness runs).
+
+With the ``membership`` fault the member set changes during the run: every client follows the
+current members' endpoints (``CheckCluster.follow``), and a removed node is stopped, so only
+the current members must converge.
 
 Everything is seeded (``--seed``): the choice of operations and of faults. Timing is not, so two
 runs with one seed are alike, not identical.
@@ -24,12 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from cli.check_cluster import CheckCluster
+from cli.check_membership import MembershipDriver
 from cli.nemesis import Nemesis
 from kvstore import errors
 from kvstore.check import history as history_io
 from kvstore.check.history import Op, Recorder
 from kvstore.check.netns import Topology
-from kvstore.check.verdict import check_convergence, check_restarts
+from kvstore.check.verdict import check_convergence, check_membership, check_restarts
 from kvstore.check.report import write_report
 from kvstore.check.workloads import OP_DEADLINE, WORKLOADS, Worker, run_workers
 from kvstore.client import Client
@@ -57,6 +63,7 @@ SUMMARY_LABELS = {
     "ops_failed": "Operations failed (certainly not applied)",
     "ops_unknown": "Operations with an unknown outcome",
     "faults_injected": "Faults injected",
+    "membership_changes": "Membership changes made",
     "nemesis_errors": "Errors injecting faults",
     "violations": "Violations, per checker",
     "report": "Report",
@@ -103,6 +110,7 @@ def run_check(options: CheckOptions, progress: Callable[[str], None]) -> CheckOu
             cluster.start_all()
             admin = cluster.client(timeout=10)
             clients.append(admin)
+            cluster.follow(admin)
             _wait(lambda: cluster.leader_id(admin), LEADER_TIMEOUT, "a leader")
             return _run(options, cluster, admin, clients, progress)
         finally:
@@ -121,11 +129,15 @@ def _run(options: CheckOptions, cluster: CheckCluster, admin: Client, clients: l
     for number, workload in enumerate(workloads):
         mine = [cluster.client(timeout=5) for _ in range(options.clients)]
         clients += mine
+        for client in mine:
+            cluster.follow(client)
         first = number * options.clients
         threads += run_workers(workload, mine, recorder, options.seed, stop, first_process=first)
         labels |= {first + i: workload.name for i in range(options.clients)}
+    membership = (MembershipDriver(cluster, admin, options.nodes)
+                  if "membership" in options.faults else None)
     nemesis = Nemesis(cluster, options.faults, random.Random(f"{options.seed}/nemesis"),
-                      lambda: cluster.leader_id(admin), options.power_loss_scope)
+                      lambda: cluster.leader_id(admin), options.power_loss_scope, membership)
     if options.faults:
         nemesis.start()
     started = time.monotonic()
@@ -141,7 +153,10 @@ def _run(options: CheckOptions, cluster: CheckCluster, admin: Client, clients: l
             thread.join(OP_DEADLINE + 5)
 
     cluster.heal()
+    if membership is not None:
+        membership.settled_view()  # drops a node whose last add or removal failed
     digests = _converged_digests(cluster, admin)
+    members = _final_members(admin)
     finals = Worker(FINAL_PROCESS, admin, recorder, random.Random(0))
     for workload in workloads:
         workload.final_reads(finals)
@@ -150,6 +165,8 @@ def _run(options: CheckOptions, cluster: CheckCluster, admin: Client, clients: l
     results = {w.name: w.check([op for op in ops if op.key.startswith(w.name + "/")])
                for w in workloads}
     results["convergence"] = check_convergence(digests)
+    results["membership"] = check_membership(
+        {node.raft: node.id for node in cluster.spec.nodes}, members, options.nodes)
     restarted = sum(len(f.target.split(" ")[0].split(","))
                     for f in nemesis.faults if f.kind == "power-loss")
     results["restarts"] = check_restarts(nemesis.restart_failures, restarted)
@@ -185,6 +202,15 @@ def _converged_digests(cluster: CheckCluster, admin: Client) -> dict[str, str]:
     return dict(latest)
 
 
+def _final_members(admin: Client) -> list[tuple[str, str, str]] | None:
+    """The leader's member list as (name, raft address, role); ``None`` if none answered."""
+    try:
+        listing = admin.member_list(timeout=CONVERGE_TIMEOUT / 2)
+    except errors.KVError:
+        return None
+    return [(m.name, m.raft_address, m.role) for m in listing.members]
+
+
 def _summary(options: CheckOptions, ops: list[Op], nemesis: Nemesis, results: dict[str, Any],
              valid: bool) -> dict[str, Any]:
     statuses = Counter(op.status for op in ops)
@@ -204,6 +230,7 @@ def _summary(options: CheckOptions, ops: list[Op], nemesis: Nemesis, results: di
         "ops_failed": statuses["fail"],
         "ops_unknown": statuses["unknown"],
         "faults_injected": dict(Counter(f.kind for f in nemesis.faults)),
+        "membership_changes": nemesis.membership_changes(),
         "nemesis_errors": nemesis.errors,
         "violations": {name: len(r.violations) for name, r in results.items()},
     }

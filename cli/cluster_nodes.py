@@ -97,18 +97,24 @@ class NotAdded(CliError):
     """The new node could not be added: it is not a member (stop it and forget it)."""
 
 
+def _echo(line: str) -> None:
+    click.echo(line, err=True)
+
+
 def grow(client: Client, node: NodeSpec, start: Callable[[], subprocess.Popen[bytes]],
-         log_file: Path, *, promote: bool, sync_timeout: float) -> MemberListResponse:
+         log_file: Path, *, promote: bool, sync_timeout: float,
+         note: Callable[[str], None] = _echo) -> MemberListResponse:
     """Starts ``node`` (with ``--join``), waits until it answers (its ports are bound: upstream
     issue #89), adds it as a learner, and unless ``promote`` is false promotes it once caught
-    up. ``NotAdded`` if it did not become a member; ``CliError`` if it stayed a learner."""
+    up. ``NotAdded`` if it did not become a member; ``CliError`` if it stayed a learner.
+    ``note`` gets the progress lines (stderr by default)."""
     try:
         proc = start()
         _wait_answering(client, node, proc, log_file)
         member_cmd.change(lambda: client.member_add(node.id, node.raft, node.api))
     except (errors.KVError, CliError) as exc:
         raise NotAdded(f"{node.id} was not added: {exc}", exc.exit_code) from exc
-    click.echo(f"added {node.id} as a learner; it is catching up", err=True)
+    note(f"added {node.id} as a learner; it is catching up")
     if not promote:
         return client.member_list()
     try:
@@ -116,18 +122,19 @@ def grow(client: Client, node: NodeSpec, start: Callable[[], subprocess.Popen[by
     except (errors.KVError, CliError) as exc:
         raise CliError(f"{node.id} is a learner but was not promoted: {exc} (retry with: "
                        f"kv member promote {node.id} --wait 60)", exc.exit_code) from exc
-    click.echo(f"promoted {node.id} to voter", err=True)
+    note(f"promoted {node.id} to voter")
     return listing
 
 
-def shrink(client: Client, node: NodeSpec, stop: Callable[[], None]) -> MemberListResponse:
+def shrink(client: Client, node: NodeSpec, stop: Callable[[], None],
+           note: Callable[[str], None] = _echo) -> MemberListResponse:
     """Removes ``node`` if it is a member (the leader hands over first), then calls ``stop``."""
     listing, _ = member_cmd.members_or_local_view(client)
     if any(m.raft_address == node.raft and m.role != "removed" for m in listing.members):
         listing = member_cmd.change(lambda: client.member_remove(node.raft))
-        click.echo(f"removed {node.id} from the cluster", err=True)
+        note(f"removed {node.id} from the cluster")
     else:
-        click.echo(f"{node.id} is not a member; only stopping it", err=True)
+        note(f"{node.id} is not a member; only stopping it")
     stop()
     return listing
 

@@ -4,6 +4,11 @@ healed. Everything is bounded: one fault at a time, each held a few seconds, non
 ``power-loss`` cuts the power of one node, a minority or every node at once (``scope``), half
 the time with torn writes, keeps them off for the hold, then boots them; a node that does not
 come back is recorded in ``restart_failures`` (a violation in the verdict).
+
+``membership`` is not held and healed: it makes the next membership change of a cycle (add a
+learner, promote it, remove a voter or the leader; ``cli.check_membership``) and the change
+stays. Its ``Fault`` lasts from the first call to the change's commit (for a promotion, the
+catching up included); a change that failed is recorded with ``failed`` set.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from cli import check_membership
 from cli.check_cluster import CheckCluster
+from cli.check_membership import MembershipDriver
 from kvstore.check.netns import Netem
 
-FAULT_KINDS = ("kill", "pause", "partition", "power-loss")
+FAULT_KINDS = ("kill", "pause", "partition", "power-loss", "membership")
 NETNS_FAULT_KINDS = ("netem", "loss")
 """Faults of a real network, only with ``kv check --net netns`` (``cli.check_netns``): ``netem``
 (delay with jitter, loss and reordering on one host's link: tc netem, or its user-space stand-in
@@ -40,6 +47,12 @@ class Fault:
     target: str
     start_ns: int
     end_ns: int | None = None
+    change: str | None = None
+    """For a ``membership`` fault: ``add``, ``promote`` or ``remove``."""
+    failed: bool = False
+    """The membership change was not made (or its outcome was unknown)."""
+    members: str | None = None
+    """For a ``membership`` fault: the members it was planned from (``MemberView.describe``)."""
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -47,10 +60,14 @@ class Fault:
 
 class Nemesis(threading.Thread):
     def __init__(self, cluster: CheckCluster, kinds: list[str], rng: random.Random,
-                 leader: Callable[[], str | None], power_loss_scope: str = "any") -> None:
+                 leader: Callable[[], str | None], power_loss_scope: str = "any",
+                 membership: MembershipDriver | None = None) -> None:
         super().__init__(name="nemesis", daemon=True)
         self.cluster, self.kinds, self.rng, self.leader = cluster, kinds, rng, leader
         self.power_loss_scope = power_loss_scope
+        if "membership" in kinds and membership is None:
+            raise ValueError("the membership fault needs a MembershipDriver")
+        self.membership = membership
         self.stop_event = threading.Event()
         self.faults: list[Fault] = []
         self.errors: list[str] = []
@@ -121,6 +138,35 @@ class Nemesis(threading.Thread):
         label = ",".join(sorted(targets)) + (" (torn)" if torn is not None else "")
         self._hold(Fault("power-loss", label, time.monotonic_ns()),
                    lambda: self.restart_failures.extend(self.cluster.power_on(sorted(targets))))
+
+    def _membership(self) -> None:
+        assert self.membership is not None
+        view = self.membership.settled_view()
+        if view is None:
+            self.errors.append("membership: no leader with no change pending within "
+                               f"{check_membership.SETTLE_TIMEOUT:.0f} s; no change made")
+            return
+        change = check_membership.plan(view, self.membership.target_voters, self.rng)
+        fault = Fault("membership", check_membership.label(change, view), time.monotonic_ns(),
+                      change=change.action, members=view.describe())
+        self.faults.append(fault)
+        try:
+            change = self.membership.prepare(change)
+            fault.target = check_membership.label(change, view)
+            self.membership.apply(change)
+        except Exception as exc:  # noqa: BLE001 - recorded; the next turn sees what happened
+            fault.failed = True
+            fault.target += " (failed)"
+            self.errors.append(f"membership {fault.target}: {check_membership.failure(exc)}")
+        fault.end_ns = time.monotonic_ns()
+
+    def membership_changes(self) -> dict[str, int]:
+        """The membership changes made, by step (``remove-leader`` counts the leader's)."""
+        made = [f for f in self.faults if f.kind == "membership" and not f.failed]
+        counts = {change: sum(1 for f in made if f.change == change)
+                  for change in check_membership.CHANGES}
+        counts["remove-leader"] = sum(1 for f in made if f.target.endswith("(leader)"))
+        return counts
 
     # -- faults of a real network (kv check --net netns) -------------------------------------------
 

@@ -408,6 +408,8 @@ class Network:
 
     Build each node's config with ``dial_via(node)``; then ``partition``, ``isolate``, ``delay``
     and ``heal`` change what gets through. ``close()`` (or the ``with`` block) stops it all.
+    ``add_node`` and ``remove_node`` follow membership changes; call them from one thread (or
+    between faults): the other methods do not lock against them.
     """
 
     def __init__(self, raft_addresses: Iterable[str]) -> None:
@@ -423,6 +425,37 @@ class Network:
         except BaseException:
             self.close()
             raise
+
+    def add_node(self, node: str) -> None:
+        """Adds ``node`` (a member that joins while the network runs): a proxy on every link
+        between it and each node already here, both ways, healed.
+
+        The nodes already running were started with their ``dial_via`` and do not know the new
+        proxies: a link they dial to the new node would bypass the network. So the new node's
+        address string must be the largest of all (``kvstore.node.dial``: only the larger
+        address dials), and it is refused otherwise."""
+        if node in self.nodes or any(node <= other for other in self.nodes):
+            raise ValueError(f"{node!r} must sort after every node of this network "
+                             f"({', '.join(self.nodes)}): only it dials its links")
+        added: dict[Link, LinkProxy] = {}
+        try:
+            for other in self.nodes:
+                added[(node, other)] = LinkProxy(other).start()
+                added[(other, node)] = LinkProxy(node).start()
+        except BaseException:
+            for proxy in added.values():
+                proxy.stop()
+            raise
+        self._links.update(added)
+        self.nodes = (*self.nodes, node)
+
+    def remove_node(self, node: str) -> None:
+        """Stops the proxies of every link of ``node`` (a member removed and stopped)."""
+        if node not in self.nodes:
+            raise ValueError(f"{node!r} is not a node of this network")
+        self.nodes = tuple(n for n in self.nodes if n != node)
+        for link in [link for link in self._links if node in link]:
+            self._links.pop(link).stop()
 
     def link(self, dialer: str, target: str) -> LinkProxy:
         return self._links[(dialer, target)]

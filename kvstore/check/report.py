@@ -58,7 +58,11 @@ DETAIL_CHARS = 2000  # values in the violation tables are cut here
 
 STATUS_COLOURS = {"ok": "#3a9e4f", "fail": "#b09a9a", "unknown": "#f0a000"}
 OTHER_STATUS_COLOUR = "#999999"
-FAULT_COLOURS = {"kill": "#d62728", "pause": "#1f77b4", "partition": "#9467bd", "delay": "#17a2b8"}
+FAULT_COLOURS = {"kill": "#d62728", "pause": "#1f77b4", "partition": "#9467bd", "delay": "#17a2b8",
+                 "membership": "#2ca02c"}
+"""A membership change is a band too, from its first call to its commit, labelled with the
+step (``membership add n4 (learner)``, ``membership promote n4``, ``membership remove n2
+(leader)``)."""
 OTHER_FAULT_COLOUR = "#7f7f7f"
 VIOLATION_COLOUR = "#d00000"
 P99_COLOUR = "#c05000"

@@ -9,7 +9,7 @@ three cases.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -21,6 +21,9 @@ DIVERGENCE = "divergence"
 
 RESTART_FAILED = "restart-failed"
 """Violation kind of a node that did not come back after a fault (e.g. a power loss)."""
+
+MEMBERSHIP = "membership"
+"""Violation kind of a final member table that is not the one the harness made."""
 
 
 @dataclass(frozen=True)
@@ -88,3 +91,36 @@ def check_restarts(failures: list[str], restarts: int) -> CheckResult:
     in a test run nobody is there to take it, so a refusal counts as a failure too."""
     return CheckResult.of([Violation(RESTART_FAILED, "", failure) for failure in failures],
                           {"restarts": restarts, "failed": len(failures)})
+
+
+def check_membership(nodes: Mapping[str, str], members: Sequence[tuple[str, str, str]] | None,
+                     min_voters: int) -> CheckResult:
+    """The cluster's final members are the nodes the harness runs, with ``min_voters`` voters
+    or more.
+
+    ``nodes`` maps each running node's Raft address to its name; ``members`` is the leader's
+    member list as (name, raft address, role), ``None`` if no leader answered. The convergence
+    check compares the running nodes only (a removed node is stopped), so it means something
+    only if they are exactly the members: a member the harness removed (or never added) that
+    is still listed, or a running node the cluster dropped, is a violation.
+    """
+    if members is None:
+        return CheckResult.of([Violation(MEMBERSHIP, "", "no leader answered the member list: "
+                                         "the final membership could not be checked")],
+                              {"voters": 0, "learners": 0})
+    listed = {raft: (name, role) for name, raft, role in members if role != "removed"}
+    voters = sum(1 for _, role in listed.values() if role == "voter")
+    violations = [
+        Violation(MEMBERSHIP, "", f"{name} ({raft}) is still a {role}, but the harness removed "
+                  "it or never added it")
+        for raft, (name, role) in sorted(listed.items()) if raft not in nodes
+    ]
+    violations += [
+        Violation(MEMBERSHIP, "", f"{name} ({raft}) runs, but the cluster does not list it as a "
+                  "member")
+        for raft, name in sorted(nodes.items()) if raft not in listed
+    ]
+    if voters < min_voters:
+        violations.append(Violation(MEMBERSHIP, "", f"{voters} voters at the end, fewer than "
+                                    f"{min_voters}"))
+    return CheckResult.of(violations, {"voters": voters, "learners": len(listed) - voters})

@@ -20,12 +20,12 @@ SEED = int(os.environ.get("KV_CHECK_SEED", "20261127"))
 RUN_DEADLINE = 240.0
 
 
-def kv_check(report: Path, *args: str,
-             timeout: float = RUN_DEADLINE) -> tuple[int, dict[str, object], str]:
+def kv_check(report: Path, *args: str, timeout: float = RUN_DEADLINE,
+             seed: int = SEED) -> tuple[int, dict[str, object], str]:
     """Runs ``kv check -w json`` and returns (exit code, verdict summary, stderr)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KV_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "check", "-w", "json", "--seed", str(SEED),
+        [sys.executable, "-m", "cli", "check", "-w", "json", "--seed", str(seed),
          "--report", str(report), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -35,7 +35,7 @@ def kv_check(report: Path, *args: str,
         stdout, stderr = proc.communicate(timeout=60)
         raise AssertionError(f"kv check {' '.join(args)} ran over {timeout:.0f} s") from None
     done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-    print(f"kv check --seed {SEED} {' '.join(args)} -> exit {done.returncode}")
+    print(f"kv check --seed {seed} {' '.join(args)} -> exit {done.returncode}")
     print(done.stdout)
     assert "Traceback" not in done.stderr, done.stderr
     return done.returncode, json.loads(done.stdout.splitlines()[0]), done.stderr
