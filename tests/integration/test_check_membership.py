@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from cli.check_cluster import _port_after
+from cli.check_cluster import CheckCluster, _port_after
 from kvstore.check.proxy import LinkProxy, Network
+from kvstore.client import Client
 from tests.integration.test_check import kv_check
 from tests.support import wait_for
 
@@ -101,3 +102,26 @@ def _free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def test_the_harness_follows_a_new_node_and_a_removed_one(tmp_path: Path) -> None:
+    """No process is started: ``new_node`` and ``forget`` are the bookkeeping that a change
+    needs (the node in ``spec``, its proxies, every follower told the new endpoints)."""
+    cluster = CheckCluster(tmp_path / "cluster", 3, snapshot_count=500)
+    client = Client(cluster.endpoints)
+    try:
+        cluster.follow(client)
+        first = cluster.spec.nodes[0]
+        node = cluster.new_node()
+        assert node.join and node.id == "n4" and node.raft > max(n.raft for n in cluster.spec.nodes
+                                                                 if n.id != "n4")
+        assert client.endpoints == cluster.endpoints and node.api in client.endpoints
+        assert node.raft in cluster.network.nodes
+        assert json.loads(cluster.dir.spec_file.read_text())["nodes"][-1]["id"] == "n4"
+        cluster.forget(first.id)
+        assert first.id not in cluster.node_ids and first.api not in client.endpoints
+        assert first.raft not in cluster.network.nodes
+        assert cluster.new_node().id == "n5"  # a removed node's name and directory stay its own
+    finally:
+        client.close()
+        cluster.close()

@@ -114,6 +114,9 @@ def test_the_view_is_in_the_harness_names_and_leaves_out_removed_members() -> No
                      ("n5", "a:5", "removed", False))
     view = view_of(answer, {"a:3": "n3", "a:1": "n1"})
     assert view == MemberView(voters=("n1", "n2", "n3"), learners=("n4",), leader="n2")
+    # A removed leader leads until it has handed over: it is no member to plan from.
+    handing_over = listing(("n1", "a:1", "voter", False), ("n2", "a:2", "removed", True))
+    assert view_of(handing_over, {}).leader is None
 
 
 NODES = {"a:1": "n1", "a:2": "n2", "a:4": "n4"}
