@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 RUN_SECONDS = "15s"
 MEMBERSHIP_SEED = 6
 """Its first three membership changes are add, promote, remove the leader, whichever node
-leads (tests/unit/test_check_membership.py replays the plan); they take about 8 s."""
+leads (tests/unit/test_check_membership_plan.py replays the plan); they take about 8 s."""
 
 
 def test_a_run_with_membership_changes_adds_promotes_removes_and_passes(tmp_path: Path) -> None:
