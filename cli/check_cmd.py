@@ -81,12 +81,16 @@ def _names(choices: tuple[str, ...], allow_none: bool) -> click.ParamType:
               "each node in a network namespace of its own, with its own address and TLS, the "
               "checker in another; partitions are blackhole routes, plus netem and loss on "
               "the links (needs root and ip netns).")
+@click.option("--preload", type=Integer(0, 10_000_000), default=0, metavar="N",
+              help="First load N keys of 100 B through the log (as kv bench --preload), so "
+              "snapshots of a large state are taken, and installed on added members, during "
+              "the run.")
 @click.option("--planted-bug", type=click.Choice(PLANTED_BUGS), hidden=True,
               help="Run nodes with a known bug, to show the checkers catch it.")
 @global_options
 def check(workloads: list[str], faults: list[str], duration: float, seed: int | None,
           clients: int, nodes: int, report_dir: Path, fsync: bool, power_loss_scope: str,
-          net: str, planted_bug: str | None) -> None:
+          net: str, preload: int, planted_bug: str | None) -> None:
     """Runs workloads against a local cluster under faults and checks the history.
 
     The power-loss fault puts each node's data directory on a FUSE file system that drops what
@@ -108,11 +112,13 @@ def check(workloads: list[str], faults: list[str], duration: float, seed: int | 
     options = CheckOptions(workloads=workloads, faults=faults, duration=duration, seed=seed,
                            clients=clients, nodes=nodes, planted_bug=planted_bug,
                            report_dir=report_dir, fsync=fsync,
-                           power_loss_scope=power_loss_scope, topology=topology)
+                           power_loss_scope=power_loss_scope, topology=topology,
+                           preload=preload)
     tty = sys.stderr.isatty()
     where = f", nodes in namespaces on {topology.address('n1')}/24" if topology else ""
     click.echo(f"kv check: seed {seed}, workloads {','.join(workloads)}, faults "
-               f"{','.join(faults) or 'none'}, {duration:.0f} s{where}", err=True)
+               f"{','.join(faults) or 'none'}, {duration:.0f} s{where}"
+               + (f", {preload:,} keys preloaded" if preload else ""), err=True)
 
     def progress(line: str) -> None:
         click.echo(("\r" + line) if tty else line, err=True, nl=not tty)
@@ -187,6 +193,12 @@ def _verdict_lines(s: dict[str, Any], violations: list[Any]) -> list[str]:
                       or "none"),
         "violations: " + ", ".join(f"{k} {v}" for k, v in s["violations"].items()),
     ]
+    if s.get("preloaded_keys"):
+        snaps = s["snapshots"]
+        lines.insert(3, f"preloaded {s['preloaded_keys']:,} keys in {s['preload_s']} s; snapshots "
+                        f"written {sum(snaps['written'].values())}, loaded "
+                        f"{sum(snaps['loaded'].values())} (final members); longest tick gap "
+                        f"{snaps['tick_gap_max_ms']} ms")
     if "membership" in s["faults_injected"]:
         changes = s["membership_changes"]
         lines.insert(3, f"membership changes: add {changes['add']}, promote {changes['promote']}"

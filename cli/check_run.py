@@ -39,6 +39,7 @@ from kvstore.check.verdict import check_convergence, check_membership, check_res
 from kvstore.check.report import write_report
 from kvstore.check.workloads import OP_DEADLINE, WORKLOADS, Worker, run_workers
 from kvstore.client import Client
+from kvstore.proto.api_pb2 import NodeStatus
 
 CONVERGE_TIMEOUT = 60.0
 LEADER_TIMEOUT = 30.0
@@ -64,6 +65,9 @@ SUMMARY_LABELS = {
     "ops_unknown": "Operations with an unknown outcome",
     "faults_injected": "Faults injected",
     "membership_changes": "Membership changes made",
+    "preloaded_keys": "Keys preloaded (--preload)",
+    "preload_s": "Preload time (s)",
+    "snapshots": "Snapshots of the final members (written, loaded) and the longest tick gap",
     "nemesis_errors": "Errors injecting faults",
     "violations": "Violations, per checker",
     "report": "Report",
@@ -88,6 +92,9 @@ class CheckOptions:
     power_loss_scope: str = "any"
     topology: Topology | None = None
     """With ``--net netns``: the network the cluster runs in (``cli.check_netns``)."""
+    preload: int = 0
+    """Keys of 100 B loaded before the workloads start (``cli.bench.preload``), so snapshots of
+    a large state are taken, and installed on the nodes the membership fault adds, in the run."""
 
 
 @dataclass
@@ -112,15 +119,35 @@ def run_check(options: CheckOptions, progress: Callable[[str], None]) -> CheckOu
             clients.append(admin)
             cluster.follow(admin)
             _wait(lambda: cluster.leader_id(admin), LEADER_TIMEOUT, "a leader")
-            return _run(options, cluster, admin, clients, progress)
+            preloaded = _preload(options, admin, progress)
+            return _run(options, cluster, admin, clients, progress, preloaded)
         finally:
             for client in clients:
                 client.close()
             cluster.close()
 
 
+def _preload(options: CheckOptions, admin: Client,
+             progress: Callable[[str], None]) -> dict[str, Any]:
+    """Loads ``options.preload`` keys (none: nothing); returns what the summary says of it."""
+    if not options.preload:
+        return {}
+    from cli.bench.preload import preload  # only a run with --preload needs it
+
+    shown = [-1]
+
+    def loaded(keys: int, _sessions: int) -> None:
+        tenth = keys * 10 // options.preload
+        if tenth != shown[0]:  # a line per tenth: no flood when stderr is not a terminal
+            shown[0] = tenth
+            progress(f"preloading: {keys:,}/{options.preload:,} keys")
+
+    done = preload(admin, options.preload, seed=options.seed, progress=loaded)
+    return {"preloaded_keys": done.keys, "preload_s": round(done.seconds, 1)}
+
+
 def _run(options: CheckOptions, cluster: CheckCluster, admin: Client, clients: list[Client],
-         progress: Callable[[str], None]) -> CheckOutcome:
+         progress: Callable[[str], None], preloaded: dict[str, Any]) -> CheckOutcome:
     recorder = Recorder()
     workloads = [WORKLOADS[name](options.keys) for name in options.workloads]
     stop = threading.Event()
@@ -155,7 +182,7 @@ def _run(options: CheckOptions, cluster: CheckCluster, admin: Client, clients: l
     cluster.heal()
     if membership is not None:
         membership.settled_view()  # drops a node whose last add or removal failed
-    digests = _converged_digests(cluster, admin)
+    statuses = _converged(cluster, admin)
     members = _final_members(admin)
     finals = Worker(FINAL_PROCESS, admin, recorder, random.Random(0))
     for workload in workloads:
@@ -164,7 +191,7 @@ def _run(options: CheckOptions, cluster: CheckCluster, admin: Client, clients: l
     ops = recorder.history()
     results = {w.name: w.check([op for op in ops if op.key.startswith(w.name + "/")])
                for w in workloads}
-    results["convergence"] = check_convergence(digests)
+    results["convergence"] = check_convergence({n: s.digest for n, s in statuses.items()})
     results["membership"] = check_membership(
         {node.raft: node.id for node in cluster.spec.nodes}, members, options.nodes)
     restarted = sum(len(f.target.split(" ")[0].split(","))
@@ -172,15 +199,16 @@ def _run(options: CheckOptions, cluster: CheckCluster, admin: Client, clients: l
     results["restarts"] = check_restarts(nemesis.restart_failures, restarted)
     violations = [v for result in results.values() for v in result.violations]
     valid = all(result.valid for result in results.values())
-    summary = _summary(options, ops, nemesis, results, valid)
+    summary = _summary(options, ops, nemesis, results, valid) | preloaded
+    summary["snapshots"] = _snapshots(statuses)
     report = _write(options, ops, nemesis, violations, summary, labels)
     return CheckOutcome(valid=valid, summary=summary, violations=violations, report=report)
 
 
-def _converged_digests(cluster: CheckCluster, admin: Client) -> dict[str, str]:
-    """Each node's digest once all report the same applied index (or whatever they say at the
-    deadline, which the convergence check then judges)."""
-    latest: dict[str, str] = {}
+def _converged(cluster: CheckCluster, admin: Client) -> dict[str, NodeStatus]:
+    """Each node's status with its digest once all report the same applied index (or whatever
+    they say at the deadline, which the convergence check then judges)."""
+    latest: dict[str, NodeStatus] = {}
 
     def converged() -> bool:
         statuses = {}
@@ -190,16 +218,28 @@ def _converged_digests(cluster: CheckCluster, admin: Client) -> dict[str, str]:
             except errors.Unavailable:
                 return False
         latest.clear()
-        latest.update({node_id: s.digest for node_id, s in statuses.items()})
+        latest.update(statuses)
         leaders = [s for s in statuses.values() if s.role == "leader"]
         applied = {s.applied_index for s in statuses.values()}
-        return len(leaders) == 1 and len(applied) == 1 and len(set(latest.values())) == 1
+        digests = {s.digest for s in statuses.values()}
+        return len(leaders) == 1 and len(applied) == 1 and len(digests) == 1
 
     try:
         _wait(converged, CONVERGE_TIMEOUT, "the replicas to converge")
     except TimeoutError:
         pass
     return dict(latest)
+
+
+def _snapshots(statuses: dict[str, NodeStatus]) -> dict[str, Any]:
+    """What the current members did with snapshots in the run: per node, snapshots written and
+    loaded (at a restart or from the leader), and the longest gap of any tick loop."""
+    return {
+        "written": {n: s.snapshots_written for n, s in sorted(statuses.items())},
+        "loaded": {n: s.snapshots_loaded for n, s in sorted(statuses.items())},
+        "tick_gap_max_ms": round(max((s.tick_gap_max_ms for s in statuses.values()),
+                                     default=0.0), 1),
+    }
 
 
 def _final_members(admin: Client) -> list[tuple[str, str, str]] | None:

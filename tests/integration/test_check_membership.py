@@ -1,8 +1,8 @@
 """``kv check --faults membership``: the cluster changes shape under the workloads and every
 checker still passes; and the fault-proxy network follows the member set.
 
-Claims: a short run adds a learner, promotes it and removes a voter (one change at a time,
-Raft thesis 4.1), records each change for the report, and ends valid: linearizable registers,
+Claims: a short run on a preloaded state adds a learner, promotes it and removes a voter (one
+change at a time, Raft thesis 4.1), records each change for the report, and ends valid: linearizable registers,
 list-appends without loss or duplicate, counters in bounds, the current members converged, and
 those members are exactly the nodes the harness runs (removed ones stopped). A node that joins
 gets proxies on all its links and, since only the larger address dials, must sort last.
@@ -25,6 +25,9 @@ from tests.support import wait_for
 pytestmark = pytest.mark.integration
 
 RUN_SECONDS = "15s"
+PRELOAD = 20_000
+"""Keys loaded first (``--preload``): the snapshots taken in the run, and sent to the added
+nodes, hold them."""
 MEMBERSHIP_SEED = 6
 """Its first three membership changes are add, promote, remove the leader, whichever node
 leads (tests/unit/test_check_membership_plan.py replays the plan); they take about 8 s."""
@@ -32,9 +35,15 @@ leads (tests/unit/test_check_membership_plan.py replays the plan); they take abo
 
 def test_a_run_with_membership_changes_adds_promotes_removes_and_passes(tmp_path: Path) -> None:
     code, summary, _ = kv_check(tmp_path / "report", "--faults", "membership",
-                                "--duration", RUN_SECONDS, seed=MEMBERSHIP_SEED)
+                                "--duration", RUN_SECONDS, "--preload", str(PRELOAD),
+                                seed=MEMBERSHIP_SEED)
     assert summary["verdict"] == "valid", summary
     assert code == 0
+    assert summary["preloaded_keys"] == PRELOAD
+    snapshots = summary["snapshots"]
+    assert isinstance(snapshots, dict) and sum(snapshots["written"].values()) >= 1, snapshots
+    added = [n for n in snapshots["loaded"] if n not in ("n1", "n2", "n3")]
+    assert any(snapshots["loaded"][n] >= 1 for n in added), "no node joined by a snapshot"
     changes = summary["membership_changes"]
     assert isinstance(changes, dict)
     assert changes["add"] >= 1 and changes["promote"] >= 1 and changes["remove"] >= 1, changes
