@@ -36,7 +36,7 @@ from kvstore import errors
 if TYPE_CHECKING:
     from cli.check_cluster import CheckCluster
     from kvstore.client import Client
-    from kvstore.proto.api_pb2 import MemberListResponse
+    from kvstore.proto.api_pb2 import MemberListResponse, MemberStatus
 
 MIN_VOTERS = 3
 """Never fewer voters than this: with two, one fault stops the cluster and the run means less."""
@@ -108,8 +108,9 @@ def label(change: Change, view: MemberView) -> str:
 def view_of(listing: MemberListResponse, names: dict[str, str]) -> MemberView:
     """``listing`` in node names (``names``: raft address -> node id; a member the harness does
     not know keeps the name it was added with)."""
-    def name(m: object) -> str:
-        return names.get(m.raft_address) or m.name  # type: ignore[attr-defined]
+    def name(m: MemberStatus) -> str:
+        return names.get(m.raft_address) or m.name
+
     members = [m for m in listing.members if m.role != "removed"]
     return MemberView(
         voters=tuple(sorted(name(m) for m in members if m.role == "voter")),
@@ -133,8 +134,8 @@ class MembershipDriver:
         """Nodes whose add or removal failed: members or not, the next look tells."""
 
     def settled_view(self) -> MemberView | None:
-        """The leader's view once no change is pending, after dropping the nodes it does not
-        list; ``None`` if there is no such moment within ``SETTLE_TIMEOUT``."""
+        """The leader's view once no change is pending, after dropping the nodes in doubt that
+        it does not list; ``None`` if there is no such moment within ``SETTLE_TIMEOUT``."""
         deadline = time.monotonic() + SETTLE_TIMEOUT
         while time.monotonic() < deadline:
             try:
