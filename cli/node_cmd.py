@@ -158,6 +158,10 @@ def node() -> None:
                    "acknowledged writes survive power loss (a disk flush per batch). "
                    "--no-fsync is faster and loses acknowledged writes if a majority loses "
                    "power; term and vote are fsynced either way.")
+@click.option("--metrics", "metrics_address", metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (listed in the README). "
+                   "Loopback only without TLS; with --cert, --key and --cacert it is HTTPS and "
+                   "requires a client certificate from the same CA, on any address.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 @click.option("--dial-via", "dial_via", multiple=True, callback=parse_dial_via, hidden=True,
@@ -173,7 +177,8 @@ def node() -> None:
 def run(node_id: str, cluster_id: int, raft: str, api: str, peers: tuple[Member, ...],
         data_dir: Path, secret_file: Path | None, cert_file: Path | None, key_file: Path | None,
         ca_file: Path | None, session_capacity: int, snapshot_count: int, join: bool, fsync: bool,
-        log_level: str, dial_via: dict[str, str], snapshots_on_tick_thread: bool,
+        metrics_address: str | None, log_level: str, dial_via: dict[str, str],
+        snapshots_on_tick_thread: bool,
         planted_bug: str | None) -> None:
     """Runs one node until SIGTERM or Ctrl-C, then stops it cleanly."""
     secret = read_secret(secret_file)
@@ -194,6 +199,7 @@ def run(node_id: str, cluster_id: int, raft: str, api: str, peers: tuple[Member,
         join=join,
         tls=tls,
         background_snapshots=not snapshots_on_tick_thread,
+        metrics_address=metrics_address,
     )
     logging.basicConfig(
         level=log_level.upper(),

@@ -68,6 +68,10 @@ class NodeConfig:
     tls: ServerTLS | None = None
     """The client API's certificate, key and client CA (``kvstore.tls``). Without it the API is
     plaintext and open to anyone who can connect, so it must then be on a loopback address."""
+    metrics_address: str | None = None
+    """Where to serve Prometheus metrics (``kvstore.metrics``; ``kv node run --metrics``), or
+    ``None``: no metrics. The same rule as the API: plain HTTP on loopback only; with ``tls``,
+    HTTPS that requires a client certificate from the same CA, on any address."""
 
     def __post_init__(self) -> None:
         if not self.secret:
@@ -84,6 +88,13 @@ class NodeConfig:
             raise ConfigError(
                 f"refusing to serve the client API on {self.me.api_address} without TLS: anyone "
                 "who can reach it could read and write (pass --cert, --key and --cacert)")
+        if self.metrics_address is not None:
+            split_address(self.metrics_address)
+            if self.tls is None and not is_loopback(self.metrics_address):
+                raise ConfigError(
+                    f"refusing to serve metrics on {self.metrics_address} without TLS: anyone "
+                    "who can reach it could read them (pass --cert, --key and --cacert, or "
+                    "use a loopback address)")
         if self.cluster_id <= 0:
             raise ConfigError("the cluster id must be a positive integer")
         if self.snapshot_count < 1 or self.session_capacity < 1:

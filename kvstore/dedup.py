@@ -127,6 +127,7 @@ def apply_with_session(
         #    snapshot) has none and answers any command, as it always did.
         original = client.command_digest(series_id)
         if original is None or original == digest:
+            store.counts.cache_answers += 1
             return cached
         # 8b. The series id was used before for another command: refuse, apply nothing, cache
         #     nothing; the cached result stays for the command that made it. Rule 6 changed

@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -80,6 +81,14 @@ class Refused(Exception):
         self.message = message
         self.metadata = metadata
 
+    @property
+    def reason(self) -> str:
+        """Why nothing was applied (the reason metadata), else the status code's name."""
+        for key, value in self.metadata:
+            if key == api_errors.REASON_METADATA_KEY:
+                return str(value)
+        return self.code.name
+
 
 class KVService:
     """Validates requests, turns them into log entries, and maps outcomes to gRPC statuses."""
@@ -87,6 +96,7 @@ class KVService:
     def __init__(self, node: KVNode, config: NodeConfig) -> None:
         self._node = node
         self._config = config
+        self._proposals = node.metrics.proposals if node.metrics is not None else None
 
     # -- RPCs -------------------------------------------------------------------------------
 
@@ -124,13 +134,22 @@ class KVService:
         try:
             answers = await self._node.propose_many_async(entries, self._node_timeout(context))
         except NotApplied as exc:
-            raise self._propose_refusal(exc) from exc
+            refusal = self._propose_refusal(exc)
+            if self._proposals is not None:
+                for _ in entries:
+                    self._proposals.count("propose", refusal.reason)
+            raise refusal from exc
         for i, answer in zip(slots, answers, strict=True):
             if isinstance(answer, bytes):
-                outcomes[i] = api_pb2.ProposeOutcome(fate=api_pb2.FATE_ANSWERED,
-                                                     result=results.decode(answer))
+                result = results.decode(answer)
+                outcomes[i] = api_pb2.ProposeOutcome(fate=api_pb2.FATE_ANSWERED, result=result)
+                if self._proposals is not None:
+                    self._proposals.count("propose", result.code)
             else:
-                outcomes[i] = _refused_outcome(self._propose_refusal(answer))
+                refusal = self._propose_refusal(answer)
+                outcomes[i] = _refused_outcome(refusal)
+                if self._proposals is not None:
+                    self._proposals.count("propose", refusal.reason)
         return api_pb2.ProposeBatchResponse(outcomes=outcomes)
 
     async def Read(self, request: api_pb2.ReadRequest, context: grpc.aio.ServicerContext) -> Result:
@@ -151,7 +170,7 @@ class KVService:
         # A linearizable read goes through the log as a system entry (client id 0): it changes
         # nothing, so it needs no deduplication, and it sees every write committed before it.
         system = Session(cluster_id=self._config.cluster_id)
-        return await self._propose(encode_entry(system, request.command), context)
+        return await self._propose(encode_entry(system, request.command), context, "read")
 
     async def Status(self, request: api_pb2.StatusRequest,
                      context: grpc.aio.ServicerContext) -> api_pb2.NodeStatus:
@@ -257,7 +276,7 @@ class KVService:
         session = self._session(request.session)
         _require(session.series_id == series_id and session.valid_for_session_op(
             self._config.cluster_id), f"{op.capitalize()}Session needs a session prepared for {op}")
-        return await self._propose(encode_entry(session), context)
+        return await self._propose(encode_entry(session), context, op)
 
     def _session(self, pb: object) -> Session:
         session = Session.from_pb(pb)  # type: ignore[arg-type]
@@ -282,15 +301,37 @@ class KVService:
         _check_command(request)
         return encode_entry(session, request.command)
 
-    async def _propose(self, entry: bytes, context: grpc.aio.ServicerContext) -> Result:
+    async def _propose(self, entry: bytes, context: grpc.aio.ServicerContext,
+                       kind: str = "propose") -> Result:
+        """Replicates ``entry`` and answers with its result; with metrics, counts the outcome
+        under ``kind`` (``kvstore.metrics.KINDS``)."""
+        if self._proposals is None:
+            return _answer(await self._replicate(entry, context))
+        try:
+            result = await self._replicate(entry, context)
+        except Refused as refusal:
+            self._proposals.count(kind, refusal.reason)
+            raise
+        except asyncio.CancelledError:  # the caller went away; the entry may still apply
+            self._proposals.count(kind, "CANCELLED")
+            raise
+        self._proposals.count(kind, result.code)
+        return _answer(result)
+
+    async def _replicate(self, entry: bytes, context: grpc.aio.ServicerContext) -> Result:
+        """The state machine's result for ``entry``, or ``Refused`` if there is none."""
         self._refuse_if_removed()
         if not self._node.is_leader():
             raise self._not_leader("NOT_LEADER")
+        started = time.perf_counter()
         try:
             answer = await self._node.propose_async(entry, self._node_timeout(context))
         except (NotApplied, OutcomeUnknown) as exc:
             raise self._propose_refusal(exc) from exc
-        return _answer(results.decode(answer))
+        finally:
+            if self._proposals is not None:
+                self._proposals.commit_seconds.observe(time.perf_counter() - started)
+        return results.decode(answer)
 
     @staticmethod
     def _node_timeout(context: grpc.aio.ServicerContext) -> float:
@@ -552,9 +593,25 @@ def serving(config: NodeConfig,
     log.info("node %s serving clients on %s (%s), raft on %s", config.node_id,
              config.me.api_address, "mutual TLS" if config.tls else "plaintext, loopback only",
              config.me.raft_address)
+    metrics = None
+    if node.metrics is not None and config.metrics_address is not None:
+        from kvstore.metrics import MetricsServer, NodeCollector
+
+        metrics = MetricsServer(config.metrics_address, NodeCollector(node, node.metrics),
+                                config.tls)
+        try:
+            metrics.start()
+        except BaseException:
+            api.stop()
+            node.stop()
+            raise
+        log.info("node %s serving metrics on %s (%s)", config.node_id, config.metrics_address,
+                 "HTTPS, client certificate required" if config.tls else "HTTP, loopback only")
     try:
         yield node
     finally:
+        if metrics is not None:
+            metrics.stop()
         api.stop()
         node.stop()
 

@@ -62,6 +62,21 @@ class ClientSession:
         self.command_digests[series_id] = command_digest
 
 
+@dataclass
+class StoreCounts:
+    """What the store has done since this replica started, for the node's metrics
+    (``kvstore.metrics``): plain integers, so counting costs apply nothing measurable.
+
+    Deterministic like the rest of the store (the same entries give the same counts), but not
+    replicated state: snapshots and the digest leave them out, and a replica that restores a
+    snapshot keeps counting from its own numbers (``StateMachine.restore``)."""
+
+    evictions: int = 0
+    """Sessions evicted to make room for a new one (least recently used first)."""
+    cache_answers: int = 0
+    """Proposals answered from a session's cache instead of being applied again: retries."""
+
+
 class SessionStore:
     """At most ``capacity`` sessions, iterated least recently used first."""
 
@@ -70,6 +85,7 @@ class SessionStore:
             raise ValueError(f"session capacity must be at least 1, got {capacity}")
         self.capacity = capacity
         self._sessions: OrderedDict[int, ClientSession] = OrderedDict()
+        self.counts = StoreCounts()
 
     def use(self, client_id: int) -> ClientSession | None:
         """Looks a session up for an entry being applied, marking it most recently used."""
@@ -93,6 +109,7 @@ class SessionStore:
         evicted = None
         if len(self._sessions) >= self.capacity:
             evicted, _ = self._sessions.popitem(last=False)
+            self.counts.evictions += 1
         self._sessions[client_id] = ClientSession(client_id)
         return evicted
 

@@ -98,6 +98,7 @@ class StateMachine:
             raise snapshot.SnapshotError(
                 f"snapshot of cluster {state.cluster_id}, this is {self.cluster_id}"
             )
+        state.sessions.counts = self.sessions.counts  # this replica's own, not the snapshot's
         self.sessions, self.data = state.sessions, state.data
 
     def digest(self) -> str:

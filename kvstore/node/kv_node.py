@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import Future
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from kvstore.config import Member, NodeConfig
 from kvstore.node import dump_file
@@ -18,6 +18,9 @@ from kvstore.proto.log_pb2 import Command, Result
 from kvstore.snapshot import Frozen
 from kvstore.state_machine import StateMachine
 
+if TYPE_CHECKING:
+    from kvstore.metrics import NodeMetrics
+
 TICK_TASK_TIMEOUT = 2.0
 """How long a read or a status waits for the tick thread before calling it unresponsive."""
 
@@ -27,8 +30,16 @@ class KVNode:
                  state_machine_type: type[StateMachine] = StateMachine) -> None:
         self.config = config
         self.state_machine = state_machine_type(config.cluster_id, config.session_capacity)
+        self.metrics: NodeMetrics | None = None
+        """The counts behind ``--metrics`` (``kvstore.metrics``); ``None`` without it."""
+        replicated = self.state_machine
+        if config.metrics_address is not None:
+            from kvstore.metrics import NodeMetrics  # prometheus_client: only if asked for
+
+            self.metrics = NodeMetrics()
+            replicated = self.metrics.observing(self.state_machine)  # type: ignore[assignment]
         self.raft = RaftNode(
-            self.state_machine,
+            replicated,
             RaftOptions(
                 background_snapshots=config.background_snapshots,
                 self_address=config.me.raft_address,
@@ -43,6 +54,8 @@ class KVNode:
         )
         self.health = Health(self.raft)
         self._digest_cache: tuple[tuple[int, int], str] | None = None
+        if self.metrics is not None:
+            self.raft.add_tick_hook(self.metrics.leader_watch(self.raft))
 
     def propose(self, entry: bytes, timeout: float) -> bytes:
         return self.raft.propose(entry, timeout)
