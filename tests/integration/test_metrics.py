@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import urllib.error
@@ -251,3 +252,22 @@ def test_kv_node_run_refuses_public_metrics_without_tls(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "refusing to serve metrics on 192.0.2.1:9100 without TLS" in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_kv_node_run_with_its_metrics_port_taken_fails_in_one_line(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 32)
+    secret.chmod(0o600)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = "127.0.0.1:%d" % taken.getsockname()[1]
+        done = subprocess.run(
+            [*CLI, "node", "run", "--id", "n1", "--cluster-id", "1",
+             "--raft", f"127.0.0.1:{free_port()}", "--api", f"127.0.0.1:{free_port()}",
+             "--data-dir", str(tmp_path / "n1"), "--secret-file", str(secret),
+             "--metrics", address],
+            env=clean_env(), capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if " INFO " not in line]
+    assert errors == [f"Error: cannot listen on {address} (metrics): Address already in use"]
