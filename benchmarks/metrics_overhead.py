@@ -4,7 +4,8 @@ the same cluster without them, alternating, in one run.
 Each round starts three fresh ``kv node run`` nodes on 127.0.0.1 (plaintext API, the default
 durable mode) twice, once with ``--metrics`` and a scraper that GETs every node's ``/metrics``
 every ``--scrape-every`` seconds (1 s: fifteen times Prometheus's default rate), once without,
-in alternating order, and runs the same ``kv bench --endpoints`` load against each. It prints
+in alternating order, and runs the same ``kv bench --endpoints`` load against each
+(``--no-fsync``: nodes without fsync, CPU-bound, where metrics cost the most). It prints
 the ops/s of each run and the ratio on/off per round and of the medians (the issue asks for at
 least 0.97). Run it under the shared lock:
 
@@ -39,7 +40,8 @@ CLUSTER_ID = 9
 
 
 @contextmanager
-def cluster(directory: Path, metrics: bool) -> Iterator[tuple[list[str], list[str]]]:
+def cluster(directory: Path, metrics: bool,
+            fsync: bool) -> Iterator[tuple[list[str], list[str]]]:
     """Three nodes; yields (API endpoints, metrics addresses)."""
     nodes = [tuple(f"127.0.0.1:{free_port()}" for _ in range(3)) for _ in range(3)]
     secret = directory / "secret"
@@ -49,8 +51,10 @@ def cluster(directory: Path, metrics: bool) -> Iterator[tuple[list[str], list[st
     procs = []
     try:
         for i, (raft, api, scrape) in enumerate(nodes):
-            peers = [a for j, (r, p, _) in enumerate(nodes) if j != i for a in ("--peer", f"{r}={p}")]
+            peers = [a for j, (r, p, _) in enumerate(nodes) if j != i
+                     for a in ("--peer", f"{r}={p}")]
             extra = ["--metrics", scrape] if metrics else []
+            extra.append("--fsync" if fsync else "--no-fsync")
             log = open(directory / f"n{i}.log", "wb")  # noqa: SIM115 - closed with the process
             procs.append((subprocess.Popen(
                 [*CLI, "node", "run", "--id", f"n{i}", "--cluster-id", str(CLUSTER_ID),
@@ -122,13 +126,15 @@ def main() -> None:
     parser.add_argument("--duration", default="10s")
     parser.add_argument("--warmup", default="2s")
     parser.add_argument("--scrape-every", type=float, default=1.0)
+    parser.add_argument("--no-fsync", action="store_true",
+                        help="Nodes with --no-fsync: CPU-bound, where metrics cost the most.")
     args = parser.parse_args()
     results: dict[str, list[float]] = {"on": [], "off": []}
     for round_no in range(args.rounds):
         order = ("on", "off") if round_no % 2 == 0 else ("off", "on")
         for mode in order:
             with tempfile.TemporaryDirectory(prefix=f"kv-metrics-bench-{mode}-") as tmp, \
-                    cluster(Path(tmp), mode == "on") as (endpoints, scrapes):
+                    cluster(Path(tmp), mode == "on", not args.no_fsync) as (endpoints, scrapes):
                 stop = threading.Event()
                 scraped = scraper(scrapes, args.scrape_every, stop) if scrapes else []
                 wait_for_leader(endpoints)
@@ -143,7 +149,8 @@ def main() -> None:
     median_ratio = statistics.median(results["on"]) / statistics.median(results["off"])
     print("on/off per round: " + ", ".join(f"{r:.3f}" for r in per_round))
     print(f"on/off of the medians: {median_ratio:.3f} ({args.clients} clients, "
-          f"{args.duration} per run, scrape every {args.scrape_every}s)")
+          f"{args.duration} per run, scrape every {args.scrape_every}s, "
+          f"{'--no-fsync' if args.no_fsync else 'durable'})")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ class Histogram:
         self.total = 0.0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1  # bucket i holds bounds[i-1] < v <= bounds[i]
+        # Bucket i counts bounds[i-1] < value <= bounds[i], as Prometheus's "le" means.
+        self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
 
     def family(self, name: str, documentation: str) -> HistogramMetricFamily:

@@ -25,7 +25,8 @@ CLUSTER = 5
 
 
 def samples(collector: NodeCollector) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a scrape in Prometheus's text format, parsed back: (name, labels) -> value."""
+    """Every sample of a scrape in Prometheus's text format, parsed back: (name, labels) ->
+    value."""
     registry = CollectorRegistry()
     registry.register(collector)
     text = generate_latest(registry).decode()
@@ -127,7 +128,8 @@ def test_the_collector_reads_the_node_at_scrape_time() -> None:
                            raftCommitIndex=10, raftLastApplied=9, fatal=None,
                            internals=SimpleNamespace(raft_log=[None] * 6),
                            is_leader=lambda: True, leader_address=lambda: "127.0.0.1:1")
-    collector = NodeCollector(SimpleNamespace(raft=raft, state_machine=sm), metrics)  # type: ignore[arg-type]
+    node = SimpleNamespace(raft=raft, state_machine=sm)
+    collector = NodeCollector(node, metrics)  # type: ignore[arg-type]
     before = samples(collector)
     assert before[("kv_sessions", ())] == 0 and before[("kv_raft_term", ())] == 4
     assert not any(name == "kv_proposals_total" for name, _ in before)
