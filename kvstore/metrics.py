@@ -11,7 +11,9 @@ What it measures (the README's "Metrics" section lists every metric and its labe
   of entries in each applied batch;
 * the session store: sessions held, sessions evicted, retries answered from the cache;
 * Raft: term, leadership, leader changes seen, commit and applied index, log length,
-  replicated batches, snapshots written and loaded.
+  replicated batches, snapshots written and loaded and how long the last ones took, and the
+  longest gap between two passes of the Raft loop (``kvstore.node.health.TickGaps``): the
+  figure that says whether anything stalls the node.
 
 The rule that keeps it cheap: a request or a tick only adds to plain integers owned by the one
 thread that writes them (the API's event loop, or the tick thread); no prometheus_client object
@@ -43,6 +45,7 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from kvstore.config import split_address
+from kvstore.node.health import RECENT_SECONDS
 from kvstore.proto.log_pb2 import Code
 
 if TYPE_CHECKING:
@@ -201,6 +204,22 @@ class NodeCollector:
                        counters.get("snapshots_written", 0))
         yield _counter("kv_snapshots_loaded", "Snapshots this node loaded (at start or from "
                        "the leader).", counters.get("snapshots_loaded", 0))
+        snapshotter = raft.snapshotter
+        yield _gauge("kv_snapshot_last_write_seconds", "How long the last snapshot took to "
+                     "write, from freezing the state to renaming the file.",
+                     snapshotter.last_write_seconds)
+        yield _gauge("kv_snapshot_last_freeze_seconds", "How long the last snapshot held the "
+                     "Raft thread to freeze a copy of the state.",
+                     snapshotter.last_freeze_seconds)
+        yield _gauge("kv_snapshot_last_restore_seconds", "How long the last snapshot from the "
+                     "leader took to restore, in the background.",
+                     snapshotter.last_restore_seconds)
+        gaps = node.health.tick_gaps
+        yield _gauge("kv_tick_gap_max_seconds", "The longest time between two passes of the "
+                     "Raft loop since the node started (one still open included).",
+                     gaps.since_start())
+        yield _gauge("kv_tick_gap_recent_seconds", "The same over the last "
+                     f"{RECENT_SECONDS} seconds.", gaps.recent())
         yield _gauge("kv_node_failed", "1 if the node stopped itself (disk or state machine "
                      "failure: see kv cluster status).", raft.fatal is not None)
 

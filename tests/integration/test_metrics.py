@@ -35,6 +35,8 @@ pytestmark = pytest.mark.integration
 
 CLUSTER_ID = 77
 SESSION_CAPACITY = 2
+SNAPSHOT_COUNT = 8
+"""Small, so that every node writes a snapshot during the test."""
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -79,6 +81,7 @@ def nodes(tmp_path: Path) -> Iterator[list[Node]]:
                      "--raft", node.raft, "--api", node.api, *peers,
                      "--data-dir", str(tmp_path / node.name), "--secret-file", str(secret),
                      "--session-capacity", str(SESSION_CAPACITY), "--no-fsync",
+                     "--snapshot-count", str(SNAPSHOT_COUNT),
                      "--metrics", node.metrics],
                     env=clean_env(), stdout=log, stderr=subprocess.STDOUT))
         yield cluster
@@ -182,6 +185,12 @@ def test_the_scraped_counters_equal_what_the_client_did(nodes: list[Node]) -> No
         commit = value(scraped[nodes.index(leader)], "kv_raft_commit_index")
         return scraped if applied == {commit} else None
     scraped = wait_for(caught_up, 30, "every node to apply the leader's log")
+
+    def snapshotted() -> list[Samples] | None:
+        again = [scrape(n.metrics) for n in nodes]
+        return again if all(value(s, "kv_snapshots_written_total") >= 1 for s in again) else None
+    for samples in wait_for(snapshotted, 30, "every node to write a snapshot"):
+        assert value(samples, "kv_snapshot_last_write_seconds") > 0
     by_node = dict(zip((n.name for n in nodes), scraped, strict=True))
     on_leader, on_follower = by_node[leader.name], by_node[follower.name]
 
@@ -198,6 +207,8 @@ def test_the_scraped_counters_equal_what_the_client_did(nodes: list[Node]) -> No
         assert value(samples, "kv_sessions") == 1, name
         assert value(samples, "kv_raft_leader_changes_total") >= 1, name
         assert value(samples, "kv_node_failed") == 0, name
+        assert 0 < value(samples, "kv_tick_gap_recent_seconds") <= \
+            value(samples, "kv_tick_gap_max_seconds"), name
     # Each entry the leader handed to Raft has a commit latency, and each was applied in a batch.
     handed_to_raft = sum(to_leader.seen.values())
     assert value(on_leader, "kv_commit_duration_seconds_count") == handed_to_raft

@@ -5,6 +5,7 @@ nodes, is tests/integration/test_metrics.py)."""
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +18,7 @@ from kvstore import StateMachine, encode_entry, ops, results
 from kvstore.config import ConfigError, Member, NodeConfig
 from kvstore.entry import encode_batch
 from kvstore.metrics import Histogram, NodeCollector, NodeMetrics
+from kvstore.node.health import TickGaps
 from kvstore.proto.log_pb2 import Code
 from kvstore.session_store import SessionStore
 from session import Session, new_session
@@ -128,7 +130,10 @@ def test_the_collector_reads_the_node_at_scrape_time() -> None:
                            raftCommitIndex=10, raftLastApplied=9, fatal=None,
                            internals=SimpleNamespace(raft_log=[None] * 6),
                            is_leader=lambda: True, leader_address=lambda: "127.0.0.1:1")
-    node = SimpleNamespace(raft=raft, state_machine=sm)
+    raft.snapshotter = SimpleNamespace(last_write_seconds=1.5, last_freeze_seconds=0.25,
+                                       last_restore_seconds=0.0)
+    gaps = TickGaps()
+    node = SimpleNamespace(raft=raft, state_machine=sm, health=SimpleNamespace(tick_gaps=gaps))
     collector = NodeCollector(node, metrics)  # type: ignore[arg-type]
     before = samples(collector)
     assert before[("kv_sessions", ())] == 0 and before[("kv_raft_term", ())] == 4
@@ -148,6 +153,9 @@ def test_the_collector_reads_the_node_at_scrape_time() -> None:
     watch()
     watch()  # the same leader: not a change
     raft.raftCurrentTerm = 5
+    gaps.on_tick()
+    time.sleep(0.02)  # the gap measured
+    gaps.on_tick()
     after = samples(collector)
 
     def proposals(kind: str, outcome: str) -> float:
@@ -164,8 +172,11 @@ def test_the_collector_reads_the_node_at_scrape_time() -> None:
                 "kv_raft_commit_index": 10, "kv_raft_applied_index": 9,
                 "kv_raft_log_entries": 6, "kv_raft_batches_total": 3,
                 "kv_snapshots_written_total": 2, "kv_snapshots_loaded_total": 0,
-                "kv_node_failed": 0}
+                "kv_snapshot_last_write_seconds": 1.5, "kv_snapshot_last_freeze_seconds": 0.25,
+                "kv_snapshot_last_restore_seconds": 0, "kv_node_failed": 0}
     assert {name: after[(name, ())] for name in expected} == expected
+    assert 0.02 <= after[("kv_tick_gap_recent_seconds", ())] <= \
+        after[("kv_tick_gap_max_seconds", ())] < 5
 
 
 def _config(tmp_path: Path, metrics_address: str) -> NodeConfig:
