@@ -91,6 +91,8 @@ def test_an_ok_answer_in_a_batch_is_the_result() -> None:
 class _Leaderless:
     """Just what ``KVService._not_leader`` asks of the node: who leads (nobody known, or h:9)."""
 
+    metrics = None  # no metrics endpoint (kvstore.metrics)
+
     def __init__(self, leader: str) -> None:
         self.leader = leader
 
