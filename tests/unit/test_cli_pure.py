@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from concurrent import futures
 from collections.abc import Iterator
 from pathlib import Path
@@ -380,7 +381,14 @@ def test_ctrl_c_exits_5_with_one_line(tmp_path: Path) -> None:
             # workers) ignores SIGINT, and a child would inherit that.
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
-            assert arrived.wait(30), "the command's request never reached the server"
+            deadline = time.monotonic() + 30
+            while not arrived.wait(0.1) and command.poll() is None and time.monotonic() < deadline:
+                pass
+            if not arrived.is_set():  # say why, so that a failure here can be diagnosed
+                command.kill()
+                out, err = command.communicate(timeout=30)
+                pytest.fail(f"the command's request never reached the server: exit "
+                            f"{command.returncode}, stdout {out!r}, stderr {err!r}")
             command.send_signal(signal.SIGINT)
             out, err = command.communicate(timeout=30)
         finally:
