@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import socket
+import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -100,3 +102,17 @@ def why_dirty_pages_cannot_tell(directory: str | os.PathLike[str]) -> str | None
         return (f"the file system of {directory} does not show writeback in the page cache "
                 f"(dirty pages: {written} after a write, {synced} after fsync)")
     return None
+
+
+def stop_processes(procs: Iterable[subprocess.Popen[bytes]], grace: float = 15.0) -> None:
+    """SIGTERM to every process, then a wait of ``grace`` seconds each; SIGKILL for any still
+    running (node processes a test started by hand, as a user on several machines would)."""
+    procs = list(procs)
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)

@@ -5,7 +5,6 @@ certificate; a public metrics address without TLS is refused in one line."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -29,7 +28,7 @@ from kvstore.server import serving
 from kvstore.tls import ServerTLS
 from session import Session
 from tests.integration.conftest import CLI, clean_env
-from tests.support import free_port, wait_for
+from tests.support import free_port, stop_processes, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -86,14 +85,7 @@ def nodes(tmp_path: Path) -> Iterator[list[Node]]:
                     env=clean_env(), stdout=log, stderr=subprocess.STDOUT))
         yield cluster
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_processes(procs)
 
 
 class Driver:

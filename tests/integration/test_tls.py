@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +28,7 @@ from kvstore.proto import api_pb2, api_pb2_grpc
 from kvstore.tls import ClientTLS, open_channel
 from session import new_noop_session, new_session
 from tests.integration.conftest import CLI, Cluster, clean_env
-from tests.support import free_port, wait_for
+from tests.support import free_port, stop_processes, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -290,11 +289,4 @@ def test_three_nodes_started_by_hand_with_kv_cert_files(tmp_path: Path) -> None:
         assert _kv("get", "howto", env=as_dashboard).stdout == "howto\nworks\n"
         assert _kv("put", "howto", "no", env=as_dashboard).returncode == exits.ACCESS_DENIED
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_processes(procs)
