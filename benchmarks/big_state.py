@@ -343,6 +343,7 @@ def run(args: argparse.Namespace, on_tick_thread: bool) -> dict[str, Any]:
                     "role": s.role if s else None,
                     "tick_gap_max_ms_since_start": round(s.tick_gap_max_ms, 1) if s else None,
                     "tick_gap_max_ms_during_writes": round(monitor.max_gap(node.id, started), 1),
+                    "gc_pause_max_ms": round(s.gc_pause_max_ms, 1) if s else None,
                     "snapshots_written": s.snapshots_written if s else None,
                     "snapshots_loaded": s.snapshots_loaded if s else None,
                     "last_snapshot_seconds": round(s.snapshot_write_seconds, 2) if s else None,

@@ -13,7 +13,9 @@ What it measures (the README's "Metrics" section lists every metric and its labe
 * Raft: term, leadership, leader changes seen, commit and applied index, log length,
   replicated batches, snapshots written and loaded and how long the last ones took, and the
   longest gap between two passes of the Raft loop (``kvstore.node.health.TickGaps``): the
-  figure that says whether anything stalls the node.
+  figure that says whether anything stalls the node;
+* the garbage collector: collections, their time and the longest one, by generation
+  (``kvstore.node.gc_pauses``): a collection stops every thread, the Raft loop too.
 
 The rule that keeps it cheap: a request or a tick only adds to plain integers owned by the one
 thread that writes them (the API's event loop, or the tick thread); no prometheus_client object
@@ -220,6 +222,21 @@ class NodeCollector:
                      gaps.since_start())
         yield _gauge("kv_tick_gap_recent_seconds", "The same over the last "
                      f"{RECENT_SECONDS} seconds.", gaps.recent())
+        pauses = node.gc_pauses
+        for name, documentation, values in (
+                ("kv_gc_collections", "Collections of Python's garbage collector, by "
+                 "generation.", pauses.count),
+                ("kv_gc_pause_seconds", "Time spent in them (every thread waits meanwhile).",
+                 pauses.total)):
+            family = CounterMetricFamily(name, documentation, labels=("generation",))
+            for generation, value in enumerate(values):
+                family.add_metric((str(generation),), value)
+            yield family
+        longest = GaugeMetricFamily("kv_gc_pause_max_seconds", "The longest collection since "
+                                    "the node started, by generation.", labels=("generation",))
+        for generation, value in enumerate(pauses.longest):
+            longest.add_metric((str(generation),), value)
+        yield longest
         yield _gauge("kv_node_failed", "1 if the node stopped itself (disk or state machine "
                      "failure: see kv cluster status).", raft.fatal is not None)
 

@@ -516,6 +516,7 @@ def status_message(view: NodeStatusView, config: NodeConfig) -> api_pb2.NodeStat
         snapshots_loaded=view.snapshots_loaded,
         snapshot_write_seconds=view.snapshot_write_seconds,
         snapshot_restore_seconds=view.snapshot_restore_seconds,
+        gc_pause_max_ms=view.gc_pause_max * 1e3,
     )
 
 

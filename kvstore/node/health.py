@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kvstore.node import gap_causes
 from kvstore.node.membership import MemberView
 from kvstore.node.raft_node import RaftNode
 
@@ -59,6 +61,8 @@ class NodeStatusView:
     snapshot_write_seconds: float = 0.0
     """How long the last snapshot took to write (freeze to rename), and the last restore."""
     snapshot_restore_seconds: float = 0.0
+    gc_pause_max: float = 0.0
+    """The longest collection of the garbage collector since start (``kvstore.node.gc_pauses``)."""
 
 
 class TickGaps:
@@ -73,13 +77,22 @@ class TickGaps:
         self._last: float | None = None
         self.longest = 0.0
         self._ring: list[tuple[int, float]] = [(-1, 0.0)] * RECENT_SECONDS
+        self.causes: Callable[[], tuple[tuple[str, ...], gap_causes.Probe]] | None = None
+        """Makes the probe of ``kvstore.node.gap_causes`` on the tick thread, at its first pass."""
+        self._names: tuple[str, ...] = ()
+        self._probe: gap_causes.Probe | None = None
+        self._probed: tuple[float, ...] = ()
 
     def on_tick(self) -> None:
         now = time.monotonic()
+        if self._probe is None and self.causes is not None:
+            self._names, self._probe = self.causes()
+        probed = self._probe() if self._probe is not None else ()
         if self._last is not None:
             gap = now - self._last
             if gap > LONG_TICK_GAP:
-                log.warning("the tick thread made no pass for %.0f ms", gap * 1e3)
+                log.warning("the tick thread made no pass for %.0f ms (%s)", gap * 1e3,
+                            gap_causes.explain(self._names, self._probed, probed))
             self.longest = max(self.longest, gap)
             second = int(now)
             slot = second % RECENT_SECONDS
@@ -89,6 +102,7 @@ class TickGaps:
             elif gap > worst:
                 self._ring[slot] = (second, gap)
         self._last = now
+        self._probed = probed
 
     def open_gap(self) -> float:
         """Time since the last pass (long only if the tick thread is stuck right now)."""

@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -161,6 +162,7 @@ class Journal:
         self.failed: str | None = None
         self.on_failure: Callable[[str], None] = lambda reason: None
         self.syncs = 0
+        self.io_seconds = 0.0
 
     # -- creating and opening -------------------------------------------------------------
 
@@ -216,8 +218,12 @@ class Journal:
         """Drops the entries before position ``entryTo``: the snapshot covers them."""
         if entryTo <= 0:
             return
+        t0 = time.perf_counter()
         self._snapshot_durable()
         self._rewrite(self._entries[entryTo:])
+        took = time.perf_counter() - t0
+        self.io_seconds += took
+        log.info("compacted: %d entries kept, in %.0f ms", len(self._entries), took * 1e3)
 
     def __getitem__(self, item: Any) -> Any:
         return self._entries[item]
@@ -273,15 +279,19 @@ class Journal:
     def sync(self) -> None:
         """Makes every entry durable (one fdatasync)."""
         self._check()
+        t0 = time.perf_counter()
         self._io("fdatasync", os.fdatasync, self._fd)
+        self.io_seconds += time.perf_counter() - t0
         self._dirty = False
         self.synced_index = self._entries[-1][1] if self._entries else 0
         self.syncs += 1
 
     def store_meta(self) -> None:
         self._check()
+        t0 = time.perf_counter()
         try:
             self.meta_file.store(self._capped(self.meta))
+            self.io_seconds += time.perf_counter() - t0
         except OSError as exc:
             self._fail(f"writing {self.meta_file.path} failed: {exc}", exc)
 

@@ -7,7 +7,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, BinaryIO
 
 from kvstore.config import Member, NodeConfig
-from kvstore.node import dump_file
+from kvstore.node import dump_file, gap_causes, gc_pauses
 from kvstore.node.health import Health, NodeStatusView, raft_view
 from kvstore.node.member_table import MemberInfo, Role, Table, bootstrap
 from kvstore.node.membership import Membership, MemberView
@@ -53,6 +53,10 @@ class KVNode:
             ),
         )
         self.health = Health(self.raft)
+        self.gc_pauses = gc_pauses.install()
+        journal = self.raft.journal
+        self.health.tick_gaps.causes = lambda: gap_causes.probe_on_this_thread(
+            lambda: self.gc_pauses.seconds, lambda: journal.io_seconds)
         self._digest_cache: tuple[tuple[int, int], str] | None = None
         if self.metrics is not None:
             self.raft.add_tick_hook(self.metrics.leader_watch(self.raft))
@@ -217,6 +221,7 @@ class KVNode:
             snapshots_loaded=counters["snapshots_loaded"],
             snapshot_write_seconds=snapshotter.last_write_seconds,
             snapshot_restore_seconds=snapshotter.last_restore_seconds,
+            gc_pause_max=self.gc_pauses.longest_pause(),
         )
         role = ms.self_role
         if role != Role.VOTER.value:

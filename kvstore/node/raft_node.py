@@ -60,7 +60,7 @@ from kvstore.node import (
     recovery,
 )
 from kvstore.node.internals import Internals
-from kvstore.node.journal import JournalFailed
+from kvstore.node.journal import Journal, JournalFailed
 from kvstore.node.member_table import MemberInfo, Role, Table, bootstrap
 from kvstore.node.outcomes import (
     BatchCallback,
@@ -435,6 +435,11 @@ class RaftNode(SyncObj):
     def snapshot_activity(self) -> list[str]:
         """What is in progress: writing, sending:<peer>, receiving, restoring (empty: nothing)."""
         return self._n_snapshotter.activity()
+
+    @property
+    def journal(self) -> Journal:
+        """The node's Raft log on disk (``kvstore.node.journal``)."""
+        return self._n_journal
 
     @property
     def snapshotter(self) -> Snapshotter:

@@ -18,6 +18,7 @@ from kvstore import StateMachine, encode_entry, ops, results
 from kvstore.config import ConfigError, Member, NodeConfig
 from kvstore.entry import encode_batch
 from kvstore.metrics import Histogram, NodeCollector, NodeMetrics
+from kvstore.node.gc_pauses import GcPauses
 from kvstore.node.health import TickGaps
 from kvstore.proto.log_pb2 import Code
 from kvstore.session_store import SessionStore
@@ -133,7 +134,9 @@ def test_the_collector_reads_the_node_at_scrape_time() -> None:
     raft.snapshotter = SimpleNamespace(last_write_seconds=1.5, last_freeze_seconds=0.25,
                                        last_restore_seconds=0.0)
     gaps = TickGaps()
-    node = SimpleNamespace(raft=raft, state_machine=sm, health=SimpleNamespace(tick_gaps=gaps))
+    pauses = GcPauses()
+    node = SimpleNamespace(raft=raft, state_machine=sm, health=SimpleNamespace(tick_gaps=gaps),
+                           gc_pauses=pauses)
     collector = NodeCollector(node, metrics)  # type: ignore[arg-type]
     before = samples(collector)
     assert before[("kv_sessions", ())] == 0 and before[("kv_raft_term", ())] == 4
@@ -156,6 +159,9 @@ def test_the_collector_reads_the_node_at_scrape_time() -> None:
     gaps.on_tick()
     time.sleep(0.02)  # the gap measured
     gaps.on_tick()
+    pauses.on_collection("start", {"generation": 2})
+    time.sleep(0.01)  # a collection of the oldest generation, 10 ms or more
+    pauses.on_collection("stop", {"generation": 2, "collected": 0})
     after = samples(collector)
 
     def proposals(kind: str, outcome: str) -> float:
@@ -177,6 +183,10 @@ def test_the_collector_reads_the_node_at_scrape_time() -> None:
     assert {name: after[(name, ())] for name in expected} == expected
     assert 0.02 <= after[("kv_tick_gap_recent_seconds", ())] <= \
         after[("kv_tick_gap_max_seconds", ())] < 5
+    assert after[("kv_gc_collections_total", (("generation", "2"),))] == 1
+    assert after[("kv_gc_collections_total", (("generation", "0"),))] == 0
+    assert 0.01 <= after[("kv_gc_pause_max_seconds", (("generation", "2"),))] == \
+        after[("kv_gc_pause_seconds_total", (("generation", "2"),))] < 5
 
 
 def _config(tmp_path: Path, metrics_address: str) -> NodeConfig:

@@ -1,0 +1,73 @@
+"""Pauses of Python's cyclic garbage collector, measured (issue 9: the tick thread's budget).
+
+A collection holds the interpreter from start to end: no other thread runs, the Raft tick
+thread included. How long it takes grows with the number of container objects the collector
+tracks (a collection of the oldest generation visits every one of them, and everything they
+hold), so a node holding a large state can stop for a long time without doing anything
+visible. This module times every collection, by generation, through ``gc.callbacks``, so that
+status and metrics show it next to the longest gap between two passes of the Raft loop.
+
+The callbacks are process-wide (there is one collector); ``install`` is idempotent.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+
+log = logging.getLogger("kvstore.node.gc")
+
+LONG_PAUSE = 0.05
+"""A collection that is logged: half of the tick thread's 100 ms budget."""
+GENERATIONS = 3
+
+
+class GcPauses:
+    """Counts, total and longest pause of each generation's collections since ``install``."""
+
+    def __init__(self) -> None:
+        self.count = [0] * GENERATIONS
+        self.total = [0.0] * GENERATIONS
+        self.longest = [0.0] * GENERATIONS
+        self.seconds = 0.0
+        """All collections together (what a gap between two passes can be compared with)."""
+        self._started: float | None = None
+
+    def longest_pause(self) -> float:
+        return max(self.longest)
+
+    def on_collection(self, phase: str, info: dict[str, int]) -> None:
+        """The ``gc.callbacks`` hook: called at the start and the stop of each collection, on
+        whichever thread triggered it, with the interpreter held throughout."""
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        if self._started is None:
+            return  # installed during a collection
+        took = time.perf_counter() - self._started
+        self._started = None
+        generation = info["generation"]
+        self.count[generation] += 1
+        self.total[generation] += took
+        self.seconds += took
+        if took > self.longest[generation]:
+            self.longest[generation] = took
+        if took >= LONG_PAUSE:
+            log.warning("garbage collection of generation %d took %.0f ms (%d objects freed)",
+                        generation, took * 1e3, info.get("collected", 0))
+
+
+_lock = threading.Lock()
+_installed: GcPauses | None = None
+
+
+def install() -> GcPauses:
+    """Starts timing the collections of this process (once); returns the one recorder."""
+    global _installed
+    with _lock:
+        if _installed is None:
+            _installed = GcPauses()
+            gc.callbacks.append(_installed.on_collection)
+        return _installed

@@ -1,0 +1,58 @@
+"""The garbage collector's pauses and the causes of a long gap between two passes of the Raft
+loop, as a node measures them (``kvstore.node.gc_pauses``, ``kvstore.node.gap_causes``)."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import sys
+import time
+
+import pytest
+
+from kvstore.node import gap_causes, gc_pauses
+from kvstore.node.health import TickGaps
+
+
+def test_every_collection_is_timed_by_generation() -> None:
+    pauses = gc_pauses.install()
+    assert gc_pauses.install() is pauses, "installed twice: each collection counted twice"
+    assert gc.callbacks.count(pauses.on_collection) == 1
+    before = list(pauses.count), pauses.seconds
+    gc.collect(2)
+    gc.collect(0)
+    assert pauses.count[2] == before[0][2] + 1 and pauses.count[0] == before[0][0] + 1
+    assert pauses.seconds > before[1]
+    assert pauses.longest_pause() == max(pauses.longest) > 0
+
+
+def test_a_long_collection_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    pauses = gc_pauses.GcPauses()
+    with caplog.at_level(logging.WARNING, "kvstore.node.gc"):
+        pauses.on_collection("start", {"generation": 1})
+        time.sleep(gc_pauses.LONG_PAUSE)
+        pauses.on_collection("stop", {"generation": 1, "collected": 3})
+    assert pauses.count == [0, 1, 0] and pauses.longest[1] >= gc_pauses.LONG_PAUSE
+    assert "garbage collection of generation 1 took" in caplog.text
+
+
+def test_a_long_gap_is_logged_with_what_the_tick_thread_did(
+        caplog: pytest.LogCaptureFixture) -> None:
+    gaps = TickGaps()
+    spent = {"gc": 0.0, "io": 0.0}
+    gaps.causes = lambda: gap_causes.probe_on_this_thread(lambda: spent["gc"],
+                                                          lambda: spent["io"])
+    gaps.on_tick()
+    deadline = time.thread_time() + 0.06
+    while time.thread_time() < deadline:  # 60 ms of the tick thread's own CPU
+        pass
+    spent["gc"] += 0.03
+    spent["io"] += 0.05
+    time.sleep(0.05)
+    with caplog.at_level(logging.WARNING, "kvstore.node.health"):
+        gaps.on_tick()
+    line = caplog.records[-1].getMessage()
+    assert line.startswith("the tick thread made no pass for")
+    fields = dict(part.rsplit(" ", 1) for part in line.split("(", 1)[1].rstrip(")").split(", "))
+    assert int(fields["cpu"]) >= 55 and fields["gc"] == "30" and fields["io"] == "50"
+    assert ("runq" in fields) == sys.platform.startswith("linux")
