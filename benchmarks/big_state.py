@@ -15,7 +15,8 @@ closed-loop writers (each with its own session, overwriting preloaded keys) thro
 A monitor polls every node's ``Status`` every 50 ms throughout, and the report says: leader
 changes (terms and leaders seen), the longest tick gap of each node (from its own measure), each
 write's latency classified by whether any node was taking, sending, receiving or restoring a
-snapshot while it was in flight, p99 with and without, snapshot times reported by the nodes, the
+snapshot while it was in flight, p99 with and without (and the same for the leader's own
+snapshots alone), snapshot times reported by the nodes, the
 new member's install time (from its start until it is promoted, having restored the snapshot and
 applied what the leader had committed when the follower was lost), the dump's size on disk, and each node's RSS (now and
 peak). ``--snapshots-on-tick-thread`` runs the same with the old placement (both done on the Raft
@@ -151,7 +152,8 @@ class Monitor:
         self._stop.set()
         self._thread.join(5)
 
-    def snapshot_intervals(self, since: float) -> list[tuple[float, float]]:
+    def snapshot_intervals(self, since: float,
+                           only: str | None = None) -> list[tuple[float, float]]:
         """When some node was busy with a snapshot, as merged [start, end] intervals: the
         samples that report snapshot work (each standing for a polling period either side),
         and, for each snapshot written or loaded, the span its node reports it took, ending
@@ -160,7 +162,7 @@ class Monitor:
         spans: list[tuple[float, float]] = []
         seen: dict[str, tuple[int, int]] = {}
         for t, node_id, s in self.samples:
-            if s is None:
+            if s is None or (only is not None and node_id != only):
                 continue
             counts = (s.snapshots_written, s.snapshots_loaded)
             before = seen.get(node_id)
@@ -324,6 +326,11 @@ def run(args: argparse.Namespace, on_tick_thread: bool) -> dict[str, Any]:
             ended = time.monotonic()
             intervals = monitor.snapshot_intervals(started)
             report["latency"] = classify(records, intervals)
+            final_leader = leader_of(client, nodes)
+            if final_leader is not None:  # the leader's own snapshots, the others' left out
+                report["latency_leader_snapshot"] = {
+                    "leader": final_leader,
+                    **classify(records, monitor.snapshot_intervals(started, final_leader))}
             report["snapshot_busy_seconds"] = round(sum(b - a for a, b in intervals), 1)
             report["writes_per_second"] = round(len(records) / (ended - started), 1)
             report["leaders"] = monitor.leader_view(started)

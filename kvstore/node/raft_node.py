@@ -58,6 +58,7 @@ from kvstore.node import (
     lean_wire,
     membership,
     recovery,
+    snapshot_turns,
 )
 from kvstore.node.internals import Internals
 from kvstore.node.journal import Journal, JournalFailed
@@ -220,7 +221,7 @@ class RaftNode(SyncObj):
         dump_path = os.path.join(options.data_dir, dump_file.FILE_NAME)
         self._n_snapshotter = Snapshotter(dump_path, TRANSMISSION_BATCH_BYTES, sm, self.counters,
                                           self._n_dump_meta, self._n_raft_meta, self._n_set_fatal,
-                                          self._n_keepalive)
+                                          self._n_keepalive, my_turn=self._n_my_turn)
         conf = SyncObjConf(
             password=options.password,
             bindAddress=options.self_address,
@@ -577,6 +578,17 @@ class RaftNode(SyncObj):
             return apply()
         finally:
             self._SyncObj__raftCommitIndex = commit  # (the loop then polls without waiting)
+
+    def _n_my_turn(self, index: int, cluster: Any) -> bool:
+        """Whether this member may start a snapshot now (``kvstore.node.snapshot_turns``)."""
+        return snapshot_turns.my_turn(index, self._n_options.log_compaction_min_entries,
+                                      (getattr(n, "address", str(n)) for n in cluster),
+                                      self._n_options.self_address, len(self._n_journal))
+
+    def forceLogCompaction(self) -> None:  # noqa: N802 - PySyncObj's name
+        """A snapshot now (a backup asks for one), whichever member's turn it is."""
+        self._n_snapshotter.force()
+        super().forceLogCompaction()
 
     def _n_keepalive(self) -> None:
         """Tells the leader this follower is there while it receives a dump: a ``next_node_idx``

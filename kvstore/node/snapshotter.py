@@ -37,7 +37,10 @@ waits until the tick thread is between passes (``TickGate``: open from the end o
 the next one starts, which is mostly the tick thread waiting in ``poll``), so a job runs in the
 tick thread's idle time rather than against it. While a job runs the interpreter's switch
 interval is lowered from 5 ms to ``SWITCH_INTERVAL``, so a tick thread that wakes up during a
-piece gets the interpreter back within about a millisecond.
+piece gets the interpreter back within about a millisecond. And a job's thread runs at a lower
+OS priority (``BACKGROUND_NICE``): on a busy machine the tick thread's gaps were mostly time
+spent runnable, waiting for a core (``kvstore.node.gap_causes``), not waiting for the
+interpreter. Which member snapshots when is ``kvstore.node.snapshot_turns``: one at a time.
 """
 
 from __future__ import annotations
@@ -74,6 +77,13 @@ SEND_BUDGET = 0.005
 """Seconds per pass a leader spends sending a dump: the rest of the pass is for the writes.
 (PySyncObj's own loop sends until ``appendEntriesPeriod``, 50 ms here, has passed.) The node
 passes at least every 10 ms, so this is up to half of its time."""
+
+BACKGROUND_NICE = 10
+"""How much lower than the node's other threads the OS runs a snapshot job's thread (Linux
+only: a thread's nice value; 10 is about a tenth of the CPU share when both want a core).
+A job's pieces already wait for the tick thread to be idle; this makes a core that both want
+go to the tick thread (and the API's threads) rather than the job, when the job is in a part
+that runs without the interpreter lock (hashing, writing the file)."""
 
 RaftMeta = tuple[Any, Any, Any]
 """PySyncObj's (last entry, previous entry, cluster members) that a dump carries."""
@@ -145,6 +155,7 @@ class _Job:
         self._thread.start()
 
     def _run(self) -> None:
+        _lower_priority()
         with SWITCHING:
             try:
                 self.result = self._work(self)
@@ -165,6 +176,18 @@ class _Job:
         self._thread.join(timeout)
 
 
+def _lower_priority() -> None:
+    """Raises the calling thread's nice value by ``BACKGROUND_NICE`` (no privilege needed)."""
+    if not sys.platform.startswith("linux"):
+        return  # elsewhere PRIO_PROCESS names the whole process, not this thread
+    thread = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread,
+                       os.getpriority(os.PRIO_PROCESS, thread) + BACKGROUND_NICE)
+    except OSError:
+        pass  # not allowed here: the job runs at the node's priority, as it did
+
+
 class _Cancelled(Exception):
     pass
 
@@ -175,7 +198,8 @@ class Snapshotter:
     def __init__(self, path: str, batch_size: int, sm: Restorable, counters: Counter[str],
                  dump_meta: Callable[[RaftMeta], dict[str, Any]],
                  raft_meta: Callable[[dict[str, Any]], RaftMeta],
-                 on_fatal: Callable[[str], None], keepalive: Callable[[], None]) -> None:
+                 on_fatal: Callable[[str], None], keepalive: Callable[[], None],
+                 my_turn: Callable[[int, Any], bool] = lambda index, cluster: True) -> None:
         self._path = path
         self._tmp = path + ".tmp"
         self._incoming_tmp = path + ".1.tmp"
@@ -186,6 +210,9 @@ class Snapshotter:
         self._raft_meta = raft_meta
         self._on_fatal = on_fatal
         self._keepalive = keepalive
+        self._my_turn = my_turn
+        """(index, members) -> whether to start now (``kvstore.node.snapshot_turns``)."""
+        self._forced = False
         self._kept_alive = 0.0
         self._writing: _Job | None = None
         self._writing_id: Any = None
@@ -256,11 +283,19 @@ class Snapshotter:
 
     # -- PySyncObj's Serializer interface: taking a snapshot -----------------------------
 
+    def force(self) -> None:
+        """The next snapshot PySyncObj asks for starts whoever's turn it is (a backup waits)."""
+        self._forced = True
+
     def serialize(self, data: tuple[Any, Any, Any, Any], snapshot_id: Any) -> None:
-        """PySyncObj asks for a dump at the last applied entry (``data[1]``)."""
+        """PySyncObj asks for a dump at the last applied entry (``data[1]``). Declined, it asks
+        again at its next pass."""
         if self._writing is not None or self._restoring is not None:
             return  # one at a time; and a state being restored is not the state at that index
         _, last, prev, cluster = data
+        if not self._forced and not self._my_turn(last[1], cluster):
+            return  # another member's turn (kvstore.node.snapshot_turns)
+        self._forced = False
         meta = self._dump_meta((last, prev, cluster))
         started = time.monotonic()
         frozen = self._sm.freeze()

@@ -122,8 +122,11 @@ def test_a_new_member_catches_up_by_snapshot_without_a_stall(big_cluster: Cluste
         after = {e: client.status(e).term for e in cluster.endpoints}
         assert set(after.values()) == set(terms.values()), \
             f"a leader change: terms {terms} became {after}"
-        gap = client.status(endpoint).tick_gap_max_ms
+        newest = client.status(endpoint)
+        gap = newest.tick_gap_max_ms
         assert gap < ELECTION_TIMEOUT_MS, f"{newcomer}'s tick loop stalled {gap:.0f} ms"
+        # Restoring 50k keys allocated enough to set off collections: status reports them.
+        assert 0 < newest.gc_pause_max_ms < ELECTION_TIMEOUT_MS, newest.gc_pause_max_ms
 
         def converged() -> bool:
             views = [client.status(e, with_digest=True, timeout=30) for e in cluster.endpoints]

@@ -11,6 +11,8 @@ snapshot supersedes one still being restored; a dump sent in pieces arrives byte
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 import types
@@ -332,3 +334,48 @@ def test_the_tick_gate_holds_background_work_during_a_pass(monkeypatch: pytest.M
     gate.pass_ends()
     waiter.join(5)
     assert passed.is_set()
+
+
+def test_a_member_starts_a_snapshot_only_in_its_turn_unless_forced(tmp_path: Path) -> None:
+    """``serialize`` asks ``my_turn`` and, declined, starts nothing: PySyncObj asks again at
+    its next pass (``checkSerializing`` says not serializing). A backup forces one."""
+    sm = loaded(50)
+    asked: list[tuple[int, set[str]]] = []
+    turn = {"mine": False}
+
+    def my_turn(index: int, cluster: Any) -> bool:
+        asked.append((index, {n.address for n in cluster}))
+        return turn["mine"]
+    s = Snapshotter(str(tmp_path / "raft.dump"), 4096, sm, Counter(), dump_meta, raft_meta_of,
+                    [].append, lambda: None, my_turn=my_turn)
+    s.serialize(raft_data(10), 10)
+    assert s.checkSerializing() == (SERIALIZER_STATE.NOT_SERIALIZING, None)
+    assert asked == [(10, {"127.0.0.1:7001", "127.0.0.1:7002"})]
+    s.force()
+    s.serialize(raft_data(11), 11)
+    assert finish_write(s) == SERIALIZER_STATE.SUCCESS, "a forced snapshot waited for its turn"
+    s.serialize(raft_data(12), 12)  # forced once only
+    assert s.checkSerializing() == (SERIALIZER_STATE.NOT_SERIALIZING, None)
+    turn["mine"] = True
+    s.serialize(raft_data(13), 13)
+    assert finish_write(s) == SERIALIZER_STATE.SUCCESS
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice: Linux")
+def test_a_snapshot_job_runs_at_a_lower_os_priority(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[int, int]] = []
+    encode = snapshot.encode_pieces
+
+    def watched(frozen: snapshot.Frozen) -> Iterator[bytes]:
+        me = threading.get_native_id()
+        seen.append((me, os.getpriority(os.PRIO_PROCESS, me)))
+        return encode(frozen)
+    monkeypatch.setattr(snapshot, "encode_pieces", watched)
+    s = make(tmp_path, loaded(20))
+    s.serialize(raft_data(5), 5)
+    assert finish_write(s) == SERIALIZER_STATE.SUCCESS
+    (thread, nice), = seen
+    assert thread != threading.get_native_id()
+    assert nice == os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + \
+        snapshotter.BACKGROUND_NICE
