@@ -7,6 +7,7 @@ import gc
 import logging
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -14,6 +15,16 @@ from kvstore.node import gap_causes, gc_pauses
 from kvstore.node.health import TickGaps
 
 
+@pytest.fixture
+def installed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """``install`` as in a node, undone afterwards (this process's collections stay quiet)."""
+    monkeypatch.setattr(gc_pauses, "_installed", None)
+    saved = list(gc.callbacks)
+    yield
+    gc.callbacks[:] = saved
+
+
+@pytest.mark.usefixtures("installed")
 def test_every_collection_is_timed_by_generation() -> None:
     pauses = gc_pauses.install()
     assert gc_pauses.install() is pauses, "installed twice: each collection counted twice"

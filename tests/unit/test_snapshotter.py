@@ -377,5 +377,5 @@ def test_a_snapshot_job_runs_at_a_lower_os_priority(tmp_path: Path,
     assert finish_write(s) == SERIALIZER_STATE.SUCCESS
     (thread, nice), = seen
     assert thread != threading.get_native_id()
-    assert nice == os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + \
-        snapshotter.BACKGROUND_NICE
+    assert nice == min(19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+                       + snapshotter.BACKGROUND_NICE)  # 19: the lowest there is
