@@ -101,6 +101,7 @@ COLUMNS: tuple[Column, ...] = (
            in_table=False),
     Column("snapshot_restore_seconds", lambda s: round(s.snapshot_restore_seconds, 3),
            in_table=False),
+    Column("gc_pause_max_ms", lambda s: round(s.gc_pause_max_ms, 1), in_table=False),
     Column("alarms", lambda s: list(s.alarms), cell=_errors),
 )
 
