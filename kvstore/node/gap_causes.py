@@ -9,12 +9,12 @@ and a gap over the budget is logged with how much each moved meanwhile:
   ``schedstat``): the machine, or this process's other threads, had the cores;
 * ``gc``: time the process spent in Python's garbage collector (``kvstore.node.gc_pauses``),
   during which no thread runs Python;
-* ``io``: wall time of the tick thread's own journal writes to disk (fdatasync, the meta file,
-  compaction), *including* any wait for a core once the disk has answered: ``io`` and
-  ``runq`` overlap.
+* ``io``: time in the tick thread's own journal writes to disk (fdatasync, the meta file,
+  compaction), less its waits for a core meanwhile (those are in ``runq``): the disk's share.
 
-What is left of the gap (gap minus cpu minus runq minus io, roughly) is time the tick thread
-was asleep: waiting for the interpreter lock held by another thread, or in ``poll``.
+What is left of the gap (gap minus cpu, runq and io) is time the tick thread was asleep
+otherwise: mostly waiting for the interpreter lock held by another thread (or in ``poll``,
+at most the idle timeout).
 
 Reading ``schedstat`` costs about 3 us per pass; without it (not Linux) ``runq`` is absent.
 """
@@ -26,24 +26,30 @@ import threading
 import time
 from collections.abc import Callable
 
-Probe = Callable[[], tuple[float, ...]]
+class Causes:
+    """The clocks of the calling thread (make it on the tick thread)."""
 
+    def __init__(self, gc_seconds: Callable[[], float], io_seconds: Callable[[], float]) -> None:
+        self._gc_seconds = gc_seconds
+        self._io_seconds = io_seconds
+        try:
+            self._fd = os.open(f"/proc/self/task/{threading.get_native_id()}/schedstat",
+                               os.O_RDONLY)
+        except OSError:
+            self._fd = -1
+        self.names = ("cpu", "runq", "gc", "io") if self._fd >= 0 else ("cpu", "gc", "io")
 
-def probe_on_this_thread(gc_seconds: Callable[[], float],
-                         io_seconds: Callable[[], float]) -> tuple[tuple[str, ...], Probe]:
-    """The names and the sampling function of the clocks above, for the calling thread (call
-    it on the tick thread)."""
-    try:
-        fd = os.open(f"/proc/self/task/{threading.get_native_id()}/schedstat", os.O_RDONLY)
-    except OSError:
-        def without_runq() -> tuple[float, ...]:
-            return time.thread_time(), gc_seconds(), io_seconds()
-        return ("cpu", "gc", "io"), without_runq
+    def probe(self) -> tuple[float, ...]:
+        if self._fd < 0:
+            return time.thread_time(), self._gc_seconds(), self._io_seconds()
+        on_cpu, waiting, _ = os.pread(self._fd, 64, 0).split()
+        return int(on_cpu) / 1e9, int(waiting) / 1e9, self._gc_seconds(), self._io_seconds()
 
-    def probe() -> tuple[float, ...]:
-        on_cpu, waiting, _ = os.pread(fd, 64, 0).split()
-        return int(on_cpu) / 1e9, int(waiting) / 1e9, gc_seconds(), io_seconds()
-    return ("cpu", "runq", "gc", "io"), probe
+    def wall_less_runq(self) -> float:
+        """A clock that stands still while this thread waits for a core (for ``io``)."""
+        if self._fd < 0:
+            return time.perf_counter()
+        return time.perf_counter() - int(os.pread(self._fd, 64, 0).split()[1]) / 1e9
 
 
 def explain(names: tuple[str, ...], before: tuple[float, ...], after: tuple[float, ...]) -> str:

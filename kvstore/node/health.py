@@ -77,22 +77,22 @@ class TickGaps:
         self._last: float | None = None
         self.longest = 0.0
         self._ring: list[tuple[int, float]] = [(-1, 0.0)] * RECENT_SECONDS
-        self.causes: Callable[[], tuple[tuple[str, ...], gap_causes.Probe]] | None = None
-        """Makes the probe of ``kvstore.node.gap_causes`` on the tick thread, at its first pass."""
-        self._names: tuple[str, ...] = ()
-        self._probe: gap_causes.Probe | None = None
+        self.causes: Callable[[], gap_causes.Causes] | None = None
+        """Makes the clocks of ``kvstore.node.gap_causes`` on the tick thread, at its first pass."""
+        self._causes: gap_causes.Causes | None = None
         self._probed: tuple[float, ...] = ()
 
     def on_tick(self) -> None:
         now = time.monotonic()
-        if self._probe is None and self.causes is not None:
-            self._names, self._probe = self.causes()
-        probed = self._probe() if self._probe is not None else ()
+        if self._causes is None and self.causes is not None:
+            self._causes = self.causes()
+        probed = self._causes.probe() if self._causes is not None else ()
         if self._last is not None:
             gap = now - self._last
             if gap > LONG_TICK_GAP:
                 log.warning("the tick thread made no pass for %.0f ms (%s)", gap * 1e3,
-                            gap_causes.explain(self._names, self._probed, probed))
+                            gap_causes.explain(self._causes.names if self._causes else (),
+                                               self._probed, probed))
             self.longest = max(self.longest, gap)
             second = int(now)
             slot = second % RECENT_SECONDS

@@ -55,8 +55,12 @@ class KVNode:
         self.health = Health(self.raft)
         self.gc_pauses = gc_pauses.install()
         journal = self.raft.journal
-        self.health.tick_gaps.causes = lambda: gap_causes.probe_on_this_thread(
-            lambda: self.gc_pauses.seconds, lambda: journal.io_seconds)
+
+        def causes() -> gap_causes.Causes:  # on the tick thread, which owns the journal
+            made = gap_causes.Causes(lambda: self.gc_pauses.seconds, lambda: journal.io_seconds)
+            journal.io_clock = made.wall_less_runq
+            return made
+        self.health.tick_gaps.causes = causes
         self._digest_cache: tuple[tuple[int, int], str] | None = None
         if self.metrics is not None:
             self.raft.add_tick_hook(self.metrics.leader_watch(self.raft))

@@ -51,8 +51,7 @@ def test_a_long_gap_is_logged_with_what_the_tick_thread_did(
         caplog: pytest.LogCaptureFixture) -> None:
     gaps = TickGaps()
     spent = {"gc": 0.0, "io": 0.0}
-    gaps.causes = lambda: gap_causes.probe_on_this_thread(lambda: spent["gc"],
-                                                          lambda: spent["io"])
+    gaps.causes = lambda: gap_causes.Causes(lambda: spent["gc"], lambda: spent["io"])
     gaps.on_tick()
     deadline = time.thread_time() + 0.06
     while time.thread_time() < deadline:  # 60 ms of the tick thread's own CPU
@@ -67,3 +66,10 @@ def test_a_long_gap_is_logged_with_what_the_tick_thread_did(
     fields = dict(part.rsplit(" ", 1) for part in line.split("(", 1)[1].rstrip(")").split(", "))
     assert int(fields["cpu"]) >= 55 and fields["gc"] == "30" and fields["io"] == "50"
     assert ("runq" in fields) == sys.platform.startswith("linux")
+
+
+def test_the_io_clock_stands_still_only_while_the_thread_waits_for_a_core() -> None:
+    causes = gap_causes.Causes(lambda: 0.0, lambda: 0.0)
+    start = causes.wall_less_runq()
+    time.sleep(0.05)  # asleep, not waiting for a core: the clock runs
+    assert causes.wall_less_runq() - start >= 0.045
