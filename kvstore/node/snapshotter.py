@@ -220,7 +220,6 @@ class Snapshotter:
         self._restoring_index: Any = None
         self._transmissions: dict[Any, dict[str, Any]] = {}
         self._incoming: BinaryIO | None = None
-        self._incoming_unflushed = 0
         self._send_started: float | None = None
         self._paused: dict[Any, int] = {}
         self._internals: Any = None
@@ -454,7 +453,6 @@ class Snapshotter:
             log.info("receiving a dump from the leader")
             if self._incoming is not None:
                 self._incoming.close()
-            self._incoming_unflushed = 0
             try:
                 self._incoming = open(self._incoming_tmp, "wb")
             except OSError:
@@ -469,10 +467,6 @@ class Snapshotter:
             self._keepalive()
         try:
             self._incoming.write(piece)
-            self._incoming_unflushed += len(piece)
-            if self._incoming_unflushed >= dump_file.SYNC_EVERY:
-                self._start_writeback(self._incoming, self._incoming_unflushed)
-                self._incoming_unflushed = 0
             if not last:
                 return False
             self._incoming.close()
@@ -487,19 +481,6 @@ class Snapshotter:
         return True
 
     # -- helpers ----------------------------------------------------------------------------
-
-    @staticmethod
-    def _start_writeback(f: BinaryIO, last: int) -> None:
-        """Has the kernel start writing an incoming dump to disk now, without waiting for it
-        (on the tick thread, which receives it). Left to the page cache, the whole dump (113
-        MiB at 1M keys) was written by the fsync before the log is reset to it, on the tick
-        thread, and any journal fdatasync waited behind it (``dump_file.Writer`` says why).
-        Linux's ``POSIX_FADV_DONTNEED`` on the ``last`` bytes written queues their dirty pages
-        for writing and returns (pages being written stay cached for the restorer)."""
-        f.flush()
-        if hasattr(os, "posix_fadvise"):
-            end = f.tell()
-            os.posix_fadvise(f.fileno(), end - last, last, os.POSIX_FADV_DONTNEED)
 
     def _close_transmissions(self) -> None:
         for node in list(self._transmissions):

@@ -379,19 +379,3 @@ def test_a_snapshot_job_runs_at_a_lower_os_priority(tmp_path: Path,
     assert thread != threading.get_native_id()
     assert nice == min(19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
                        + snapshotter.BACKGROUND_NICE)  # 19: the lowest there is
-
-
-def test_an_incoming_dump_is_sent_to_disk_as_it_arrives(tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every ``SYNC_EVERY`` bytes received, the kernel is told to start writing them (no wait),
-    so the fsync before the log is reset to the dump has little left to do."""
-    monkeypatch.setattr(dump_file, "SYNC_EVERY", 1000)
-    advised: list[tuple[int, int, int]] = []
-    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice:
-                        advised.append((offset, length, advice)), raising=False)
-    s = make(tmp_path, loaded(1))
-    pieces = [bytes([i]) * 600 for i in range(5)]
-    done = [s.setTransmissionData((piece, i == 0, False)) for i, piece in enumerate(pieces)]
-    assert s.setTransmissionData((b"", False, True)) and not any(done)
-    assert advised == [(0, 1200, os.POSIX_FADV_DONTNEED), (1200, 1200, os.POSIX_FADV_DONTNEED)]
-    assert (tmp_path / "raft.dump").read_bytes() == b"".join(pieces)
