@@ -34,8 +34,6 @@ FILE_NAME = "raft.dump"
 _DIGEST_BYTES = 32
 _TRAILER = struct.Struct("<IQ")  # meta length, snapshot length
 _HASH_BLOCK = 1 << 20
-SYNC_EVERY = 4 << 20
-"""Bytes a ``Writer`` lets pile up unwritten before it syncs them (see ``Writer``)."""
 
 
 class DumpCorrupt(Exception):
@@ -54,16 +52,7 @@ def state_digest(snapshot_sha256: Any) -> str:
 
 
 class Writer:
-    """Writes a dump in one pass: ``write`` each piece of the snapshot, then ``finish``.
-
-    It syncs what it has written every ``SYNC_EVERY`` bytes, not only at the end. Why: with the
-    page cache of a machine with gigabytes of memory, the kernel writes nothing of a 113 MiB dump
-    back until the final fsync, which then sends it all to the disk at once; and on ext4 (its
-    default ordered mode) the next fdatasync of the Raft journal, which the tick thread makes
-    before every acknowledgement, waits for that. Measured at 1M keys: a follower's tick thread
-    blocked for up to 750 ms in its journal's fdatasync while its own snapshot was being written.
-    In steps of 4 MiB, on the writer's own thread, a journal sync waits for a step at most.
-    """
+    """Writes a dump in one pass: ``write`` each piece of the snapshot, then ``finish``."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -71,7 +60,6 @@ class Writer:
         self._checksum = hashlib.sha256()
         self._snapshot = hashlib.sha256()
         self._snapshot_len = 0
-        self._unsynced = 0
         self._raw(MAGIC)
 
     def write(self, piece: bytes) -> None:
@@ -100,11 +88,6 @@ class Writer:
     def _raw(self, data: bytes) -> None:
         self._checksum.update(data)
         self._file.write(data)
-        self._unsynced += len(data)
-        if self._unsynced >= SYNC_EVERY:
-            self._file.flush()
-            os.fdatasync(self._file.fileno())
-            self._unsynced = 0
 
 
 def encode(meta: dict[str, Any], snapshot: bytes) -> bytes:

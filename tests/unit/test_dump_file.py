@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -60,23 +59,3 @@ def test_a_version_1_dump_is_still_read(tmp_path: Path) -> None:
     assert dump_file.read(str(path)) == dump_file.Dump(meta, snapshot)
     with open(path, "rb") as f:
         assert dump_file.read_meta(f) == meta
-
-
-def test_a_large_dump_is_synced_as_it_is_written_not_all_at_the_end(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every ``SYNC_EVERY`` bytes reach the disk while the rest is still being written, so no
-    final sync holds the disk (and the journal's next fdatasync) for the whole dump."""
-    monkeypatch.setattr(dump_file, "SYNC_EVERY", 1000)
-    synced_at: list[int] = []
-    path = tmp_path / "raft.dump"
-    real = os.fdatasync
-
-    def fdatasync(fd: int) -> None:
-        real(fd)
-        synced_at.append(path.stat().st_size)
-    monkeypatch.setattr(os, "fdatasync", fdatasync)
-    pieces = [bytes([i]) * 300 for i in range(20)]  # 6,000 bytes
-    written(path, pieces)
-    assert len(synced_at) == 5 and all(b - a >= 1000 for a, b in zip(synced_at, synced_at[1:]))
-    assert synced_at[-1] < path.stat().st_size
-    assert dump_file.read(str(path)).snapshot == b"".join(pieces)
