@@ -24,10 +24,16 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
-MAX_IN_FLIGHT = 2
-"""Calls in flight per endpoint before proposals queue: two, so that a new batch is formed
-while the previous one is on the wire or being answered (with one, every proposal arriving
-during a call waits for its full round trip before it even leaves)."""
+MAX_IN_FLIGHT = 1
+"""Calls in flight per endpoint before proposals queue: one. A proposal arriving during a call
+then waits for that call's round trip before it leaves, but every proposal that arrived
+meanwhile leaves with it. Four closed-loop threads sharing a client (the bench's 16 clients
+in four processes) then make calls of two proposals on average, where with two in flight their
+calls cycle through three batches that add up to four (4/3 each): two thirds of the calls. On these machines (three nodes and their clients on two cores) every call costs a few
+hundred microseconds of CPU on each side, and that CPU, not the wait, bounds throughput:
+``kv bench --clients 1,16,64``, alternating the two settings, gave at 16 clients 1.09 and 1.29
+times the ops/s of two in flight, with 0.8 times the node and the client CPU per write, and at
+64 clients 1.01 and 1.24 (README, Performance)."""
 MAX_ITEMS = 256
 MAX_BYTES = 1024 * 1024
 """Limits of one batch; under the server's 2 MiB message limit with room for a lone 1 MiB

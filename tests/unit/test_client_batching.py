@@ -102,6 +102,18 @@ def test_proposals_arriving_during_a_call_share_the_next_one() -> None:
     assert (group.calls, group.sent) == (2, 3)
 
 
+def test_at_the_shipped_setting_a_proposal_waits_for_the_one_call_in_flight() -> None:
+    """The default: one call in flight per endpoint (``MAX_IN_FLIGHT``); what arrives during
+    it leaves together when it ends, and a lone proposal still goes out at once."""
+    group: GroupCommit[str] = GroupCommit(len)
+    assert group.add("a") == ["a"]
+    assert group.add("b") is None
+    assert group.add("c") is None
+    assert group.finished() == [["b", "c"]]
+    assert group.finished() == []
+    assert group.add("d") == ["d"]
+
+
 def test_finishing_without_a_call_in_flight_is_a_bug() -> None:
     with pytest.raises(RuntimeError):
         GroupCommit(len).finished()
