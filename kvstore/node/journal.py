@@ -160,7 +160,6 @@ class Journal:
         """The last index known to be on disk (``sync`` moves it)."""
         self.failed: str | None = None
         self.on_failure: Callable[[str], None] = lambda reason: None
-        self.syncs = 0
 
     # -- creating and opening -------------------------------------------------------------
 
@@ -276,7 +275,6 @@ class Journal:
         self._io("fdatasync", os.fdatasync, self._fd)
         self._dirty = False
         self.synced_index = self._entries[-1][1] if self._entries else 0
-        self.syncs += 1
 
     def store_meta(self) -> None:
         self._check()

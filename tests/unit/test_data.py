@@ -75,3 +75,18 @@ def test_popping_a_missing_key_without_a_default_raises_a_key_error_naming_it() 
     with pytest.raises(KeyError) as raised:
         Data().pop(b"b")
     assert raised.value.args == (b"b",)
+
+
+def test_a_shard_copied_after_a_freeze_is_not_copied_again() -> None:
+    """Copy-on-write copies a shared shard once; later writes go to the copy."""
+    data = Data({b"k": b"v"})
+    data.freeze()
+    data[b"k"] = b"1"
+    shard = hash(b"k") & (SHARDS - 1)
+    copy = data._shards[shard]
+    data[b"k"] = b"2"
+    assert data._shards[shard] is copy
+
+
+def test_repr_shows_the_pairs_as_a_dict_does() -> None:
+    assert repr(Data({b"k": b"v"})) == "Data({b'k': b'v'})"

@@ -348,3 +348,25 @@ def test_a_varint_of_2_to_the_64_is_refused() -> None:
     """Nine continuation bytes and 0x02: 2**64, one past what a varint may hold."""
     assert refusal(empty_snapshot() + b"\x2a" + b"\x80" * 9 + b"\x02") == \
         "not the canonical encoding of a Snapshot: bad varint"
+
+
+def test_each_piece_of_data_holds_piece_entries_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snapshot, "PIECE_ENTRIES", 3)
+    state = snapshot.State(CLUSTER, SessionStore(1), {b"k%d" % n: b"v" for n in range(10)})
+    header, sort_pause, *data = snapshot.encode_pieces(snapshot.freeze(state))
+    assert sort_pause == b""
+    record = len(b"\x2a\x06\x0a\x02k0\x12\x01v")
+    assert [len(piece) // record for piece in data] == [3, 3, 3, 1]
+
+
+def test_keys_are_sorted_in_runs_of_sort_run_with_a_pause_after_each(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snapshot, "SORT_RUN", 3)
+    state = snapshot.State(CLUSTER, SessionStore(1), {b"k%03d" % n: b"v" for n in range(200)})
+    pieces = list(snapshot.encode_pieces(snapshot.freeze(state)))
+    assert pieces[1:68] == [b""] * 67 and pieces[68] != b""  # ceil(200 / 3) runs
+
+
+def test_a_key_as_long_as_the_varint_table_is_written_as_protobuf_writes_it() -> None:
+    state = snapshot.State(CLUSTER, SessionStore(1), {b"k" * (1 << 14): b"v"})
+    assert snapshot.encode(state) == reference_encode(state)
