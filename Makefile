@@ -28,8 +28,9 @@ $(MUTATE_STAMP): $(STAMP)
 
 # Mutation testing of the safety modules against the unit tests (not part of `make test`):
 # fails on a surviving mutant that tests/mutation/survivors.toml does not explain.
+# `make mutate GROUP=durability` mutates one group of modules (tests/mutation/run.py, GROUPS).
 mutate: $(MUTATE_STAMP)
-	$(BIN)/python tests/mutation/run.py
+	$(BIN)/python tests/mutation/run.py $(if $(GROUP),--group $(GROUP))
 
 # Regenerate the committed protobuf code (tests/unit/test_generated_code.py fails when it is stale).
 proto: $(STAMP)

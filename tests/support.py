@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
+from hypothesis import settings
+
 T = TypeVar("T")
 
 
@@ -31,6 +33,25 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, *,
         if time.monotonic() >= deadline:
             raise error(f"timed out after {timeout} s waiting for {what}")
         time.sleep(poll)
+
+
+MUTATION_EXAMPLES = 20
+"""The most examples a property test tries under mutmut (``tests/conftest.py`` says why)."""
+
+
+def under_mutmut() -> bool:
+    """mutmut sets ``MUTANT_UNDER_TEST`` in every process it runs tests in; nothing else does."""
+    return "MUTANT_UNDER_TEST" in os.environ
+
+
+def mutation_settings(given: settings, examples: int = MUTATION_EXAMPLES,
+                      **changes: object) -> settings:
+    """``given`` as it runs under mutmut: at most ``examples`` examples, the same ones every
+    run, and any other ``changes``; ``given`` itself everywhere else."""
+    if not under_mutmut():
+        return given
+    return settings(given, max_examples=min(given.max_examples, examples), derandomize=True,
+                    database=None, **changes)  # type: ignore[arg-type]
 
 
 def free_port() -> int:

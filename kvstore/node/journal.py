@@ -161,7 +161,6 @@ class Journal:
         """The last index known to be on disk (``sync`` moves it)."""
         self.failed: str | None = None
         self.on_failure: Callable[[str], None] = lambda reason: None
-        self.syncs = 0
         self.io_seconds = 0.0
         """Time in fdatasync, meta stores and compaction, by ``io_clock``."""
         self.io_clock: Callable[[], float] = time.perf_counter
@@ -288,7 +287,6 @@ class Journal:
         self.io_seconds += self.io_clock() - t0
         self._dirty = False
         self.synced_index = self._entries[-1][1] if self._entries else 0
-        self.syncs += 1
 
     def store_meta(self) -> None:
         self._check()

@@ -16,7 +16,10 @@ is removed. So the committed file always says exactly what survives and why.
 A mutant is named in the file by its module, its function and the lines it changes (compared
 without indentation), not by mutmut's numbers, which shift whenever a function changes.
 
-    python tests/mutation/run.py [--max-children N]     # what `make mutate` runs
+The modules fall into ``GROUPS``; ``--group NAME`` (``make mutate GROUP=NAME``) mutates one
+group only and reconciles only its entries, for working on one part of the store.
+
+    python tests/mutation/run.py [--max-children N] [--group NAME]   # what `make mutate` runs
 """
 
 from __future__ import annotations
@@ -62,18 +65,44 @@ class Outcome:
     """(mutmut's name, the mutant, its status) for each mutant the tests did not notice."""
 
 
+GROUPS = {
+    "sessions": ("session/session.py", "session/wire.py", "kvstore/dedup.py",
+                 "kvstore/session_store.py", "kvstore/commands.py"),
+    "snapshot": ("kvstore/snapshot.py", "kvstore/data.py"),
+    "durability": ("kvstore/node/journal.py", "kvstore/node/recovery.py",
+                   "kvstore/node/meta_file.py", "kvstore/node/durable.py"),
+    "raft": ("kvstore/node/d6_fence.py", "kvstore/node/member_table.py"),
+}
+"""Every module of ``only_mutate`` in exactly one group (``check_groups``)."""
+
+
+def check_groups(only_mutate: list[str]) -> None:
+    grouped = [path for paths in GROUPS.values() for path in paths]
+    if sorted(grouped) != sorted(only_mutate):
+        sys.exit("make mutate: the GROUPS of tests/mutation/run.py must list every module of "
+                 "[tool.mutmut] only_mutate once; not in a group: "
+                 f"{sorted(set(only_mutate) - set(grouped))}, not in only_mutate: "
+                 f"{sorted(set(grouped) - set(only_mutate))}")
+
+
+def mutant_glob(path: str) -> str:
+    """mutmut's names for the mutants of one module: ``kvstore.node.journal.*``."""
+    return path.removesuffix(".py").replace("/", ".") + ".*"
+
+
 LOG = ROOT / "mutants" / "mutmut.log"
 """mutmut's own output (``debug = true`` in ``[tool.mutmut]``: every pytest run, verbose)."""
 
 
-def run_mutmut(max_children: int) -> None:
+def run_mutmut(max_children: int, files: tuple[str, ...] | None) -> None:
     shutil.rmtree(ROOT / "mutants", ignore_errors=True)  # from scratch: no stale verdicts
     LOG.parent.mkdir()
     mutmut = Path(sys.executable).with_name("mutmut")
     print(f"make mutate: mutmut runs with {max_children} workers; its output goes to "
           f"{LOG.relative_to(ROOT)}", flush=True)
     with LOG.open("w") as log:
-        done = subprocess.run([str(mutmut), "run", "--max-children", str(max_children)],
+        names = [mutant_glob(path) for path in files] if files else []
+        done = subprocess.run([str(mutmut), "run", "--max-children", str(max_children), *names],
                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
         tail = LOG.read_text(errors="replace").replace("\r", "\n").splitlines()[-60:]
@@ -92,7 +121,7 @@ def change_of(diff: str) -> str:
     return "\n".join(lines)
 
 
-def collect() -> Outcome:
+def collect(files: tuple[str, ...] | None) -> Outcome:
     """mutmut's verdicts, read back through its own API (pinned in the ``mutate`` extra)."""
     from mutmut.configuration import config
     from mutmut.mutation.data import SourceFileMutationData
@@ -105,6 +134,8 @@ def collect() -> Outcome:
     statuses: Counter[str] = Counter()
     survivors = []
     for path in sorted(walk_mutatable_files()):
+        if files and str(path) not in files:
+            continue
         data = SourceFileMutationData(path=path)
         data.load()
         for name, exit_code in sorted(data.exit_code_by_key.items()):
@@ -146,13 +177,17 @@ def save_explanations(entries: list[tuple[Mutant, str]]) -> None:
     SURVIVORS.write_text("\n\n".join(blocks) + "\n")
 
 
-def reconcile(outcome: Outcome) -> tuple[list[tuple[Mutant, str]], list[tuple[str, Mutant]],
-                                         list[Mutant]]:
-    """The file's new entries, the survivors without a reason, and the entries now stale."""
+def reconcile(outcome: Outcome, files: tuple[str, ...] | None
+              ) -> tuple[list[tuple[Mutant, str]], list[tuple[str, Mutant]], list[Mutant]]:
+    """The file's new entries, the survivors without a reason, and the entries now stale.
+    Entries of modules outside ``files`` (when given) are kept as they are."""
     explained: dict[tuple[str, str, str], list[str]] = {}
-    for mutant, reason in load_explanations():
-        explained.setdefault(mutant.key(), []).append(reason)
     kept, unexplained = [], []
+    for mutant, reason in load_explanations():
+        if files and mutant.file not in files:
+            kept.append((mutant, reason))
+        else:
+            explained.setdefault(mutant.key(), []).append(reason)
     for name, mutant, _ in outcome.survivors:
         reasons = explained.get(mutant.key())
         reason = reasons.pop(0) if reasons else UNEXPLAINED
@@ -166,20 +201,25 @@ def reconcile(outcome: Outcome) -> tuple[list[tuple[Mutant, str]], list[tuple[st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--group", choices=sorted(GROUPS), help="mutate this group only")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
+    check_groups(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
+                 ["only_mutate"])
+    files = GROUPS[args.group] if args.group else None
     started = time.monotonic()
-    run_mutmut(args.max_children)
-    outcome = collect()
-    kept, unexplained, stale = reconcile(outcome)
+    run_mutmut(args.max_children, files)
+    outcome = collect(files)
+    kept, unexplained, stale = reconcile(outcome, files)
     save_explanations(kept)
     minutes, seconds = divmod(round(time.monotonic() - started), 60)
 
     total = sum(outcome.statuses.values())
-    print(f"\nmake mutate: {total} mutants in {minutes} min {seconds:02d} s: "
+    scope = f"group {args.group}" if args.group else "all groups"
+    print(f"\nmake mutate ({scope}): {total} mutants in {minutes} min {seconds:02d} s: "
           + ", ".join(f"{n} {status}" for status, n in outcome.statuses.most_common()))
     print(f"  survivors explained in {SURVIVORS.relative_to(ROOT)}: "
-          f"{len(kept) - len(unexplained)}")
+          f"{sum(1 for m, _ in kept if not files or m.file in files) - len(unexplained)}")
     for mutant in stale:
         print(f"  no longer survives, removed from the file: {mutant.file} {mutant.function}: "
               f"{mutant.change!r}")

@@ -90,6 +90,21 @@ def test_incr_out_of_int64_range_is_refused(sm: StateMachine, start: int, delta:
     assert sm.data[b"n"] == str(start).encode()
 
 
+@pytest.mark.parametrize(("start", "delta", "end"), [(INT64_MAX - 1, 1, INT64_MAX),
+                                                     (INT64_MIN + 1, -1, INT64_MIN)])
+def test_incr_may_reach_either_end_of_the_int64_range(sm: StateMachine, start: int, delta: int,
+                                                      end: int) -> None:
+    sm.data[b"n"] = str(start).encode()
+    assert run(sm, ops.incr(b"n", delta)).code == Code.OK
+    assert sm.data[b"n"] == str(end).encode()
+
+
+def test_put_many_stores_every_pair_and_counts_them(sm: StateMachine) -> None:
+    run(sm, ops.put(b"b", b"old"))
+    assert run(sm, ops.put_many([(b"a", b"1"), (b"b", b"2"), (b"c", b"")])).count == 3
+    assert dict(sm.data.items()) == {b"a": b"1", b"b": b"2", b"c": b""}
+
+
 def test_append_returns_the_new_length(sm: StateMachine) -> None:
     assert run(sm, ops.append(b"l", b"ab")).length == 2
     assert run(sm, ops.append(b"l", b"cde")).length == 5
@@ -144,6 +159,9 @@ TOO_LONG_VALUE = f"value is {MAX_VALUE_BYTES + 1} bytes, over {MAX_VALUE_BYTES}"
         (ops.range_(b"p" * (MAX_KEY_BYTES + 1)), Code.KEY_TOO_LARGE,
          f"prefix is {MAX_KEY_BYTES + 1} bytes, over {MAX_KEY_BYTES}"),
         (Command(), Code.INVALID_ARGUMENT, "the request carries no command"),
+        (ops.put_many([(b"a", b"1"), (b"", b"v")]), Code.INVALID_ARGUMENT, "the key is empty"),
+        (ops.put_many([(b"a", b"1"), (b"b", b"v" * (MAX_VALUE_BYTES + 1))]),
+         Code.VALUE_TOO_LARGE, TOO_LONG_VALUE),
     ],
 )
 def test_bad_commands_are_error_results_and_change_nothing(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -54,3 +55,38 @@ def test_a_plain_dict_is_frozen_by_copy() -> None:
     view = FrozenData.copy_of(plain)
     plain[b"a"] = b"2"
     assert view[b"a"] == b"1"
+
+
+def test_in_finds_every_key_whatever_its_shard() -> None:
+    data = Data((b"k%d" % n, b"v") for n in range(200))  # keys in many shards
+    assert all(b"k%d" % n in data for n in range(200))
+    assert b"k200" not in data
+
+
+def test_deleting_a_missing_key_raises_a_key_error_naming_it_as_a_dict_does() -> None:
+    data = Data({b"a": b"1"})
+    with pytest.raises(KeyError) as raised:
+        del data[b"b"]
+    assert raised.value.args == (b"b",)
+    assert data == {b"a": b"1"}
+
+
+def test_popping_a_missing_key_without_a_default_raises_a_key_error_naming_it() -> None:
+    with pytest.raises(KeyError) as raised:
+        Data().pop(b"b")
+    assert raised.value.args == (b"b",)
+
+
+def test_a_shard_copied_after_a_freeze_is_not_copied_again() -> None:
+    """Copy-on-write copies a shared shard once; later writes go to the copy."""
+    data = Data({b"k": b"v"})
+    data.freeze()
+    data[b"k"] = b"1"
+    shard = hash(b"k") & (SHARDS - 1)
+    copy = data._shards[shard]
+    data[b"k"] = b"2"
+    assert data._shards[shard] is copy
+
+
+def test_repr_shows_the_pairs_as_a_dict_does() -> None:
+    assert repr(Data({b"k": b"v"})) == "Data({b'k': b'v'})"

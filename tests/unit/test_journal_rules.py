@@ -593,3 +593,14 @@ def test_a_journal_holding_the_snapshots_entries_anywhere_before_its_end_is_comp
     kept = aligned(tmp_path, 9, (b"command %d" % prev, prev, 2), (b"command %d" % last, last, 2),
                    caplog)
     assert kept == list(range(prev, 10))
+
+
+def test_a_payload_of_exactly_the_largest_size_is_an_entry(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``MAX_PAYLOAD`` is the largest payload read back, not the first one refused (here 8
+    bytes, not 1 GiB, so the record fits in a test)."""
+    from kvstore.node import journal as journal_mod
+    monkeypatch.setattr(journal_mod, "MAX_PAYLOAD", 8)
+    path = tmp_path / recovery.JOURNAL
+    path.write_bytes(MAGIC + encode(1, 1, b"8 bytes!") + encode(2, 1, b"nine byte"))
+    assert Journal.open(str(path), MetaFile(str(tmp_path / "m")), "")[:] == [(b"8 bytes!", 1, 1)]

@@ -626,3 +626,14 @@ def test_a_crash_while_converting_pysyncobjs_journal_leaves_a_file_recovery_remo
         recovery.prepare(str(data))
     left = [p.name for p in data.iterdir() if p.name.endswith(".tmp")]
     assert left == ["raft.journal.tmp"] and set(left) <= set(recovery.TEMPORARY)
+
+
+def test_a_pysyncobj_journal_whose_end_is_past_2_gib_is_read_to_the_end_of_the_file(
+        data: Path, prepare) -> None:  # type: ignore[no-untyped-def]
+    """The header's end of the records is unsigned: a damaged one that points past the file
+    (here 0xFFFFFFF0, negative if read as signed) ends the records at the end of the file."""
+    raw = legacy_bytes(data, entries(1, 3))
+    raw[recovery._LEGACY_LAST_RECORD_OFFSET:recovery._LEGACY_FIRST_RECORD] = \
+        (0xFFFFFFF0).to_bytes(4, "little")
+    (data / recovery.JOURNAL).write_bytes(bytes(raw))
+    assert prepare()[:] == entries(1, 3)

@@ -21,6 +21,7 @@ from kvstore.proto.log_pb2 import CachedResponse, KeyValue, SessionRecord, Snaps
 from kvstore.session_store import ClientSession, SessionStore
 from session import new_noop_session
 from session.wire import WireDecodeError, parse_canonical
+from tests.support import under_mutmut
 
 CLUSTER = 9
 
@@ -197,6 +198,11 @@ def _mutations(rng: random.Random, data: bytes) -> bytes:
     return bytes(data)
 
 
+HOSTILE_INPUTS = 300 if under_mutmut() else 3000
+"""Under mutmut, where every call of the decoder's functions goes through mutmut's trampoline
+(10x slower), a tenth of them, always the same ones (the seed is fixed)."""
+
+
 def test_the_piecewise_decoder_accepts_exactly_what_the_reference_accepts() -> None:
     """Hostile bytes: mutations of valid snapshots, including ones that break the data records
     (padded varints, a value field before the key, unknown fields, empty fields written out)."""
@@ -219,7 +225,7 @@ def test_the_piecewise_decoder_accepts_exactly_what_the_reference_accepts() -> N
         valid[0] + b"\x2a\x05\x0a\x01z\x18\x01",  # an unknown field: refused
         valid[0] + b"\x2a\x00",  # a record with no key, after others: refused (order)
     ]
-    inputs = handmade + [_mutations(rng, rng.choice(valid)) for _ in range(3000)]
+    inputs = handmade + [_mutations(rng, rng.choice(valid)) for _ in range(HOSTILE_INPUTS)]
     for data in inputs:
         expected = reference_accepts(data)
         try:
@@ -232,5 +238,135 @@ def test_the_piecewise_decoder_accepts_exactly_what_the_reference_accepts() -> N
 
 
 def test_non_bytes_are_refused() -> None:
-    with pytest.raises(snapshot.SnapshotError):
+    with pytest.raises(snapshot.SnapshotError, match="^expected bytes, got int$"):
         snapshot.decode(5)  # type: ignore[arg-type]
+
+
+# -- the piecewise decoder's edges, one rule a test (found by mutation testing) -----------------
+
+def empty_snapshot() -> bytes:
+    return StateMachine(CLUSTER).snapshot()
+
+
+def refusal(data: bytes) -> str:
+    with pytest.raises(snapshot.SnapshotError) as refused:
+        snapshot.decode(data)
+    return str(refused.value)
+
+
+def test_an_empty_key_is_written_as_protobuf_writes_it() -> None:
+    """Commands never write an empty key, but a snapshot can hold one (a first record without a
+    key decodes to b""), and it must re-encode to the same bytes."""
+    for data in ({b"": b"v"}, {b"": b""}, {b"": b"v", b"k": b"w"}):
+        state = snapshot.State(CLUSTER, SessionStore(1), data)
+        assert snapshot.encode(state) == reference_encode(state)
+        assert snapshot.decode(reference_encode(state)).data == data
+
+
+def test_a_record_of_128_bytes_has_a_two_byte_length_and_decodes() -> None:
+    """0x80, the first length that takes two varint bytes, is not a one-byte length."""
+    state = snapshot.State(CLUSTER, SessionStore(1), {b"k": b"v" * 123})  # 3 + 125 bytes
+    encoded = reference_encode(state)
+    assert encoded.endswith(b"\x2a\x80\x01\x0a\x01k\x12\x7b" + b"v" * 123)
+    assert snapshot.decode(encoded).data == state.data
+
+
+def test_a_record_cut_after_its_key_tag_at_the_end_is_refused() -> None:
+    assert refusal(empty_snapshot() + b"\x2a\x01\x0a") == \
+        "not the canonical encoding of a Snapshot: bad varint"
+
+
+def test_a_record_longer_than_what_is_left_is_refused_as_truncated() -> None:
+    assert refusal(empty_snapshot() + b"\x2a\x05\x0a\x01k") == \
+        "not the canonical encoding of a Snapshot: truncated record"
+
+
+def test_an_empty_key_written_out_is_refused() -> None:
+    """protobuf leaves an empty field out, so a key field of length 0 is not canonical."""
+    assert refusal(empty_snapshot() + b"\x2a\x05\x0a\x00\x12\x01v") == \
+        "not the canonical encoding of a KeyValue"
+
+
+def test_a_record_of_two_values_and_no_key_is_refused() -> None:
+    assert refusal(empty_snapshot() + b"\x2a\x06\x12\x01v\x12\x01w") == \
+        "not the canonical encoding of a KeyValue"
+
+
+def test_a_record_cut_after_its_value_tag_at_the_end_is_refused() -> None:
+    assert refusal(empty_snapshot() + b"\x2a\x04\x0a\x01k\x12") == \
+        "not the canonical encoding of a Snapshot: bad varint"
+
+
+@pytest.mark.parametrize("record", [
+    b"\x2a\x12\x0a\x01k\x1a\x0d" + b"x" * 13,  # a 1-byte key, then field 3 (18 bytes in all)
+    b"\x2a\x12\x0a\x03kkk\x1a\x0b" + b"x" * 11,  # a 3-byte key, then field 3 (18 bytes)
+    b"\x2a\x17\x0a\x01k\x1a\x12" + b"x" * 18,  # field 3 holding 18 bytes (0x12, the value tag)
+], ids=["after-1-byte-key", "after-3-byte-key", "of-18-bytes"])
+def test_an_unknown_field_after_the_key_is_refused(record: bytes) -> None:
+    assert refusal(empty_snapshot() + record) == "not the canonical encoding of a KeyValue"
+
+
+def test_keys_whose_bytes_look_like_record_headers_decode_to_themselves() -> None:
+    """The inline reading of a record reads the key's length where it is, never a byte of the
+    key or of the record's own length as one."""
+    data = {b"\x01\x12\x01": b"v",  # key bytes that read as "1 byte, value tag, 1 byte"
+            b"a\x12\x05x": b"y" * 150,  # a record of two length bytes, the second 0x01
+            b"k" * 127 + b"\x12": b"v"}  # a key of 128 bytes: a length of two bytes, 0x80 0x01
+    state = snapshot.State(CLUSTER, SessionStore(1), data)
+    assert snapshot.decode(reference_encode(state)).data == data
+
+
+def test_the_same_key_twice_is_refused_as_a_duplicate() -> None:
+    assert refusal(empty_snapshot() + b"\x2a\x03\x0a\x01k" * 2) == "duplicate key in snapshot"
+
+
+def test_a_key_below_the_one_before_is_refused_as_out_of_order() -> None:
+    assert refusal(empty_snapshot() + b"\x2a\x03\x0a\x01k" + b"\x2a\x03\x0a\x01a") == \
+        "keys out of order in snapshot"
+
+
+def test_decoding_pauses_after_every_piece_entries_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once after the sessions, then after records 3, 6, ... 18 of 20: no more, no fewer."""
+    monkeypatch.setattr(snapshot, "PIECE_ENTRIES", 3)
+    state = snapshot.State(CLUSTER, SessionStore(1), {b"k%03d" % n: b"v" for n in range(20)})
+    steps = snapshot.decode_steps(reference_encode(state))
+    pauses = 0
+    with pytest.raises(StopIteration):
+        while True:
+            next(steps)
+            pauses += 1
+    assert pauses == 1 + 6
+
+
+def test_a_padded_varint_length_is_refused() -> None:
+    """0x81 0x00 reads as 1, but protobuf writes 1 as 0x01: not canonical."""
+    assert refusal(empty_snapshot() + b"\x2a\x04\x0a\x81\x00z") == \
+        "not the canonical encoding of a Snapshot: bad varint"
+
+
+def test_a_varint_of_2_to_the_64_is_refused() -> None:
+    """Nine continuation bytes and 0x02: 2**64, one past what a varint may hold."""
+    assert refusal(empty_snapshot() + b"\x2a" + b"\x80" * 9 + b"\x02") == \
+        "not the canonical encoding of a Snapshot: bad varint"
+
+
+def test_each_piece_of_data_holds_piece_entries_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snapshot, "PIECE_ENTRIES", 3)
+    state = snapshot.State(CLUSTER, SessionStore(1), {b"k%d" % n: b"v" for n in range(10)})
+    header, sort_pause, *data = snapshot.encode_pieces(snapshot.freeze(state))
+    assert sort_pause == b""
+    record = len(b"\x2a\x06\x0a\x02k0\x12\x01v")
+    assert [len(piece) // record for piece in data] == [3, 3, 3, 1]
+
+
+def test_keys_are_sorted_in_runs_of_sort_run_with_a_pause_after_each(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snapshot, "SORT_RUN", 3)
+    state = snapshot.State(CLUSTER, SessionStore(1), {b"k%03d" % n: b"v" for n in range(200)})
+    pieces = list(snapshot.encode_pieces(snapshot.freeze(state)))
+    assert pieces[1:68] == [b""] * 67 and pieces[68] != b""  # ceil(200 / 3) runs
+
+
+def test_a_key_as_long_as_the_varint_table_is_written_as_protobuf_writes_it() -> None:
+    state = snapshot.State(CLUSTER, SessionStore(1), {b"k" * (1 << 14): b"v"})
+    assert snapshot.encode(state) == reference_encode(state)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from session import Session, SessionDecodeError
+from kvstore.proto.log_pb2 import Snapshot
 from session.session_pb2 import SessionPB
 from session.wire import (
     MAX_FIELD_NUMBER,
@@ -18,6 +19,7 @@ from session.wire import (
     WireDecodeError,
     decode_varint_fields,
     parse,
+    parse_canonical,
 )
 
 KNOWN = range(1, 5)
@@ -104,3 +106,9 @@ def test_parse_refuses_what_is_not_bytes_and_bytes_that_do_not_decode() -> None:
     with pytest.raises(WireDecodeError) as refused:
         parse(SessionPB, b"\x08")
     assert str(refused.value).startswith("not a valid SessionPB: ")
+
+
+def test_a_valid_but_not_canonical_encoding_is_refused_by_name() -> None:
+    """Fields out of order parse, but protobuf would write them the other way round."""
+    with pytest.raises(WireDecodeError, match="^not the canonical encoding of a Snapshot$"):
+        parse_canonical(Snapshot, b"\x10\x05\x08\x01")
