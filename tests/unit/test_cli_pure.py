@@ -353,6 +353,16 @@ def test_errors_are_one_line_with_their_exit_code(args: list[str], code: int, me
     assert err.startswith("Error: ") and message in err and err.count("\n") == 1
 
 
+AS_FROM_A_TERMINAL = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'kv'; runpy.run_module('cli', run_name='__main__')")
+"""``python -m cli`` with Ctrl-C raising KeyboardInterrupt, as from a terminal: a test runner
+started in the background (or mutmut's workers) ignores SIGINT, and a child inherits that. Set in
+the child itself, not by ``preexec_fn``: a ``preexec_fn`` makes ``subprocess`` fork (not vfork)
+this process, with the test's gRPC server running, and run the fork handlers in the child. Once,
+under load, the command died that way (exit -6, gRPC's "epoll ... Bad file descriptor")."""
+
+
 def test_ctrl_c_exits_5_with_one_line(tmp_path: Path) -> None:
     """A real ``kv`` process, interrupted while it waits for an answer, exits 5 with one line.
     The "node" is a gRPC server whose every method waits and never answers: once a request has
@@ -374,12 +384,9 @@ def test_ctrl_c_exits_5_with_one_line(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KV_")}
     try:
         command = subprocess.Popen(
-            [sys.executable, "-m", "cli", "--endpoints", f"127.0.0.1:{port}", "--timeout", "60",
-             "get", "k"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
-            # As from a terminal: a test runner started in the background (or mutmut's
-            # workers) ignores SIGINT, and a child would inherit that.
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            [sys.executable, "-c", AS_FROM_A_TERMINAL, "--endpoints", f"127.0.0.1:{port}",
+             "--timeout", "60", "get", "k"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
         try:
             deadline = time.monotonic() + 30
             while not arrived.wait(0.1) and command.poll() is None and time.monotonic() < deadline:
