@@ -29,8 +29,9 @@ MAX_IN_FLIGHT = 1
 then waits for that call's round trip before it leaves, but every proposal that arrived
 meanwhile leaves with it. Four closed-loop threads sharing a client (the bench's 16 clients
 in four processes) then make calls of two proposals on average, where with two in flight their
-calls cycle through three batches that add up to four (4/3 each): two thirds of the calls. On these machines (three nodes and their clients on two cores) every call costs a few
-hundred microseconds of CPU on each side, and that CPU, not the wait, bounds throughput:
+calls cycle through three batches that add up to four (4/3 each): two thirds of the calls. On
+these machines (three nodes and their clients on two cores) every call costs a few hundred
+microseconds of CPU on each side, and that CPU, not the wait, bounds throughput:
 ``kv bench --clients 1,16,64``, alternating the two settings, gave at 16 clients 1.09 and 1.29
 times the ops/s of two in flight, with 0.8 times the node and the client CPU per write, and at
 64 clients 1.01 and 1.24 (README, Performance)."""

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 
+
 class Causes:
     """The clocks of the calling thread (make it on the tick thread)."""
 
@@ -42,14 +43,19 @@ class Causes:
     def probe(self) -> tuple[float, ...]:
         if self._fd < 0:
             return time.thread_time(), self._gc_seconds(), self._io_seconds()
-        on_cpu, waiting, _ = os.pread(self._fd, 64, 0).split()
-        return int(on_cpu) / 1e9, int(waiting) / 1e9, self._gc_seconds(), self._io_seconds()
+        on_cpu, waiting = self._schedstat()
+        return on_cpu, waiting, self._gc_seconds(), self._io_seconds()
 
     def wall_less_runq(self) -> float:
         """A clock that stands still while this thread waits for a core (for ``io``)."""
         if self._fd < 0:
             return time.perf_counter()
-        return time.perf_counter() - int(os.pread(self._fd, 64, 0).split()[1]) / 1e9
+        return time.perf_counter() - self._schedstat()[1]
+
+    def _schedstat(self) -> tuple[float, float]:
+        """Seconds this thread has run on a core, and waited runnable for one."""
+        on_cpu, waiting, _ = os.pread(self._fd, 64, 0).split()
+        return int(on_cpu) / 1e9, int(waiting) / 1e9
 
 
 def explain(names: tuple[str, ...], before: tuple[float, ...], after: tuple[float, ...]) -> str:

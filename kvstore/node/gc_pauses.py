@@ -31,9 +31,12 @@ class GcPauses:
         self.count = [0] * GENERATIONS
         self.total = [0.0] * GENERATIONS
         self.longest = [0.0] * GENERATIONS
-        self.seconds = 0.0
-        """All collections together (what a gap between two passes can be compared with)."""
         self._started: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        """All collections together (what a gap between two passes can be compared with)."""
+        return sum(self.total)
 
     def longest_pause(self) -> float:
         return max(self.longest)
@@ -51,9 +54,7 @@ class GcPauses:
         generation = info["generation"]
         self.count[generation] += 1
         self.total[generation] += took
-        self.seconds += took
-        if took > self.longest[generation]:
-            self.longest[generation] = took
+        self.longest[generation] = max(self.longest[generation], took)
         if took >= LONG_PAUSE:
             log.warning("garbage collection of generation %d took %.0f ms (%d objects freed)",
                         generation, took * 1e3, info.get("collected", 0))
