@@ -8,6 +8,7 @@ never on bare sleeps.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import queue
@@ -184,6 +185,22 @@ def running_cluster(directory: Path, *up_args: str) -> Iterator[Cluster]:
         yield started
     finally:
         bring_down(started)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quiet_gc_recorder_at_exit() -> Iterator[None]:
+    """Stops timing garbage collections once the session's tests are done.
+
+    Tests that embed a node in this process install its GC recorder
+    (``kvstore.node.gc_pauses``), which warns of every long collection. After the last test
+    pytest collects garbage several times while finishing, with no log capture left, so the
+    recorder's warnings about pytest's own collections would print under the summary line.
+    """
+    yield
+    from kvstore.node.gc_pauses import GcPauses
+
+    gc.callbacks[:] = [hook for hook in gc.callbacks
+                       if not isinstance(getattr(hook, "__self__", None), GcPauses)]
 
 
 @pytest.fixture(scope="module")
