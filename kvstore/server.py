@@ -118,10 +118,12 @@ class KVService:
         ``Propose`` would have got, and the fate that status means (``retry.fate_of_status``,
         the client's own rule), so that a batch failing part way stays exact per proposal."""
         self._refuse_if_removed()
-        if not self._node.is_leader():
-            raise self._not_leader("NOT_LEADER")
+        # Before leadership, as a lone Propose checks its request: a batch that no node would
+        # take is refused as such by every node, not sent on to the leader to be refused there.
         _require(len(request.proposals) <= MAX_BATCH_PROPOSALS,
                  f"a batch holds at most {MAX_BATCH_PROPOSALS} proposals")
+        if not self._node.is_leader():
+            raise self._not_leader("NOT_LEADER")
         outcomes: list[api_pb2.ProposeOutcome | None] = [None] * len(request.proposals)
         entries: list[bytes] = []
         slots: list[int] = []

@@ -16,7 +16,9 @@ the fuzzer can send what no generated stub would. The mix:
   non-UTF-8 keys, missing commands, writes sent to ``Read``, unknown enum values, unknown
   fields, deeply nested unknown groups (balanced and not), duplicated fields, field number 0,
   invalid wire types, messages over the server's size limit;
-* valid requests (no-op proposals, registrations, reads, ``Status``), so that some succeed.
+* valid requests (no-op proposals, registrations, reads, ``Status``), so that some succeed;
+* ``ProposeBatch`` requests: valid and refused proposals mixed, batches the contract refuses
+  whole (too many proposals) and batches of refused proposals only.
 
 Each request is classified *before* it is sent, by the API contract (``api.proto``) applied with
 the library's own validators, never by asking the server:
@@ -30,10 +32,17 @@ refused       decodes, but the contract refuses it before the log          INVAL
               (wrong cluster, bad session, invalid command...)             FAILED_PRECONDITION
 harmless      valid and never touches the log (Status, serializable read)  anything but a bug
 may_apply     valid and may reach the log (a write, a linearizable read)   anything but a bug
+batch_refused a ``ProposeBatch`` whose every proposal the contract refuses   OK, or refused whole
+              (none may reach the log)                                      (see ALLOWED)
 ============  ===========================================================  ====================
 
+A ``ProposeBatch`` answered OK is also checked proposal by proposal (``batch_answer_errors``):
+one outcome per proposal, ``FATE_REFUSED`` for each proposal the contract refuses, and never
+for a valid one. A refused proposal answered any other way may have reached the log.
+
 INTERNAL and UNKNOWN are never a valid answer: they mean an exception escaped a handler.
-``FuzzReport.unexpected()`` lists every answer outside this table, with sample inputs.
+``FuzzReport.unexpected()`` lists every answer outside this table, and every wrong batch
+outcome, with sample inputs.
 
 With ``invalid_only=True`` only oversize, malformed and refused requests are sent, so a caller
 can check that none of them reached the log (the leader's commit index does not move).
@@ -58,12 +67,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from kvstore import commands
 from kvstore.limits import INT64_MAX, INT64_MIN, MAX_KEY_BYTES, MAX_VALUE_BYTES
 from kvstore.proto import api_pb2
 from kvstore.proto import log_pb2 as pb
-from kvstore.server import MAX_MESSAGE_BYTES
+from kvstore.server import MAX_BATCH_PROPOSALS, MAX_MESSAGE_BYTES
 from kvstore.tls import ClientTLS, open_channel
 from session.constants import SERIES_ID_FOR_REGISTER, SERIES_ID_FOR_UNREGISTER, UINT64_MAX
 from session.errors import SessionInvariantError
@@ -71,11 +81,13 @@ from session.session import Session
 from session.wire import WireDecodeError, parse
 
 SERVICE = "kvstore.KV"
-METHODS: tuple[str, ...] = ("RegisterSession", "UnregisterSession", "Propose", "Read", "Status")
+METHODS: tuple[str, ...] = ("RegisterSession", "UnregisterSession", "Propose", "ProposeBatch",
+                             "Read", "Status")
 REQUEST_TYPES: dict[str, type] = {
     "RegisterSession": api_pb2.SessionRequest,
     "UnregisterSession": api_pb2.SessionRequest,
     "Propose": api_pb2.ProposeRequest,
+    "ProposeBatch": api_pb2.ProposeBatchRequest,
     "Read": api_pb2.ReadRequest,
     "Status": api_pb2.StatusRequest,
 }
@@ -85,13 +97,17 @@ MALFORMED = "malformed"
 REFUSED = "refused"
 HARMLESS = "harmless"
 MAY_APPLY = "may_apply"
-EXPECTATIONS: tuple[str, ...] = (OVERSIZE, MALFORMED, REFUSED, HARMLESS, MAY_APPLY)
-INVALID: frozenset[str] = frozenset({OVERSIZE, MALFORMED, REFUSED})
+BATCH_REFUSED = "batch_refused"
+EXPECTATIONS: tuple[str, ...] = (OVERSIZE, MALFORMED, REFUSED, HARMLESS, MAY_APPLY, BATCH_REFUSED)
+INVALID: frozenset[str] = frozenset({OVERSIZE, MALFORMED, REFUSED, BATCH_REFUSED})
 """Expectations of requests that must never reach the log."""
 ALLOWED: dict[str, frozenset[str]] = {
     OVERSIZE: frozenset({"RESOURCE_EXHAUSTED"}),
     MALFORMED: frozenset({"INVALID_ARGUMENT"}),
     REFUSED: frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION"}),
+    # OK with every outcome FATE_REFUSED (checked by batch_answer_errors); UNAVAILABLE from a
+    # node that is not the leader, which looks at no proposal before it refuses.
+    BATCH_REFUSED: frozenset({"OK", "UNAVAILABLE"}),
 }
 SERVER_BUG_CODES: frozenset[str] = frozenset({"INTERNAL", "UNKNOWN"})
 """Answers that mean a handler raised: never acceptable."""
@@ -147,6 +163,9 @@ class FuzzReport:
     malformed_entries: int = 0
     """Answers that the *state machine* gave as MALFORMED_ENTRY: requests the server let into
     the log although their entry does not decode there (the API should refuse them first)."""
+    batch_errors: int = 0
+    """``ProposeBatch`` answers OK whose outcomes break the contract (``batch_answer_errors``)."""
+    batch_error_samples: list[str] = field(default_factory=list)
 
     def histogram(self) -> Counter[str]:
         """Status code -> how many answers had it, over every method."""
@@ -176,6 +195,9 @@ class FuzzReport:
                         if bucket:
                             lines.append(f"{n} x {expect} -> {code}, e.g. " +
                                          " | ".join(str(s) for s in bucket))
+        if self.batch_errors:
+            lines.append(f"{self.batch_errors} x ProposeBatch answered OK with wrong outcomes, "
+                         "e.g. " + " | ".join(self.batch_error_samples))
         return lines
 
     def summary(self) -> str:
@@ -185,6 +207,7 @@ class FuzzReport:
             + (" DEADLINE HIT" if self.deadline_hit else ""),
             "  all: " + _fmt(self.histogram()),
             f"  answered MALFORMED_ENTRY after reaching the log: {self.malformed_entries}",
+            f"  ProposeBatch answers with wrong outcomes: {self.batch_errors}",
         ]
         lines += [f"  {m}: {_fmt(c)}" for m, c in sorted(self.by_method.items())]
         lines += [f"  [{e}]: {_fmt(c)}" for e, c in sorted(self.by_expect.items())]
@@ -200,11 +223,18 @@ class FuzzReport:
             "by_expect": {k: dict(v) for k, v in self.by_expect.items()},
             "by_kind": {k: dict(v) for k, v in self.by_kind.items()},
             "malformed_entries": self.malformed_entries,
+            "batch_errors": self.batch_errors,
             "unexpected": self.unexpected(),
         }
 
-    def _record(self, case: Case, code: str, details: str) -> None:
+    def _record(self, case: Case, code: str, details: str, batch_errors: Sequence[str] = ()) -> None:
         self.sent += 1
+        if batch_errors:
+            self.batch_errors += 1
+            if len(self.batch_error_samples) < SAMPLES_PER_BUCKET:
+                self.batch_error_samples.append(
+                    f"{'; '.join(batch_errors[:3])} ({case.kind}, {len(case.data)} B on "
+                    f"{case.endpoint}; bytes {case.data[:_SAMPLE_BYTES].hex()})")
         self.by_method.setdefault(case.method, Counter())[code] += 1
         self.by_expect.setdefault(case.expect, Counter())[code] += 1
         self.by_kind.setdefault(case.kind, Counter())[code] += 1
@@ -239,27 +269,61 @@ def classify(method: str, data: bytes, cluster_id: int) -> str:
         return MALFORMED
     if method == "Status":
         return HARMLESS
+    if method == "ProposeBatch":
+        if len(request.proposals) > MAX_BATCH_PROPOSALS:
+            return REFUSED
+        each = {proposal_expectation(p, cluster_id) for p in request.proposals}
+        return MAY_APPLY if MAY_APPLY in each else BATCH_REFUSED
     if method == "Read":
         if request.cluster_id != cluster_id:
             return REFUSED
         if commands.static_error(request.command) is not None or not commands.is_read_only(request.command):
             return REFUSED
         return HARMLESS if request.consistency == api_pb2.SERIALIZABLE else MAY_APPLY
+    if method == "Propose":
+        return proposal_expectation(request, cluster_id)
     session = Session.from_pb(request.session)
     if session.cluster_id != cluster_id:
         return REFUSED
-    if method == "Propose":
-        try:
-            valid = session.valid_for_proposal(cluster_id)
-        except SessionInvariantError:
-            return REFUSED
-        if not valid or commands.static_error(request.command) is not None:
-            return REFUSED
-        return MAY_APPLY
     wanted = SERIES_ID_FOR_REGISTER if method == "RegisterSession" else SERIES_ID_FOR_UNREGISTER
     if session.series_id != wanted or not session.valid_for_session_op(cluster_id):
         return REFUSED
     return MAY_APPLY
+
+
+def proposal_expectation(request: api_pb2.ProposeRequest, cluster_id: int) -> str:
+    """REFUSED or MAY_APPLY: one decoded proposal, alone or in a batch."""
+    session = Session.from_pb(request.session)
+    if session.cluster_id != cluster_id:
+        return REFUSED
+    try:
+        valid = session.valid_for_proposal(cluster_id)
+    except SessionInvariantError:
+        return REFUSED
+    if not valid or commands.static_error(request.command) is not None:
+        return REFUSED
+    return MAY_APPLY
+
+
+def batch_answer_errors(data: bytes, answer: bytes, cluster_id: int) -> list[str]:
+    """What is wrong with ``answer``, an OK answer to the ``ProposeBatch`` request ``data``
+    (one that ``classify`` found decodable): empty when the answer keeps the contract."""
+    request = parse(api_pb2.ProposeBatchRequest, data)
+    try:
+        outcomes = api_pb2.ProposeBatchResponse.FromString(answer).outcomes
+    except DecodeError:
+        return [f"the answer ({len(answer)} B) is not a ProposeBatchResponse"]
+    if len(outcomes) != len(request.proposals):
+        return [f"{len(outcomes)} outcomes for {len(request.proposals)} proposals"]
+    errors = []
+    for i, (proposal, outcome) in enumerate(zip(request.proposals, outcomes, strict=True)):
+        refused, expect = outcome.fate == api_pb2.FATE_REFUSED, proposal_expectation(proposal, cluster_id)
+        if expect == REFUSED and not refused:
+            errors.append(f"proposal {i} is refused by the contract but its fate is "
+                          f"{api_pb2.Fate.Name(outcome.fate)}")
+        elif expect == MAY_APPLY and refused:
+            errors.append(f"proposal {i} is valid but was refused: {outcome.message!r}")
+    return errors
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,20 +431,65 @@ class _Generator:
     def any_command(self, key: bytes | None = None) -> pb.Command:
         return self.write_command(key) if self.rng.random() < 0.7 else self.read_command(key)
 
+    # -- proposals --------------------------------------------------------------------------
+
+    def noop_proposal(self) -> api_pb2.ProposeRequest:
+        return api_pb2.ProposeRequest(session=self.noop().to_pb(), command=self.any_command())
+
+    def unregistered_proposal(self) -> api_pb2.ProposeRequest:
+        """A session the cluster never registered: applied as SESSION_EXPIRED."""
+        series = self.rng.randint(1, 5)
+        session = Session(self.cluster_id, self.client_id(), series, series - 1)
+        return api_pb2.ProposeRequest(session=session.to_pb(), command=self.write_command())
+
+    def refused_proposal(self) -> api_pb2.ProposeRequest:
+        """A proposal the contract refuses before the log (the server must not let it in)."""
+        rng, cid = self.rng, self.cluster_id
+        how = rng.choice(("wrong-cluster", "client-id-0", "reserved-series", "responded-past",
+                          "empty-key", "long-key", "no-command"))
+        command = self.write_command()
+        session = self.noop()
+        if how == "wrong-cluster":
+            session = Session(rng.choice((0, cid + 1, UINT64_MAX)), self.client_id(), 0, 0)
+        elif how == "client-id-0":
+            session = Session(cid, 0, rng.choice((0, 1, 2)), 0)
+        elif how == "reserved-series":
+            series = rng.choice((SERIES_ID_FOR_REGISTER, SERIES_ID_FOR_UNREGISTER))
+            session = Session(cid, self.client_id(), series, 0)
+        elif how == "responded-past":
+            series = rng.randint(0, 10)
+            session = Session(cid, self.client_id(), series, series + rng.choice((1, 2**40)))
+        elif how == "empty-key":
+            command = pb.Command(put=pb.Put(key=b"", value=b"v"))
+        elif how == "long-key":
+            command = pb.Command(put=pb.Put(key=b"k" * (MAX_KEY_BYTES + 1), value=b"v"))
+        else:
+            command = pb.Command()
+        return api_pb2.ProposeRequest(session=session.to_pb(), command=command)
+
+    def batch(self) -> api_pb2.ProposeBatchRequest:
+        """1 to 32 proposals, at least one valid, a few refused, in a random order."""
+        rng = self.rng
+        proposals = [self.noop_proposal()]
+        for _ in range(rng.choice((0, 1, 2, 7, 31))):
+            r = rng.random()
+            proposals.append(self.noop_proposal() if r < 0.7 else
+                             self.unregistered_proposal() if r < 0.85 else self.refused_proposal())
+        rng.shuffle(proposals)
+        return api_pb2.ProposeBatchRequest(proposals=proposals)
+
     # -- valid requests -------------------------------------------------------------------
 
     def valid(self) -> tuple[str, bytes, str]:
         rng = self.rng
         r = rng.random()
-        if r < 0.35:
-            req = api_pb2.ProposeRequest(session=self.noop().to_pb(), command=self.any_command())
-            return "Propose", req.SerializeToString(), "valid/noop-propose"
-        if r < 0.45:
-            # A session the cluster never registered: applied as SESSION_EXPIRED.
-            series = rng.randint(1, 5)
-            session = Session(self.cluster_id, self.client_id(), series, series - 1)
-            req = api_pb2.ProposeRequest(session=session.to_pb(), command=self.write_command())
-            return "Propose", req.SerializeToString(), "valid/unregistered-propose"
+        if r < 0.30:
+            return "Propose", self.noop_proposal().SerializeToString(), "valid/noop-propose"
+        if r < 0.40:
+            return "Propose", self.unregistered_proposal().SerializeToString(), \
+                "valid/unregistered-propose"
+        if r < 0.48:
+            return "ProposeBatch", self.batch().SerializeToString(), "valid/batch"
         if r < 0.55:
             session = Session(self.cluster_id, self.client_id(), SERIES_ID_FOR_REGISTER, 0)
             return "RegisterSession", api_pb2.SessionRequest(session=session.to_pb()).SerializeToString(), \
@@ -666,6 +775,21 @@ def _oversize(g: _Generator, rng: random.Random, cid: int) -> tuple[str, bytes, 
     return "Propose", _session_request("Propose", g.noop(), command), "semantic/oversize"
 
 
+def _batch_too_many(g: _Generator, rng: random.Random, cid: int) -> tuple[str, bytes, str]:
+    size = MAX_BATCH_PROPOSALS + rng.choice((1, 2, 100))
+    proposal = api_pb2.ProposeRequest(session=g.noop().to_pb(),
+                                      command=pb.Command(put=pb.Put(key=g.key(), value=b"v")))
+    request = api_pb2.ProposeBatchRequest(proposals=[proposal] * size)
+    return "ProposeBatch", request.SerializeToString(), "semantic/batch-too-many"
+
+
+def _batch_all_refused(g: _Generator, rng: random.Random, cid: int) -> tuple[str, bytes, str]:
+    """Nothing of such a batch may reach the log; none at all (an empty batch) included."""
+    proposals = [g.refused_proposal() for _ in range(rng.choice((0, 1, 2, 5, 16)))]
+    return "ProposeBatch", api_pb2.ProposeBatchRequest(proposals=proposals).SerializeToString(), \
+        "semantic/batch-all-refused"
+
+
 def _session_request(method: str, session: Session, command: pb.Command) -> bytes:
     if method == "Propose":
         return api_pb2.ProposeRequest(session=session.to_pb(), command=command).SerializeToString()
@@ -677,6 +801,7 @@ _SEMANTIC: list[tuple[Callable[[_Generator, random.Random, int], tuple[str, byte
     (_long_key, 6), (_long_value, 1.2), (_empty_key, 6), (_non_utf8_key, 5), (_no_command, 4),
     (_write_to_read, 5), (_unknown_enum, 3), (_unknown_fields, 6), (_deep_groups, 10),
     (_duplicated_fields, 6), (_huge_length, 6), (_bad_tags, 6), (_oversize, 0.3),
+    (_batch_too_many, 1), (_batch_all_refused, 6),
 ]
 
 
@@ -725,10 +850,9 @@ def fuzz_api(
         raise ValueError("no endpoints")
     if count < 0 or deadline_s <= 0 or threads < 1:
         raise ValueError("count must be >= 0, deadline_s and threads positive")
-    if cluster_id is None:
-        cluster_id = discover_cluster_id(endpoints, tls=tls)
+    cluster = discover_cluster_id(endpoints, tls=tls) if cluster_id is None else cluster_id
     rng = random.Random(seed)
-    generator = _Generator(rng, cluster_id, key_prefix)
+    generator = _Generator(rng, cluster, key_prefix)
     report = FuzzReport(seed=seed, requested=count, invalid_only=invalid_only, endpoints=list(endpoints))
     lock = threading.Lock()
     slots = threading.BoundedSemaphore(threads * 2)
@@ -742,16 +866,19 @@ def fuzz_api(
     }
 
     def send(case: Case) -> None:
+        batch_errors: list[str] = []
         try:
-            calls[(case.endpoint, case.method)](case.data, timeout=call_timeout_s)
+            answer = calls[(case.endpoint, case.method)](case.data, timeout=call_timeout_s)
             code, details = "OK", ""
+            if case.method == "ProposeBatch" and case.expect in (MAY_APPLY, BATCH_REFUSED):
+                batch_errors = batch_answer_errors(case.data, answer, cluster)
         except grpc.RpcError as exc:
             code = exc.code().name if exc.code() is not None else "NO_CODE"
             details = exc.details() or ""
         except Exception as exc:  # noqa: BLE001 - a client-side failure is recorded, not raised
             code, details = f"CLIENT_{type(exc).__name__}", str(exc)
         with lock:
-            report._record(case, code, details)
+            report._record(case, code, details, batch_errors)
 
     def done(_: Future[None]) -> None:
         slots.release()
@@ -764,7 +891,7 @@ def fuzz_api(
                 if time.monotonic() >= deadline:
                     report.deadline_hit = True
                     break
-                case = _next_case(generator, endpoints, cluster_id, invalid_only, valid_share)
+                case = _next_case(generator, endpoints, cluster, invalid_only, valid_share)
                 # Bounded wait: every call in flight ends within its own timeout.
                 if not slots.acquire(timeout=call_timeout_s * 2 + 1):
                     report.deadline_hit = True

@@ -13,6 +13,7 @@ import pytest
 from kvstore import ops
 from kvstore.check.fuzz import (
     ALLOWED,
+    BATCH_REFUSED,
     HARMLESS,
     MALFORMED,
     MAY_APPLY,
@@ -21,12 +22,13 @@ from kvstore.check.fuzz import (
     REFUSED,
     Case,
     FuzzReport,
+    batch_answer_errors,
     classify,
 )
 from kvstore.limits import MAX_KEY_BYTES
 from kvstore.proto import api_pb2
 from kvstore.proto import log_pb2 as pb
-from kvstore.server import MAX_MESSAGE_BYTES
+from kvstore.server import MAX_BATCH_PROPOSALS, MAX_MESSAGE_BYTES
 from session import Session, new_noop_session, new_session
 
 CLUSTER = 7
@@ -77,6 +79,15 @@ def client_id_zero() -> bytes:
     return api_pb2.ProposeRequest(session=pb_session, command=ops.put(b"k", b"v")).SerializeToString()
 
 
+def batch(*proposals: bytes) -> bytes:
+    return api_pb2.ProposeBatchRequest(
+        proposals=[api_pb2.ProposeRequest.FromString(p) for p in proposals]).SerializeToString()
+
+
+VALID_PROPOSAL = propose(registered(), ops.put(b"k", b"v"))
+REFUSED_PROPOSAL = propose(registered(), ops.put(b"", b"v"))  # an empty key
+
+
 CASES = [
     # (method, request bytes, what the contract says): the invalid ones first.
     pytest.param("Propose", b"x" * (MAX_MESSAGE_BYTES + 1), OVERSIZE, id="oversize"),
@@ -101,7 +112,17 @@ CASES = [
                  id="register-wrong-cluster"),
     pytest.param("UnregisterSession", register_request(), REFUSED,
                  id="unregister-with-the-register-series-id"),
+    pytest.param("ProposeBatch", b"\x0a\x05ab", MALFORMED, id="undecodable-batch"),
+    pytest.param("ProposeBatch", batch(*[VALID_PROPOSAL] * (MAX_BATCH_PROPOSALS + 1)), REFUSED,
+                 id="batch-too-many"),
+    pytest.param("ProposeBatch", batch(REFUSED_PROPOSAL, client_id_zero()), BATCH_REFUSED,
+                 id="batch-of-refused-proposals"),
+    pytest.param("ProposeBatch", batch(), BATCH_REFUSED, id="empty-batch"),
     # Valid requests.
+    pytest.param("ProposeBatch", batch(REFUSED_PROPOSAL, VALID_PROPOSAL), MAY_APPLY,
+                 id="batch-with-one-valid-proposal"),
+    pytest.param("ProposeBatch", batch(*[VALID_PROPOSAL] * MAX_BATCH_PROPOSALS), MAY_APPLY,
+                 id="batch-of-the-most-proposals"),
     pytest.param("Status", b"", HARMLESS, id="status"),
     pytest.param("Read", read(ops.get(b"k"), consistency=api_pb2.SERIALIZABLE), HARMLESS,
                  id="serializable-read"),
@@ -163,3 +184,41 @@ def test_a_server_that_lets_an_undecodable_entry_into_the_log_is_counted() -> No
     report._record(Case("Propose", b"", "hand-made", MAY_APPLY, "e"), "OK",
                    "MALFORMED_ENTRY: not the canonical encoding of an Entry")
     assert report.malformed_entries == 1
+
+
+def outcomes(*fates: int) -> bytes:
+    return api_pb2.ProposeBatchResponse(
+        outcomes=[api_pb2.ProposeOutcome(fate=fate) for fate in fates]).SerializeToString()
+
+
+def test_a_batch_answer_that_keeps_the_contract_has_no_errors() -> None:
+    request = batch(VALID_PROPOSAL, REFUSED_PROPOSAL, VALID_PROPOSAL)
+    answer = outcomes(api_pb2.FATE_ANSWERED, api_pb2.FATE_REFUSED, api_pb2.FATE_OUTCOME_UNKNOWN)
+    assert batch_answer_errors(request, answer, CLUSTER) == []
+
+
+@pytest.mark.parametrize("answer, error", [
+    # A refused proposal answered: it reached the log.
+    (outcomes(api_pb2.FATE_ANSWERED, api_pb2.FATE_ANSWERED),
+     "proposal 1 is refused by the contract but its fate is FATE_ANSWERED"),
+    (outcomes(api_pb2.FATE_ANSWERED, api_pb2.FATE_NOT_APPLIED),
+     "proposal 1 is refused by the contract but its fate is FATE_NOT_APPLIED"),
+    (outcomes(api_pb2.FATE_REFUSED, api_pb2.FATE_REFUSED), "proposal 0 is valid but was refused"),
+    (outcomes(api_pb2.FATE_ANSWERED), "1 outcomes for 2 proposals"),
+    (b"\xff", "the answer (1 B) is not a ProposeBatchResponse"),
+], ids=["refused-answered", "refused-not-applied", "valid-refused", "an-outcome-missing",
+        "undecodable"])
+def test_every_batch_answer_outside_the_contract_is_an_error(answer: bytes, error: str) -> None:
+    (found,) = batch_answer_errors(batch(VALID_PROPOSAL, REFUSED_PROPOSAL), answer, CLUSTER)
+    assert found.startswith(error)
+
+
+def test_a_batch_answered_with_wrong_outcomes_is_unexpected() -> None:
+    report = report_of(("ProposeBatch", MAY_APPLY, "OK"))
+    assert report.unexpected() == []
+    report._record(Case("ProposeBatch", b"\x0a\x00", "hand-made", MAY_APPLY, "e"), "OK", "",
+                   ["proposal 0 is valid but was refused: 'no'"])
+    (line,) = report.unexpected()
+    assert line.startswith("1 x ProposeBatch answered OK with wrong outcomes, e.g. proposal 0 is "
+                           "valid but was refused: 'no' (hand-made, 2 B on e; bytes 0a00)")
+    assert report.to_json()["batch_errors"] == 1
