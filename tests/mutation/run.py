@@ -72,6 +72,7 @@ GROUPS = {
     "durability": ("kvstore/node/journal.py", "kvstore/node/recovery.py",
                    "kvstore/node/meta_file.py", "kvstore/node/durable.py"),
     "raft": ("kvstore/node/d6_fence.py", "kvstore/node/member_table.py"),
+    "membership": ("kvstore/node/membership.py",),
 }
 """Every module of ``only_mutate`` in exactly one group (``check_groups``)."""
 
