@@ -681,7 +681,7 @@ def test_an_overwritten_change_fails_its_future(clock: Clock) -> None:
     assert str(failure.value) == "DISCARDED: the change was overwritten"
 
 
-# -- changes: no quorum lost (rule 4) ---------------------------------------------------------------
+# -- changes: no quorum lost (rule 4) -------------------------------------------------------------
 
 
 def test_a_learner_changes_no_quorum_and_needs_none(clock: Clock) -> None:
@@ -735,7 +735,7 @@ def test_a_peer_is_healthy_if_connected_and_heard_from_lately(clock: Clock) -> N
     assert not w.m.healthy(B)
 
 
-# -- promotion (rule 4) -------------------------------------------------------------------------------
+# -- promotion (rule 4) ---------------------------------------------------------------------------
 
 
 def learner_world(clock: Clock) -> World:
@@ -796,7 +796,7 @@ def test_the_leaders_match_index_is_its_last_entry(clock: Clock) -> None:
     assert views[C].match_index == 0
 
 
-# -- the leader removes itself (rule 7) --------------------------------------------------------------
+# -- the leader removes itself (rule 7) -----------------------------------------------------------
 
 
 def test_the_leader_asked_to_remove_itself_hands_over_first(clock: Clock) -> None:
@@ -913,7 +913,7 @@ def test_a_follower_asked_to_remove_itself_proposes_nothing(clock: Clock) -> Non
     assert w.holds == []
 
 
-# -- views ------------------------------------------------------------------------------------------
+# -- views ----------------------------------------------------------------------------------------
 
 
 def test_the_views_on_the_leader(clock: Clock) -> None:
