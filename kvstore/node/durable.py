@@ -4,8 +4,10 @@ only once it is on disk (PySyncObj defect D3: it never fsyncs its journal).
 Raft counts an entry as committed once a majority *stores* it. Written but not synced, "stored"
 means "survives a process crash", not a power loss. Here a copy counts only once it is on disk:
 
-* a follower syncs its journal (``Journal.sync``) before ``next_node_idx`` (its
-  acknowledgement): the leader counts only durable follower copies;
+* a follower's acknowledgement (``next_node_idx``) leaves only once the entries it claims are
+  synced: the leader counts only durable follower copies. The sync runs on a thread of its own
+  (``kvstore.node.sync_thread``), which holds the acknowledgement until then, so a slow disk
+  does not stop the follower's tick loop (it still reads the leader's heartbeats);
 * the leader syncs at the end of the tick that sent the entries, just before it waits for
   answers. Its own fsync thus runs while the followers receive and sync theirs (Raft thesis
   10.2.1: a leader may write its log in parallel with replication), yet it is done before any
@@ -29,34 +31,29 @@ from pysyncobj import SyncObj
 
 from kvstore.node.internals import Internals
 from kvstore.node.journal import Journal
-
-ACKNOWLEDGEMENT = "next_node_idx"
+from kvstore.node.sync_thread import SyncThread
 
 
 def install(syncobj: SyncObj, internals: Internals, counters: Counter[str], *,
-            alone: bool) -> Callable[[], None]:
+            alone: bool, wake: Callable[[], None]) -> tuple[Callable[[], None], SyncThread]:
     """Wraps the transport; returns the hook to run at the end of every tick, just before it
-    waits for messages. ``alone``: a cluster of one node."""
+    waits for messages, and the sync thread (to stop). ``alone``: a cluster of one node;
+    ``wake``: makes the tick thread's wait return (the sync thread calls it when done)."""
     journal: Journal = internals.raft_log
-
-    def flush() -> None:
-        journal.sync()
-        counters["journal_fsyncs"] += 1
-
-    original_send = internals.transport.send
-
-    def send(node: Any, message: Any) -> Any:
-        if journal.dirty and type(message) is dict and message.get("type") == ACKNOWLEDGEMENT:
-            flush()
-        return original_send(node, message)
-
-    internals.transport.send = send
+    syncer = SyncThread(journal, internals.transport.send, wake, counters)
+    internals.transport.send = syncer.send
 
     def before_waiting() -> None:
-        # The commit computed at this tick's start counted the leader's copy: it must be durable.
-        if not alone and syncobj._isLeader() and syncobj.raftCommitIndex > journal.synced_index:
-            counters["commit_before_flush"] += 1
-        if journal.dirty:
-            flush()
+        if alone or syncobj._isLeader():
+            # The commit computed at this tick's start counted the leader's copy: it must be
+            # durable.
+            if not alone and syncobj.raftCommitIndex > journal.synced_index:
+                counters["commit_before_flush"] += 1
+            if journal.dirty:
+                journal.sync()
+                counters["journal_fsyncs"] += 1
+        else:
+            syncer.request()
+        syncer.release()
 
-    return before_waiting
+    return before_waiting, syncer

@@ -19,8 +19,12 @@ terms never decrease. The payload is PySyncObj's command bytes, unchanged.
 
 Rules, each in one place below:
 
-* **Durable before acknowledged** is the caller's business (``kvstore.node.durable`` calls
-  ``sync`` before an acknowledgement); ``sync`` is one ``fdatasync`` of everything appended.
+* **Durable before acknowledged** is the caller's business (``kvstore.node.durable`` and
+  ``kvstore.node.sync_thread`` send an acknowledgement only once ``synced_index`` covers it);
+  ``sync`` is one ``fdatasync`` of everything appended. ``sync_point`` and
+  ``synced_in_background`` do the same from another thread: that thread syncs a duplicate of
+  the descriptor, and the index it covered counts only if no entry was dropped meanwhile
+  (``_epoch``): entries written again at the same indexes need a sync of their own.
 * **A torn tail is dropped, corruption is refused** (``_scan``): the first record that does not
   check out ends the log if it is the last thing in the file (cut short, zero-filled, or a last
   record whose checksum fails: a write the power interrupted, never acknowledged in durable
@@ -43,6 +47,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -60,6 +65,19 @@ MAX_PAYLOAD = 1 << 30
 
 Entry = tuple[bytes, int, int]
 """(command, index, term), as PySyncObj keeps them."""
+
+
+class SyncPoint:
+    """A sync asked for on the tick thread (``Journal.sync_point``): a duplicate of the
+    journal's descriptor, and the entries a ``fdatasync`` of it covers."""
+
+    def __init__(self, fd: int, epoch: int, index: int) -> None:
+        self.fd, self.epoch, self.index = fd, epoch, index
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class JournalFailed(OSError):
@@ -142,8 +160,8 @@ def _check(data: bytes, offset: int, previous: Entry | None) -> tuple[str, int]:
 
 
 class Journal:
-    """PySyncObj's journal interface on a checksummed file. Not thread-safe: the tick thread
-    owns it."""
+    """PySyncObj's journal interface on a checksummed file. The tick thread owns it; only
+    ``synced_in_background`` runs on another thread (``kvstore.node.sync_thread``)."""
 
     def __init__(self, path: str, meta: MetaFile, snapshot_path: str,
                  entries: list[Entry], offsets: list[int], end: int) -> None:
@@ -159,6 +177,16 @@ class Journal:
         self._dirty = False
         self.synced_index = entries[-1][1] if entries else 0
         """The last index known to be on disk (``sync`` moves it)."""
+        self._epoch = 0
+        """Counts truncations and rewrites: a background sync asked for before one does not
+        cover the entries written after it."""
+        self._lock = threading.Lock()
+        """Guards ``synced_index`` and ``_epoch`` against the sync thread."""
+        self._meta_lock = threading.Lock()
+        """One meta store at a time, each of the meta as it is then (never an older one)."""
+        self.store_meta_later: Callable[[], None] | None = None
+        """Set by ``kvstore.node.sync_thread``: the periodic store of the commit index runs on
+        its thread, not the tick thread (a term or vote is always stored at once)."""
         self.failed: str | None = None
         self.on_failure: Callable[[str], None] = lambda reason: None
         self.io_seconds = 0.0
@@ -270,7 +298,10 @@ class Journal:
     def onOneSecondTimer(self) -> None:  # noqa: N802
         """Stores a new commit index now and then; it never runs ahead of the durable log."""
         if self.meta_file.stored != self._capped(self.meta):
-            self.store_meta()
+            if self.store_meta_later is not None:
+                self.store_meta_later()
+            else:
+                self.store_meta()
 
     # -- ours -----------------------------------------------------------------------------
 
@@ -286,14 +317,47 @@ class Journal:
         self._io("fdatasync", os.fdatasync, self._fd)
         self.io_seconds += self.io_clock() - t0
         self._dirty = False
-        self.synced_index = self._entries[-1][1] if self._entries else 0
+        with self._lock:
+            self.synced_index = self._last_index()
 
-    def store_meta(self) -> None:
+    def sync_point(self) -> SyncPoint | None:
+        """On the tick thread: a sync of everything appended so far, for another thread to
+        run (``synced_in_background``); None if nothing was appended since the last one."""
+        if not self._dirty:
+            return None
+        self._check()
+        point = SyncPoint(self._io("dup", os.dup, self._fd), self._epoch, self._last_index())
+        self._dirty = False
+        return point
+
+    def synced_in_background(self, point: SyncPoint) -> None:
+        """On the sync thread: ``fdatasync``, then ``synced_index`` moves to what it covered,
+        unless entries were dropped since ``point`` was taken."""
+        try:
+            self._check()
+            try:
+                os.fdatasync(point.fd)
+            except OSError as exc:
+                self._fail(f"fdatasync on {self.path} failed: {exc}", exc)
+        finally:
+            point.close()
+        with self._lock:
+            if point.epoch == self._epoch and point.index > self.synced_index:
+                self.synced_index = point.index
+
+    def _last_index(self) -> int:
+        return self._entries[-1][1] if self._entries else 0
+
+    def store_meta(self, *, background: bool = False) -> None:
+        """Stores the meta as it is now; ``background``: on the sync thread (its time is not
+        the tick thread's ``io_seconds``)."""
         self._check()
         t0 = self.io_clock()
         try:
-            self.meta_file.store(self._capped(self.meta))
-            self.io_seconds += self.io_clock() - t0
+            with self._meta_lock:
+                self.meta_file.store(self._capped(self.meta))
+            if not background:
+                self.io_seconds += self.io_clock() - t0
         except OSError as exc:
             self._fail(f"writing {self.meta_file.path} failed: {exc}", exc)
 
@@ -335,6 +399,9 @@ class Journal:
         del self._offsets[position:]
         self._end = end
         self._dirty = True
+        with self._lock:
+            self._epoch += 1
+            self.synced_index = min(self.synced_index, self._last_index())
 
     def _rewrite(self, keep: list[Entry]) -> None:
         """Replaces the file with one holding ``keep``: written aside, fsynced, renamed."""
@@ -359,7 +426,9 @@ class Journal:
         self._fd = fd
         self._entries, self._offsets, self._end = list(keep), offsets, offset
         self._dirty = False
-        self.synced_index = keep[-1][1] if keep else 0
+        with self._lock:
+            self._epoch += 1
+            self.synced_index = self._last_index()
 
     def _io(self, what: str, call: Callable[..., Any], *args: Any) -> Any:
         self._check()

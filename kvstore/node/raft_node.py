@@ -73,6 +73,7 @@ from kvstore.node.outcomes import (
     outcome,
 )
 from kvstore.node.snapshotter import RaftMeta, Snapshotter
+from kvstore.node.sync_thread import SyncThread
 from kvstore.node.timers import SHIPPED, TimerProfile
 from kvstore.node.wire_crypto import WireCrypto
 
@@ -212,6 +213,7 @@ class RaftNode(SyncObj):
         self.counters: Counter[str] = Counter()
         self._n_on_tick_hooks: list[Callable[[], None]] = []
         self._n_sync_before_commit: Callable[[], None] | None = None
+        self._n_sync_thread: SyncThread | None = None
         self._n_crypto = WireCrypto(options.password)
         self._n_hold_proposals = False
         self.membership: membership.Membership | None = None
@@ -275,7 +277,8 @@ class RaftNode(SyncObj):
                 hold=self._n_hold, on_fatal=self._n_fail)
             self.add_tick_hook(self.membership.on_tick)
         if options.fsync:
-            sync = durable.install(self, self.internals, self.counters, alone=not others)
+            sync, self._n_sync_thread = durable.install(
+                self, self.internals, self.counters, alone=not others, wake=self._n_wake)
             self.add_tick_hook(sync)
             if not others:  # a lone leader commits as soon as it ticks: sync before that
                 self._n_sync_before_commit = sync
@@ -461,6 +464,8 @@ class RaftNode(SyncObj):
         else:
             self.destroy()
         self._n_snapshotter.stop()
+        if self._n_sync_thread is not None:
+            self._n_sync_thread.stop()
         for fd in (self._n_wake_r, self._n_wake_w):
             try:
                 os.close(fd)

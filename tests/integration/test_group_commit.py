@@ -7,7 +7,9 @@ for entries (``kvstore.node.durable``; message by message in ``tests/unit/test_d
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -103,3 +105,42 @@ def test_an_acknowledged_write_is_on_disk_on_a_majority_when_its_answer_arrives(
         assert any(copies < majority for copies in durable_copies), (
             f"without fsync every write was on disk at once ({durable_copies}): "
             "this check cannot tell, and the fsync variant proves nothing")
+
+
+SLOW_SYNC_SECONDS = 0.2
+SLOW_DISK_WRITES = 8
+
+
+def test_with_slow_follower_disks_an_answer_still_waits_for_a_majority_on_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fault: every follower's journal sync (on its sync thread, ``kvstore.node.sync_thread``)
+    takes ``SLOW_SYNC_SECONDS`` longer, as behind a snapshot's write-back. The followers' tick
+    loops keep running meanwhile, but their acknowledgements must wait for the sync: right after
+    each answer, a majority of journals hold the value with no dirty page. Acknowledging before
+    the sync returns would let the leader commit on its own durable copy alone."""
+    reason = why_dirty_pages_cannot_tell(tmp_path)
+    if reason:
+        pytest.skip(reason)
+    real = os.fdatasync
+
+    def slow(fd: int) -> None:
+        if threading.current_thread().name == "journal-sync":
+            time.sleep(SLOW_SYNC_SECONDS)  # the injected fault: a slow disk, before the sync
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow)
+    for nodes in start(tmp_path, fsync=True):
+        journals = [Path(node.config.data_dir) / "raft.journal" for node in nodes]
+        durable_copies = []
+        with Client(endpoints(nodes), timeout=10) as client:
+            session = client.sync_get_session()
+            for n in range(SLOW_DISK_WRITES):
+                value = f"slow-disk-{n}-{session.client_id}".encode()
+                client.sync_propose(session, ops.put(f"slow/{n}".encode(), value))
+                durable_copies.append(sum(
+                    1 for path in journals
+                    if dirty_pages(path) == 0 and value in path.read_bytes()))
+                session.proposal_completed()
+        held = sum(node.raft.counters["acks_held"] for node in nodes if not node.is_leader())
+        assert held >= SLOW_DISK_WRITES, "the followers never held an acknowledgement"
+        assert all(copies >= len(nodes) // 2 + 1 for copies in durable_copies), durable_copies

@@ -15,6 +15,7 @@ fail, and that it is the durable mode which makes it pass.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,10 @@ from kvstore.node.meta_file import MetaFile
 from kvstore.node.recovery import META
 from tests.support import dirty_pages, why_dirty_pages_cannot_tell
 from tests.unit.raft_harness import LAST, Harness, append, harnesses, next_node_idx, wait_for
+
+
+SLOW_SYNC_DEADLINE = 10.0
+"""How long the slow disk of a test holds a sync at most (the test lets it go much sooner)."""
 
 
 class NotOnDisk(AssertionError):
@@ -86,14 +91,23 @@ def test_a_follower_acknowledges_only_entries_that_are_on_disk(
         make_harness: Callable[[bool], Harness], fsync: bool) -> None:
     """A follower's success reply makes the leader count its copy toward a commit: when the
     reply leaves, the entries it acknowledges must be on disk (no dirty page in the journal).
-    The end-of-tick flush comes too late for that: the reply left before it."""
+    The end-of-tick flush comes too late for that: the reply left before it. (The reply waits
+    for the sync thread, ``kvstore.node.sync_thread``.)"""
     h = make_harness(fsync)
     h.wire.probe = lambda m: dirty_pages(journal(h)) if kind(m) == "next_node_idx" else None
 
     h.follow(entries_term=1, commit=1)
+    # (Its reply first: were the next entries written while it waits for its sync, their pages
+    # would be dirty when it leaves, though it does not claim them.)
+    wait_for(lambda: h.replies()[-1:] == [next_node_idx(LAST + 1, success=True, reset=False)],
+             "the follower's reply to the set-up")
     h.receive(append(1, prev=(LAST, 1), entries=range(LAST + 1, LAST + 3), commit=1))
 
-    acks = [(m, dirty) for m, dirty in h.wire.probed if kind(m) == "next_node_idx"]
+    def sent() -> list[tuple[Any, Any]]:
+        return [(m, dirty) for m, dirty in h.wire.probed if kind(m) == "next_node_idx"]
+
+    wait_for(lambda: h.on_tick(lambda: len(sent()) >= 2), "the follower's reply")
+    acks = h.on_tick(sent)
     assert [m["next_node_idx"] for m, _ in acks] == [LAST + 1, LAST + 3]
     with on_disk_rule("a follower's acknowledged entries are on disk when it acknowledges"):
         assert [dirty for _, dirty in acks] == [0, 0]
@@ -157,6 +171,7 @@ def test_term_and_vote_are_on_disk_before_the_node_asks_for_votes(
 
 
 def journal_fsyncs(h: Harness, fsynced: list[str]) -> int:
+    """fsyncs of the journal file (the sync thread syncs a duplicate descriptor: same path)."""
     return fsynced.count(os.path.realpath(journal(h)))
 
 
@@ -167,17 +182,25 @@ def test_one_flush_per_write_and_none_when_nothing_was_written(
     ``journal_fsyncs`` counts exactly those."""
     h = make_harness(True)
     h.follow(entries_term=1, commit=1)
+    wait_for(lambda: h.replies()[-1:] == [next_node_idx(LAST + 1, success=True, reset=False)],
+             "the follower's reply to the set-up (its sync done)")
     after_setup = journal_fsyncs(h, fsynced)
 
     h.receive(append(1, prev=(LAST, 1), entries=range(LAST + 1, LAST + 3), commit=1))
+    wait_for(lambda: h.replies()[-1:] == [next_node_idx(LAST + 3, success=True, reset=False)],
+             "the follower's reply")
     assert journal_fsyncs(h, fsynced) == after_setup + 1
+    replies = len(h.replies())
     h.receive(append(1, prev=(LAST + 2, 1), entries=[], commit=1))  # a heartbeat
     for _ in range(5):
         h.on_tick(lambda: None)  # ticks with nothing new
 
     assert h.last_reply() == next_node_idx(LAST + 3, success=True, reset=False)
+    assert len(h.replies()) == replies + 1  # the heartbeat's reply, not held
     assert journal_fsyncs(h, fsynced) == after_setup + 1
-    assert h.node.counters["journal_fsyncs"] == journal_fsyncs(h, fsynced)
+    counters = h.node.counters
+    assert (counters["journal_fsyncs"] + counters["journal_background_fsyncs"]
+            == journal_fsyncs(h, fsynced))
 
 
 def test_a_leaders_append_leaves_before_its_flush(make_harness: Callable[[bool], Harness]) -> None:
@@ -220,3 +243,37 @@ def test_the_order_check_counts_a_commit_beyond_what_the_leader_flushed(
         h.on_tick(lambda: setattr(node, "_SyncObj__raftCommitIndex", flushed + 1))
     assert h.on_tick(lambda: node.raftCommitIndex) == real_commit
     assert node.counters["commit_before_flush"] == 2
+
+
+def test_a_slow_sync_holds_the_acknowledgement_while_the_tick_loop_keeps_passing(
+        make_harness: Callable[[bool], Harness], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The follower's sync runs on its own thread (``kvstore.node.sync_thread``): while the disk
+    is slow (here: the sync thread's fdatasync waits for the test), the tick loop keeps passing
+    and reading messages, and the reply that claims the new entries waits for the sync. A
+    heartbeat received meanwhile is handled; its reply queues behind the held one."""
+    h = make_harness(True)
+    h.follow(entries_term=1, commit=1)
+    wait_for(lambda: h.replies()[-1:] == [next_node_idx(LAST + 1, success=True, reset=False)],
+             "the follower's reply to the set-up")
+    disk = threading.Event()
+    real = os.fdatasync
+
+    def slow(fd: int) -> None:
+        if threading.current_thread().name == "journal-sync":
+            disk.wait(SLOW_SYNC_DEADLINE)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow)
+    h.wire.probe = lambda m: dirty_pages(journal(h)) if kind(m) == "next_node_idx" else None
+    replies = len(h.replies())
+    h.receive(append(1, prev=(LAST, 1), entries=range(LAST + 1, LAST + 3), commit=1))
+    ticks = h.node.counters["ticks"]
+    h.receive(append(1, prev=(LAST + 2, 1), entries=[], commit=2))  # a heartbeat
+    wait_for(lambda: h.node.counters["ticks"] > ticks + 10, "the tick loop to keep passing")
+    assert h.on_tick(lambda: h.node.raftCommitIndex) == 2  # the heartbeat was handled
+    assert len(h.replies()) == replies, "a reply left before its entries were synced"
+
+    disk.set()
+    wait_for(lambda: len(h.replies()) == replies + 2, "the held replies")
+    assert h.replies()[replies:] == [next_node_idx(LAST + 3, success=True, reset=False)] * 2
+    assert [dirty for m, dirty in h.on_tick(lambda: list(h.wire.probed))] == [0, 0]

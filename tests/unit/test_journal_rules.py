@@ -604,3 +604,73 @@ def test_a_payload_of_exactly_the_largest_size_is_an_entry(tmp_path: Path,
     path = tmp_path / recovery.JOURNAL
     path.write_bytes(MAGIC + encode(1, 1, b"8 bytes!") + encode(2, 1, b"nine byte"))
     assert Journal.open(str(path), MetaFile(str(tmp_path / "m")), "")[:] == [(b"8 bytes!", 1, 1)]
+
+
+# -- a sync on another thread (kvstore.node.sync_thread) ---------------------------------------
+
+def test_a_background_sync_covers_what_was_appended_when_it_was_asked_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = filled(tmp_path, 3)
+    point = journal.sync_point()
+    assert point is not None and point.index == 3 and not journal.dirty
+    journal.add(b"command 4", 4, 1)  # after the point: not covered by it
+    calls = fsync_calls(monkeypatch)
+    journal.synced_in_background(point)
+    assert calls == [os.path.realpath(journal.path)] and point.fd == -1
+    assert journal.synced_index == 3 and journal.dirty
+    assert journal.sync_point() is not None and journal.sync_point() is None
+
+
+def test_nothing_appended_asks_for_no_background_sync(tmp_path: Path) -> None:
+    journal = filled(tmp_path, 2)
+    journal.sync()
+    assert journal.sync_point() is None
+
+
+def test_a_background_sync_asked_for_before_a_truncation_does_not_cover_the_new_entries(
+        tmp_path: Path) -> None:
+    """Entries 2 and 3 replaced by others at the same indexes (a conflict with a new leader)
+    were written after the sync was asked for: it does not make them durable."""
+    journal = filled(tmp_path, 3)
+    point = journal.sync_point()
+    assert point is not None
+    journal.deleteEntriesFrom(1)
+    assert journal.synced_index == 0  # entry 1 was never synced either
+    journal.add(b"new 2", 2, 2)
+    journal.add(b"new 3", 3, 2)
+    journal.synced_in_background(point)
+    assert journal.synced_index == 0
+
+
+def test_a_truncation_keeps_what_was_synced_below_it(tmp_path: Path) -> None:
+    journal = filled(tmp_path, 3)
+    journal.sync()
+    journal.deleteEntriesFrom(2)
+    assert journal.synced_index == 2
+
+
+def test_a_background_sync_asked_for_before_a_compaction_counts_nothing_more(
+        tmp_path: Path) -> None:
+    journal = filled(tmp_path, 3)
+    point = journal.sync_point()
+    assert point is not None
+    journal.deleteEntriesTo(1)  # the new file is synced: all of it is durable
+    journal.add(b"command 4", 4, 1)
+    journal.synced_in_background(point)
+    assert journal.synced_index == 3
+
+
+def test_a_failed_background_sync_poisons_the_journal(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = filled(tmp_path, 2)
+    reasons: list[str] = []
+    journal.on_failure = reasons.append
+    point = journal.sync_point()
+    assert point is not None
+    monkeypatch.setattr(os, "fdatasync", io_error)
+    with pytest.raises(JournalFailed):
+        journal.synced_in_background(point)
+    assert journal.synced_index == 0 and point.fd == -1
+    assert reasons == [f"fdatasync on {journal.path} failed: [Errno 5] Input/output error"]
+    with pytest.raises(JournalFailed):
+        journal.add(b"x", 3, 1)

@@ -1,0 +1,132 @@
+"""A follower's journal sync, off the tick thread: an acknowledgement leaves only once the
+entries it claims are on disk.
+
+The rule it enforces: a success ``next_node_idx`` (a follower's acknowledgement, which the
+leader counts toward a commit) that claims the entries up to N is sent only once
+``Journal.synced_index >= N``, i.e. a ``fdatasync`` that started after those entries were
+written has returned. Until then it is held here, and so is every message to be sent after it
+(they leave in order). Messages that claim nothing (a refusal, a keepalive) go out at once when
+nothing is held.
+
+Why a thread: an ``fdatasync`` waits behind whatever else the disk is writing back (a snapshot
+of a hundred MiB: up to a second measured, issue 9). On the tick thread that stopped the whole
+loop: no heartbeats received, no messages read. Here the tick loop keeps passing while this
+thread waits for the disk; when the sync returns it wakes the tick thread, which sends what the
+sync released (``release``, at the end of every pass). The journal itself stays the tick
+thread's: this thread only syncs a duplicate of its descriptor (``Journal.sync_point``) and
+publishes the index that sync covered (``Journal.synced_in_background``). It also makes the
+journal's periodic store of the commit index (two fsyncs; ``Journal.store_meta_later``), which
+needs no answer held: the stored commit index never runs ahead of ``synced_index``. A term or
+vote is still stored on the tick thread before the message that reflects it is sent.
+
+The leader does not use it: it counts its own copy when it commits, and its sync stays at the
+end of its tick (``kvstore.node.durable``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from kvstore.node.journal import Journal, JournalFailed, SyncPoint
+
+log = logging.getLogger("kvstore.node.sync_thread")
+
+ACKNOWLEDGEMENT = "next_node_idx"
+
+
+def claims(message: Any) -> int:
+    """The last log index ``message`` vouches is stored here (0: it vouches for nothing)."""
+    if type(message) is dict and message.get("type") == ACKNOWLEDGEMENT and message.get("success"):
+        return int(message["next_node_idx"]) - 1
+    return 0
+
+
+class SyncThread:
+    """Syncs the journal in the background and holds acknowledgements until it has."""
+
+    def __init__(self, journal: Journal, send: Callable[[Any, Any], Any],
+                 wake: Callable[[], None], counters: Counter[str]) -> None:
+        self._journal = journal
+        self._send = send
+        self._wake = wake
+        self._counters = counters
+        self._held: list[tuple[Any, Any]] = []
+        """Messages waiting for a sync, in the order they were sent (tick thread only)."""
+        self._wanted: SyncPoint | None = None
+        self._meta_wanted = False
+        self._stopped = False
+        self._cond = threading.Condition()
+        counters["journal_background_fsyncs"] = 0  # only this thread writes it, from now on
+        counters["acks_held"] += 0
+        journal.store_meta_later = self._want_meta
+        self._thread = threading.Thread(target=self._run, daemon=True, name="journal-sync")
+        self._thread.start()
+
+    # -- on the tick thread ---------------------------------------------------------------
+
+    def send(self, node: Any, message: Any) -> Any:
+        """In place of the transport's ``send``: sends now, or holds until durable."""
+        if self._held or claims(message) > self._journal.synced_index:
+            self._held.append((node, message))
+            self._counters["acks_held"] += 1
+            self.request()
+            return None
+        return self._send(node, message)
+
+    def request(self) -> None:
+        """Asks for a sync of everything appended so far (nothing if nothing was)."""
+        point = self._journal.sync_point()
+        if point is None:
+            return
+        with self._cond:
+            if self._wanted is not None:
+                self._wanted.close()  # the new point covers it
+            self._wanted = point
+            self._cond.notify()
+
+    def release(self) -> None:
+        """Sends, in order, the held messages whose claims are now on disk."""
+        while self._held and claims(self._held[0][1]) <= self._journal.synced_index:
+            node, message = self._held.pop(0)
+            self._send(node, message)
+
+    def _want_meta(self) -> None:
+        """The journal's periodic store of the commit index, for this thread to make."""
+        with self._cond:
+            self._meta_wanted = True
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            if self._wanted is not None:
+                self._wanted.close()
+                self._wanted = None
+            self._cond.notify()
+        self._thread.join(5.0)
+
+    # -- on the sync thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._wanted is None and not self._meta_wanted and not self._stopped:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                point, self._wanted = self._wanted, None
+                meta, self._meta_wanted = self._meta_wanted, False
+            try:
+                if point is not None:
+                    self._journal.synced_in_background(point)
+                    self._counters["journal_background_fsyncs"] += 1
+                    self._wake()
+                if meta:
+                    self._journal.store_meta(background=True)
+            except JournalFailed:
+                self._wake()  # the journal has told the node, which stops
+                return

@@ -1,0 +1,120 @@
+"""The sync thread (``kvstore.node.sync_thread``) on a real journal in a temporary directory,
+without a node: what it holds, what it lets through, and in which order.
+
+The rule: a success ``next_node_idx`` claiming the entries up to N leaves only once the journal
+is synced up to N; what is sent after a held message waits behind it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvstore.node import recovery
+from kvstore.node.journal import Journal
+from kvstore.node.meta_file import MetaFile
+from kvstore.node.sync_thread import SyncThread, claims
+from tests import support
+
+DEADLINE = 5.0
+
+
+def ack(next_index: int, success: bool = True) -> dict[str, Any]:
+    return {"type": "next_node_idx", "next_node_idx": next_index, "reset": False,
+            "success": success}
+
+
+class Wire:
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+        self.wakes = 0
+
+    def send(self, node: Any, message: Any) -> None:
+        self.sent.append(message)
+
+    def wake(self) -> None:
+        self.wakes += 1
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> Iterator[tuple[Journal, SyncThread, Wire]]:
+    path = str(tmp_path / recovery.JOURNAL)
+    Journal.create(path)
+    journal = Journal.open(path, MetaFile(str(tmp_path / recovery.META)),
+                           str(tmp_path / recovery.DUMP))
+    wire = Wire()
+    syncer = SyncThread(journal, wire.send, wire.wake, Counter())
+    yield journal, syncer, wire
+    syncer.stop()
+    journal._destroy()
+
+
+def test_only_a_success_acknowledgement_claims_entries() -> None:
+    assert claims(ack(8)) == 7
+    assert claims(ack(8, success=False)) == 0
+    assert claims({"type": "append_entries", "next_node_idx": 8, "success": True}) == 0
+    assert claims("not a dict") == 0
+
+
+def test_an_acknowledgement_waits_for_the_sync_and_what_follows_waits_behind_it(
+        parts: tuple[Journal, SyncThread, Wire]) -> None:
+    journal, syncer, wire = parts
+    journal.add(b"one", 1, 1)
+    journal.add(b"two", 2, 1)
+    syncer.send("leader", ack(3))
+    syncer.send("leader", ack(3, success=False))  # claims nothing, but queued behind
+    assert wire.sent == []
+    support.wait_for(lambda: journal.synced_index == 2, DEADLINE, "the background sync")
+    support.wait_for(lambda: wire.wakes > 0, DEADLINE, "the tick thread to be woken")
+    syncer.release()
+    assert wire.sent == [ack(3), ack(3, success=False)]
+    syncer.send("leader", ack(3))  # nothing new: goes at once
+    assert wire.sent[-1] == ack(3) and len(wire.sent) == 3
+
+
+def test_a_message_that_claims_nothing_goes_at_once_when_nothing_is_held(
+        parts: tuple[Journal, SyncThread, Wire]) -> None:
+    journal, syncer, wire = parts
+    journal.add(b"one", 1, 1)
+    syncer.send("leader", ack(2, success=False))
+    assert wire.sent == [ack(2, success=False)]
+
+
+def test_release_sends_only_what_is_synced(parts: tuple[Journal, SyncThread, Wire]) -> None:
+    journal, syncer, wire = parts
+    journal.add(b"one", 1, 1)
+    journal.sync()
+    journal.add(b"two", 2, 1)  # not synced: no sync asked for (the test does not ask)
+    syncer._held.append(("leader", ack(2)))
+    syncer._held.append(("leader", ack(3)))
+    syncer.release()
+    assert wire.sent == [ack(2)] and len(syncer._held) == 1
+
+
+def test_the_periodic_meta_store_is_made_on_the_sync_thread(
+        parts: tuple[Journal, SyncThread, Wire], monkeypatch: pytest.MonkeyPatch) -> None:
+    journal, _, _ = parts
+    journal.add(b"one", 1, 1)
+    journal.sync()
+    io_before = journal.io_seconds
+    stored_on: list[str] = []
+    real = journal.meta_file.store
+
+    def store(meta: Any) -> None:
+        stored_on.append(threading.current_thread().name)
+        real(meta)
+
+    monkeypatch.setattr(journal.meta_file, "store", store)
+    journal.setRaftCommitIndex(1)
+    journal.onOneSecondTimer()
+    support.wait_for(lambda: journal.meta_file.stored is not None
+                     and journal.meta_file.stored.commit_index == 1, DEADLINE, "the meta store")
+    assert stored_on == ["journal-sync"]
+    assert journal.io_seconds == io_before  # not the tick thread's time
+    journal.setCurrentTerm(2, None)  # a term is stored at once, on the calling thread
+    assert stored_on[-1] == threading.current_thread().name
