@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import struct
@@ -212,3 +213,38 @@ def test_the_bytes_are_complete_when_the_file_is_fsynced(tmp_path: Path,
     size = len(v2_bytes(digested()))
     assert synced == [(str(tmp_path / "a"), size), (str(tmp_path / "b"), size),
                       (str(tmp_path), os.stat(tmp_path).st_size)]
+
+
+def test_without_a_path_the_messages_name_the_dump(tmp_path: Path) -> None:
+    damaged = v2_bytes(digested())
+    damaged = damaged[:10] + b"?" + damaged[11:]
+    with pytest.raises(dump_file.DumpCorrupt, match="^dump: bad checksum$"):
+        dump_file.read_open(io.BytesIO(damaged))
+    with pytest.raises(dump_file.DumpCorrupt, match="^dump: bad magic$"):
+        dump_file.read_meta(io.BytesIO(b"KVSNAPX\n" + damaged[8:]))
+    with pytest.raises(dump_file.DumpCorrupt, match="^dump: bad magic or checksum$"):
+        dump_file.read_v1(b"KVSNAP1\n" + damaged[8:])
+
+
+def test_a_damaged_version_1_meta_names_the_file(tmp_path: Path) -> None:
+    good = v1_bytes(digested())
+    with pytest.raises(dump_file.DumpCorrupt, match="^raft.dump: bad magic or checksum$"):
+        dump_file.read_meta(io.BytesIO(good[:30] + b"?" + good[31:]), "raft.dump")
+    body = b"KVSNAP1\n" + struct.pack("<I", 5) + b"{nope" + struct.pack("<Q", 0)
+    with pytest.raises(dump_file.DumpCorrupt, match="^raft.dump: the meta is not JSON$"):
+        dump_file.decode(body + hashlib.sha256(body).digest(), "raft.dump")
+
+
+class CutShort(io.BytesIO):
+    """A file that another process truncates while it is hashed: the read of everything but
+    the checksum (the hash loop's one block, for a file this small) finds nothing."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size == len(self.getbuffer()) - 32:
+            return b""
+        return super().read(size)
+
+
+def test_a_file_cut_short_while_it_is_hashed_is_refused_as_truncated() -> None:
+    with pytest.raises(dump_file.DumpCorrupt, match="^raft.dump: truncated$"):
+        dump_file.read_open(CutShort(v2_bytes(digested())), "raft.dump")

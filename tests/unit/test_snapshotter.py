@@ -455,7 +455,7 @@ class FakeInternals:
 
     def __init__(self) -> None:
         self.next_index: dict[Any, int] = {}
-        self.raft_log = [(b"", 40, 2), (b"", 41, 2)]
+        self.raft_log = [(b"", 39, 2), (b"", 40, 2), (b"", 41, 2)]
 
 
 def test_a_pass_spends_at_most_the_send_budget_and_the_next_index_is_put_back(
@@ -467,7 +467,7 @@ def test_a_pass_spends_at_most_the_send_budget_and_the_next_index_is_put_back(
     s.attach(internals)
     node = TCPNode("127.0.0.1:7002")
     internals.next_index[node] = 7
-    clock = [100.0]
+    clock = [0.0]  # SEND_BUDGET past 0.0 is exactly SEND_BUDGET
     monkeypatch.setattr(snapshotter.time, "monotonic", lambda: clock[0])
     seen: list[Any] = []
 
@@ -560,9 +560,10 @@ def test_an_incoming_dump_that_cannot_be_stored_is_dropped(tmp_path: Path) -> No
 def test_a_background_job_lowers_the_switch_interval_and_puts_it_back(tmp_path: Path) -> None:
     saved = sys.getswitchinterval()
     seen: list[float] = []
-    with snapshotter.SWITCHING:
+    switching = snapshotter._SwitchInterval()
+    with switching:
         seen.append(sys.getswitchinterval())
-        with snapshotter.SWITCHING:  # a second job at the same time
+        with switching:  # a second job at the same time
             seen.append(sys.getswitchinterval())
         seen.append(sys.getswitchinterval())
     assert seen == [min(saved, snapshotter.SWITCH_INTERVAL)] * 3
@@ -572,3 +573,66 @@ def test_a_background_job_lowers_the_switch_interval_and_puts_it_back(tmp_path: 
 def test_digest_of_a_frozen_state_is_the_state_digest() -> None:
     sm = loaded(50)
     assert snapshotter.digest_of(sm.freeze(), snapshotter.TickGate()) == sm.digest()
+
+
+def test_sent_and_received_dumps_are_counted_each(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    s = written_dump(tmp_path / "a")
+    r = make(tmp_path / "b", StateMachine(CLUSTER))
+    node = TCPNode("127.0.0.1:7002")
+    for _ in range(2):
+        while not r.setTransmissionData(s.getTransmissionData(node)):
+            pass
+    assert s._counters["snapshots_sent"] == 2 and r._counters["snapshots_received"] == 2
+
+
+def test_an_incoming_dump_that_cannot_be_put_in_place_is_dropped(tmp_path: Path) -> None:
+    (tmp_path / "raft.dump").mkdir()  # os.replace cannot put a file over a directory
+    (tmp_path / "raft.dump" / "x").write_bytes(b"")
+    r = make(tmp_path, StateMachine(CLUSTER))
+    assert r.setTransmissionData((b"whole", True, True)) is False
+    assert r.activity() == [] and r._counters["snapshots_received"] == 0
+    assert not r.fsync_dir_pending
+
+
+def test_a_dump_that_cannot_be_read_is_not_sent(tmp_path: Path) -> None:
+    s = written_dump(tmp_path)
+    node = TCPNode("127.0.0.1:7002")
+    assert s.getTransmissionData(node)
+    s._transmissions[node]["file"].close()
+    s._transmissions[node]["file"] = open(os.devnull, "wb")  # read: UnsupportedOperation, an OSError
+    assert s.getTransmissionData(node) is False
+    assert not s.sending
+
+
+def test_the_jobs_run_on_named_daemon_threads(tmp_path: Path,
+                                              slow_pieces: threading.Event) -> None:
+    """Daemon threads: a node that exits does not wait for a snapshot job."""
+    s = make(tmp_path, loaded(1000))
+    s.serialize(raft_data(10), 9)
+    jobs = [t for t in threading.enumerate() if t.name == "snapshot-writer"]
+    assert len(jobs) == 1 and jobs[0].daemon
+    slow_pieces.set()
+    assert finish_write(s) == SERIALIZER_STATE.SUCCESS
+    f = make(tmp_path, StateMachine(CLUSTER))
+    gate = threading.Event()
+    decode = snapshot.decode_steps
+    snapshotter.snapshot.decode_steps = lambda data: (gate.wait(30), decode(data))[1]
+    try:
+        f.deserialize()
+        jobs = [t for t in threading.enumerate() if t.name == "snapshot-restorer"]
+        assert len(jobs) == 1 and jobs[0].daemon
+    finally:
+        snapshotter.snapshot.decode_steps = decode
+        gate.set()
+    wait_for(lambda: (f.on_tick(), not f.restoring)[1], 30, "the restore")
+
+
+def test_a_closed_tick_gate_holds_a_job_for_max_wait_for_idle_only() -> None:
+    gate = snapshotter.TickGate()
+    gate.pass_starts()  # and never ends: a node busy in every pass
+    waiter = threading.Thread(target=gate.wait, daemon=True)
+    waiter.start()
+    waiter.join(5)
+    assert not waiter.is_alive(), "the job goes on after MAX_WAIT_FOR_IDLE"
