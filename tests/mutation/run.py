@@ -70,7 +70,8 @@ GROUPS = {
                  "kvstore/session_store.py", "kvstore/commands.py"),
     "snapshot": ("kvstore/snapshot.py", "kvstore/data.py"),
     "durability": ("kvstore/node/journal.py", "kvstore/node/recovery.py",
-                   "kvstore/node/meta_file.py", "kvstore/node/durable.py"),
+                   "kvstore/node/meta_file.py", "kvstore/node/durable.py",
+                   "kvstore/node/dump_file.py"),
     "raft": ("kvstore/node/d6_fence.py", "kvstore/node/member_table.py"),
 }
 """Every module of ``only_mutate`` in exactly one group (``check_groups``)."""
