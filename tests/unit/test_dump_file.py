@@ -248,3 +248,14 @@ class CutShort(io.BytesIO):
 def test_a_file_cut_short_while_it_is_hashed_is_refused_as_truncated() -> None:
     with pytest.raises(dump_file.DumpCorrupt, match="^raft.dump: truncated$"):
         dump_file.read_open(CutShort(v2_bytes(digested())), "raft.dump")
+
+
+def test_a_dump_one_byte_past_a_hash_block_is_hashed_to_its_last_byte(tmp_path: Path) -> None:
+    """The checksum covers every byte before it, whatever the file's size in hash blocks."""
+    meta_len = len(json.dumps(digested(b""), sort_keys=True).encode())
+    snapshot = b"s" * ((1 << 20) + 1 - 8 - meta_len - 12)
+    data = v2_bytes(digested(snapshot), snapshot)
+    assert len(data) - 32 == (1 << 20) + 1
+    path = tmp_path / "raft.dump"
+    path.write_bytes(data)
+    assert dump_file.read(str(path)).snapshot == snapshot
