@@ -71,7 +71,7 @@ GROUPS = {
     "snapshot": ("kvstore/snapshot.py", "kvstore/data.py"),
     "durability": ("kvstore/node/journal.py", "kvstore/node/recovery.py",
                    "kvstore/node/meta_file.py", "kvstore/node/durable.py",
-                   "kvstore/node/sync_thread.py"),
+                   "kvstore/node/sync_thread.py", "kvstore/node/dump_file.py"),
     "raft": ("kvstore/node/d6_fence.py", "kvstore/node/member_table.py"),
     "membership": ("kvstore/node/membership.py",),
 }

@@ -307,6 +307,8 @@ def test_membership_survives_a_restart_after_compaction(
     again = restart(make_harness, h)
 
     assert added in again.voters()
+    # The state is restored on a background thread and swapped in at a later tick.
+    wait_for(lambda: again.node.counters["snapshots_loaded"] >= 1, "the snapshot to be loaded")
     assert again.node.counters["snapshots_loaded"] == 1
 
 

@@ -379,3 +379,260 @@ def test_a_snapshot_job_runs_at_a_lower_os_priority(tmp_path: Path,
     assert thread != threading.get_native_id()
     assert nice == min(19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
                        + snapshotter.BACKGROUND_NICE)  # 19: the lowest there is
+
+
+# -- the small rules, one test each (quick: a few dozen keys) -----------------------------------
+
+def written_dump(tmp_path: Path, sm: StateMachine | None = None, index: int = 10) -> Snapshotter:
+    s = make(tmp_path, sm if sm is not None else loaded(20))
+    s.serialize(raft_data(index), index - 1)
+    assert finish_write(s) == SERIALIZER_STATE.SUCCESS
+    return s
+
+
+def test_a_written_dump_is_counted_timed_and_asks_for_the_directory_fsync(tmp_path: Path) -> None:
+    """The rename that puts a dump in place is durable only once the directory is fsynced
+    (defect D3): the node does that when ``fsync_dir_pending`` says so."""
+    before = time.monotonic()
+    s = make(tmp_path, loaded(20))
+    assert not s.fsync_dir_pending
+    s.serialize(raft_data(10), 9)
+    assert finish_write(s) == SERIALIZER_STATE.SUCCESS
+    took = time.monotonic() - before
+    assert s.fsync_dir_pending and s._counters["snapshots_written"] == 1
+    assert 0 < s.last_write_seconds <= took and 0 <= s.last_freeze_seconds <= s.last_write_seconds
+    assert not (tmp_path / "raft.dump.tmp").exists()
+    assert s.checkSerializing() == (SERIALIZER_STATE.NOT_SERIALIZING, None)
+
+
+def test_an_installed_snapshot_is_counted_and_timed(tmp_path: Path) -> None:
+    leader = loaded(20)
+    written_dump(tmp_path, leader)
+    follower = StateMachine(CLUSTER)
+    f = make(tmp_path, follower)
+    before = time.monotonic()
+    install(f)
+    assert 0 < f.last_restore_seconds <= time.monotonic() - before
+    assert f._counters["snapshots_loaded"] == 1 and follower.snapshot() == leader.snapshot()
+    f.on_tick()  # nothing more to swap in
+    assert f._counters["snapshots_loaded"] == 1
+
+
+def test_a_missing_dump_stops_the_node_before_pysyncobj_goes_on(tmp_path: Path) -> None:
+    fatal: list[str] = []
+    s = make(tmp_path, StateMachine(CLUSTER), fatal)
+    with pytest.raises(FileNotFoundError):
+        s.deserialize()
+    assert fatal == [f"snapshot load failed: FileNotFoundError: {fatal[0].split(': ', 2)[2]}"]
+    assert "raft.dump" in fatal[0] and not s.restoring
+
+
+def test_a_dump_with_a_bad_meta_stops_the_node_and_is_closed(tmp_path: Path) -> None:
+    (tmp_path / "raft.dump").write_bytes(b"not a dump at all, but long enough to be one" * 2)
+    fatal: list[str] = []
+    s = make(tmp_path, StateMachine(CLUSTER), fatal)
+    with pytest.raises(dump_file.DumpCorrupt):
+        s.deserialize()
+    assert fatal == [f"snapshot load failed: DumpCorrupt: {tmp_path / 'raft.dump'}: bad magic"]
+    assert not [fd for fd in os.listdir("/proc/self/fd")
+                if os.path.realpath(f"/proc/self/fd/{fd}") == str(tmp_path / "raft.dump")]
+
+
+def test_a_snapshot_of_another_cluster_is_refused(tmp_path: Path) -> None:
+    written_dump(tmp_path, loaded(20))
+    fatal: list[str] = []
+    other = StateMachine(CLUSTER + 1)
+    f = make(tmp_path, other, fatal)
+    f.deserialize()
+    wait_for(lambda: (f.on_tick(), fatal)[1], 30, "the refusal")
+    assert fatal == [f"snapshot load failed: SnapshotError: snapshot of cluster {CLUSTER}, "
+                     f"this is {CLUSTER + 1}"]
+    assert other.data == {} and not f.restoring
+
+
+class FakeInternals:
+    """The leader's next indexes and log, as ``kvstore.node.internals`` gives them."""
+
+    def __init__(self) -> None:
+        self.next_index: dict[Any, int] = {}
+        self.raft_log = [(b"", 39, 2), (b"", 40, 2), (b"", 41, 2)]
+
+
+def test_a_pass_spends_at_most_the_send_budget_and_the_next_index_is_put_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ``SEND_BUDGET`` the follower's next index is parked past the log's end (ending
+    PySyncObj's send loop for it) and ``paced_send`` puts it back before anything reads it."""
+    s = written_dump(tmp_path, loaded(500))  # several batches
+    internals = FakeInternals()
+    s.attach(internals)
+    node = TCPNode("127.0.0.1:7002")
+    internals.next_index[node] = 7
+    clock = [0.0]  # SEND_BUDGET past 0.0 is exactly SEND_BUDGET
+    monkeypatch.setattr(snapshotter.time, "monotonic", lambda: clock[0])
+    seen: list[Any] = []
+
+    def send() -> None:
+        seen.append(s.getTransmissionData(node))  # starts the pass's clock
+        clock[0] += snapshotter.SEND_BUDGET  # at the budget: still sends
+        seen.append(s.getTransmissionData(node))
+        clock[0] += 0.0001  # past it: parks the follower
+        seen.append(s.getTransmissionData(node))
+        seen.append(internals.next_index[node])
+        seen.append(s.getTransmissionData(node))  # parked once: the index to put back is kept
+    s.paced_send(send)
+    assert seen[0] and seen[0][1] and seen[1] and not seen[1][1]
+    assert seen[2:] == [None, 42, None]
+    assert internals.next_index == {node: 7} and s._paused == {}
+    seen.clear()
+    s.paced_send(lambda: seen.append(s.getTransmissionData(node)))  # a new pass: sends again
+    assert seen[0] and not seen[0][1]
+
+
+def test_without_internals_the_budget_is_not_enforced(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    s = written_dump(tmp_path)
+    clock = [100.0]
+    monkeypatch.setattr(snapshotter.time, "monotonic", lambda: clock[0])
+    node = TCPNode("127.0.0.1:7002")
+    assert s.getTransmissionData(node)
+    clock[0] += 1.0
+    assert s.getTransmissionData(node)
+
+
+def test_sending_is_shown_counted_and_ends_with_the_file_closed(tmp_path: Path) -> None:
+    s = written_dump(tmp_path)
+    node, other = TCPNode("127.0.0.1:7002"), TCPNode("127.0.0.1:7003")
+    size = (tmp_path / "raft.dump").stat().st_size
+    first = s.getTransmissionData(node)
+    assert first and len(first[0]) == min(4096, size) and first[1]
+    assert s.getTransmissionData(other)
+    assert s.sending and s.activity() == ["sending:127.0.0.1:7002", "sending:127.0.0.1:7003"]
+    assert s._counters["snapshots_sent_started"] == 2
+    s.cancelTransmisstion(other)
+    s.cancelTransmisstion(other)  # cancelling one not in flight: nothing to do
+    sent = first[0]
+    while True:
+        data = s.getTransmissionData(node)
+        assert data
+        sent += data[0]
+        if data[2]:
+            break
+    assert data[0] == b"" and sent == (tmp_path / "raft.dump").read_bytes()
+    assert s._counters["snapshots_sent"] == 1 and not s.sending and s.activity() == []
+
+
+def test_without_a_dump_nothing_is_sent(tmp_path: Path) -> None:
+    s = make(tmp_path, StateMachine(CLUSTER))
+    assert s.getTransmissionData(TCPNode("127.0.0.1:7002")) is None
+    assert not s.sending and s._counters["snapshots_sent_started"] == 0
+
+
+def test_stop_ends_every_transmission_and_the_incoming_dump(tmp_path: Path) -> None:
+    s = written_dump(tmp_path)
+    assert s.getTransmissionData(TCPNode("127.0.0.1:7002"))
+    assert not s.setTransmissionData((b"piece", True, False))
+    assert s.activity() == ["receiving", "sending:127.0.0.1:7002"]
+    s.stop()
+    assert s.activity() == [] and not s.sending
+    assert not s.setTransmissionData((b"more", False, False)), "no dump is being received"
+
+
+def test_a_received_dump_replaces_the_one_in_place_only_when_whole(tmp_path: Path) -> None:
+    r = make(tmp_path, StateMachine(CLUSTER))
+    assert not r.setTransmissionData(None) and not r.setTransmissionData((b"x", False, True))
+    assert not r.setTransmissionData((b"abandoned", True, False))
+    assert not r.setTransmissionData((b"new ", True, False)), "a first piece starts afresh"
+    assert not (tmp_path / "raft.dump").exists() and not r.fsync_dir_pending
+    assert r.setTransmissionData((b"dump", False, True))
+    assert (tmp_path / "raft.dump").read_bytes() == b"new dump"
+    assert not (tmp_path / "raft.dump.1.tmp").exists()
+    assert r.fsync_dir_pending and r._counters["snapshots_received"] == 1
+    assert r.activity() == []
+    assert not r.setTransmissionData((b"late", False, True)), "nothing in progress"
+
+
+def test_an_incoming_dump_that_cannot_be_stored_is_dropped(tmp_path: Path) -> None:
+    r = make(tmp_path / "missing", StateMachine(CLUSTER))  # its directory does not exist
+    assert not r.setTransmissionData((b"piece", True, True))
+    assert r.activity() == [] and r._counters["snapshots_received"] == 0
+
+
+def test_a_background_job_lowers_the_switch_interval_and_puts_it_back(tmp_path: Path) -> None:
+    saved = sys.getswitchinterval()
+    seen: list[float] = []
+    switching = snapshotter._SwitchInterval()
+    with switching:
+        seen.append(sys.getswitchinterval())
+        with switching:  # a second job at the same time
+            seen.append(sys.getswitchinterval())
+        seen.append(sys.getswitchinterval())
+    assert seen == [min(saved, snapshotter.SWITCH_INTERVAL)] * 3
+    assert sys.getswitchinterval() == saved
+
+
+def test_digest_of_a_frozen_state_is_the_state_digest() -> None:
+    sm = loaded(50)
+    assert snapshotter.digest_of(sm.freeze(), snapshotter.TickGate()) == sm.digest()
+
+
+def test_sent_and_received_dumps_are_counted_each(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    s = written_dump(tmp_path / "a")
+    r = make(tmp_path / "b", StateMachine(CLUSTER))
+    node = TCPNode("127.0.0.1:7002")
+    for _ in range(2):
+        while not r.setTransmissionData(s.getTransmissionData(node)):
+            pass
+    assert s._counters["snapshots_sent"] == 2 and r._counters["snapshots_received"] == 2
+
+
+def test_an_incoming_dump_that_cannot_be_put_in_place_is_dropped(tmp_path: Path) -> None:
+    (tmp_path / "raft.dump").mkdir()  # os.replace cannot put a file over a directory
+    (tmp_path / "raft.dump" / "x").write_bytes(b"")
+    r = make(tmp_path, StateMachine(CLUSTER))
+    assert r.setTransmissionData((b"whole", True, True)) is False
+    assert r.activity() == [] and r._counters["snapshots_received"] == 0
+    assert not r.fsync_dir_pending
+
+
+def test_a_dump_that_cannot_be_read_is_not_sent(tmp_path: Path) -> None:
+    s = written_dump(tmp_path)
+    node = TCPNode("127.0.0.1:7002")
+    assert s.getTransmissionData(node)
+    s._transmissions[node]["file"].close()
+    s._transmissions[node]["file"] = open(os.devnull, "wb")  # read: UnsupportedOperation, an OSError
+    assert s.getTransmissionData(node) is False
+    assert not s.sending
+
+
+def test_the_jobs_run_on_named_daemon_threads(tmp_path: Path,
+                                              slow_pieces: threading.Event) -> None:
+    """Daemon threads: a node that exits does not wait for a snapshot job."""
+    s = make(tmp_path, loaded(1000))
+    s.serialize(raft_data(10), 9)
+    jobs = [t for t in threading.enumerate() if t.name == "snapshot-writer"]
+    assert len(jobs) == 1 and jobs[0].daemon
+    slow_pieces.set()
+    assert finish_write(s) == SERIALIZER_STATE.SUCCESS
+    f = make(tmp_path, StateMachine(CLUSTER))
+    gate = threading.Event()
+    decode = snapshot.decode_steps
+    snapshotter.snapshot.decode_steps = lambda data: (gate.wait(30), decode(data))[1]
+    try:
+        f.deserialize()
+        jobs = [t for t in threading.enumerate() if t.name == "snapshot-restorer"]
+        assert len(jobs) == 1 and jobs[0].daemon
+    finally:
+        snapshotter.snapshot.decode_steps = decode
+        gate.set()
+    wait_for(lambda: (f.on_tick(), not f.restoring)[1], 30, "the restore")
+
+
+def test_a_closed_tick_gate_holds_a_job_for_max_wait_for_idle_only() -> None:
+    gate = snapshotter.TickGate()
+    gate.pass_starts()  # and never ends: a node busy in every pass
+    waiter = threading.Thread(target=gate.wait, daemon=True)
+    waiter.start()
+    waiter.join(5)
+    assert not waiter.is_alive(), "the job goes on after MAX_WAIT_FOR_IDLE"
