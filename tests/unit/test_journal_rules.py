@@ -674,3 +674,32 @@ def test_a_failed_background_sync_poisons_the_journal(tmp_path: Path,
     assert reasons == [f"fdatasync on {journal.path} failed: [Errno 5] Input/output error"]
     with pytest.raises(JournalFailed):
         journal.add(b"x", 3, 1)
+
+
+def test_every_truncation_makes_a_new_epoch_not_only_the_first(tmp_path: Path) -> None:
+    """A sync asked for after one truncation does not cover entries rewritten by a second."""
+    journal = filled(tmp_path, 3)
+    journal.deleteEntriesFrom(2)
+    journal.add(b"new 3", 3, 2)
+    point = journal.sync_point()
+    assert point is not None
+    journal.deleteEntriesFrom(1)
+    journal.add(b"newer 2", 2, 3)
+    journal.add(b"newer 3", 3, 3)
+    journal.synced_in_background(point)
+    assert journal.synced_index == 0
+
+
+def test_a_compaction_after_a_truncation_does_not_bring_an_old_epoch_back(tmp_path: Path) -> None:
+    """The epoch only grows: after a truncation and a compaction it differs from the one a
+    sync was asked for in, however the two moved it."""
+    journal = filled(tmp_path, 3)
+    point = journal.sync_point()
+    assert point is not None
+    journal.deleteEntriesFrom(1)
+    journal.deleteEntriesTo(1)  # the new file is synced: entry 1 is durable
+    synced = journal.synced_index
+    journal.add(b"new 2", 2, 2)
+    journal.add(b"new 3", 3, 2)
+    journal.synced_in_background(point)
+    assert journal.synced_index == synced < 3

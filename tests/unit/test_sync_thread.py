@@ -118,3 +118,23 @@ def test_the_periodic_meta_store_is_made_on_the_sync_thread(
     assert journal.io_seconds == io_before  # not the tick thread's time
     journal.setCurrentTerm(2, None)  # a term is stored at once, on the calling thread
     assert stored_on[-1] == threading.current_thread().name
+
+
+def test_each_held_acknowledgement_is_counted(tmp_path: Path) -> None:
+    path = str(tmp_path / recovery.JOURNAL)
+    Journal.create(path)
+    journal = Journal.open(path, MetaFile(str(tmp_path / recovery.META)),
+                           str(tmp_path / recovery.DUMP))
+    wire, counters = Wire(), Counter[str]()
+    gate = threading.Event()
+    journal.synced_in_background = lambda point: gate.wait(DEADLINE)  # type: ignore[method-assign]
+    syncer = SyncThread(journal, wire.send, wire.wake, counters)
+    try:
+        journal.add(b"one", 1, 1)
+        syncer.send("leader", ack(2))
+        syncer.send("leader", ack(2))
+        assert counters["acks_held"] == 2 and wire.sent == []
+    finally:
+        gate.set()
+        syncer.stop()
+        journal._destroy()
