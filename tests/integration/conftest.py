@@ -192,7 +192,7 @@ def quiet_gc_recorder_at_exit() -> Iterator[None]:
     """Stops timing garbage collections once the session's tests are done.
 
     Tests that embed a node in this process install its GC recorder
-    (``kvstore.node.gc_pauses``), which warns of every long collection. After the last test
+    (``kvstore.node.gc_pauses``), which logs every long collection. After the last test
     pytest collects garbage several times while finishing, with no log capture left, so the
     recorder's warnings about pytest's own collections would print under the summary line.
     """
