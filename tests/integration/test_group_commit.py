@@ -88,23 +88,30 @@ def test_an_acknowledged_write_is_on_disk_on_a_majority_when_its_answer_arrives(
         pytest.skip(reason)
     journals = [Path(node.config.data_dir) / "raft.journal" for node in nodes]
     majority = len(nodes) // 2 + 1
-    durable_copies = []
-    with Client(endpoints(nodes), timeout=10) as client:
-        session = client.sync_get_session()
-        for n in range(DURABILITY_WRITES):
-            value = f"durable-{n}-{session.client_id}".encode()
-            client.sync_propose(session, ops.put(f"disk/{n}".encode(), value))
-            # No other client writes: nothing new reaches a journal until the next proposal.
-            durable_copies.append(sum(
-                1 for path in journals
-                if dirty_pages(path) == 0 and value in path.read_bytes()))
-            session.proposal_completed()
+    durable_copies = durable_copies_after_each_write(nodes, journals, "disk", DURABILITY_WRITES)
     if nodes[0].config.fsync:
         assert all(copies >= majority for copies in durable_copies), durable_copies
     else:
         assert any(copies < majority for copies in durable_copies), (
             f"without fsync every write was on disk at once ({durable_copies}): "
             "this check cannot tell, and the fsync variant proves nothing")
+
+
+def durable_copies_after_each_write(nodes: list[KVNode], journals: list[Path], prefix: str,
+                                    writes: int) -> list[int]:
+    """Writes ``writes`` values one after another; right after each answer, counts the journals
+    that hold the value with no dirty page (no other client writes: nothing new reaches a
+    journal until the next proposal)."""
+    copies = []
+    with Client(endpoints(nodes), timeout=10) as client:
+        session = client.sync_get_session()
+        for n in range(writes):
+            value = f"{prefix}-{n}-{session.client_id}".encode()
+            client.sync_propose(session, ops.put(f"{prefix}/{n}".encode(), value))
+            copies.append(sum(1 for path in journals
+                              if dirty_pages(path) == 0 and value in path.read_bytes()))
+            session.proposal_completed()
+    return copies
 
 
 SLOW_SYNC_SECONDS = 0.2
@@ -131,16 +138,7 @@ def test_with_slow_follower_disks_an_answer_still_waits_for_a_majority_on_disk(
     monkeypatch.setattr(os, "fdatasync", slow)
     for nodes in start(tmp_path, fsync=True):
         journals = [Path(node.config.data_dir) / "raft.journal" for node in nodes]
-        durable_copies = []
-        with Client(endpoints(nodes), timeout=10) as client:
-            session = client.sync_get_session()
-            for n in range(SLOW_DISK_WRITES):
-                value = f"slow-disk-{n}-{session.client_id}".encode()
-                client.sync_propose(session, ops.put(f"slow/{n}".encode(), value))
-                durable_copies.append(sum(
-                    1 for path in journals
-                    if dirty_pages(path) == 0 and value in path.read_bytes()))
-                session.proposal_completed()
+        durable_copies = durable_copies_after_each_write(nodes, journals, "slow", SLOW_DISK_WRITES)
         held = sum(node.raft.counters["acks_held"] for node in nodes if not node.is_leader())
         assert held >= SLOW_DISK_WRITES, "the followers never held an acknowledgement"
         assert all(copies >= len(nodes) // 2 + 1 for copies in durable_copies), durable_copies
