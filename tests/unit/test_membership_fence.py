@@ -44,6 +44,9 @@ from tests.unit.test_d6_fence import RaftRuleBroken, raft_rule
 
 T = TypeVar("T")
 TICK_TIMEOUT = 2.0
+HELD_FOR_PASSES = 5
+"""Passes in which a leader appends a proposal it was given, or commits what a majority
+acknowledged (it does either in the next pass): a rule that neither happens waits this many."""
 PLAIN_MEMBERSHIP = 2
 """PySyncObj's own membership entry type (``_COMMAND_TYPE.MEMBERSHIP``)."""
 
@@ -85,6 +88,13 @@ class Harness:
         sender = peer if peer is not None else self.peers[0]
         self.on_tick(lambda: self.node.internals.transport._onMessageReceivedCallback(
             sender, message))
+
+    def passes(self, count: int) -> None:
+        """Waits until the tick thread has made ``count`` more whole passes: what a rule that
+        nothing happens waits for, instead of a time that may hold no pass on a busy machine."""
+        start = self.on_tick(lambda: self.node.counters["ticks"])
+        wait_for(lambda: self.node.counters["ticks"] >= start + count + 1,
+                 f"{count} passes of the tick thread")
 
     def log(self) -> list[tuple[bytes, int, int]]:
         return self.on_tick(lambda: list(self.node.internals.raft_log[:]))
@@ -375,7 +385,7 @@ def test_a_leader_handing_over_holds_new_proposals(make_harness: Callable[..., H
     assert h.request("remove", h.address)
     last = h.log()[-1][1]
     h.node.submit(b"held", lambda _r, _e: None)
-    time.sleep(0.2)  # a few ticks: nothing may be appended meanwhile
+    h.passes(HELD_FOR_PASSES)  # enough for a leader to append a proposal: none may be appended
     assert h.log()[-1][1] == last
 
 
@@ -454,7 +464,7 @@ def test_a_learner_receives_the_log_and_counts_for_nothing(
     h.ack_all([node])
     last = h.log()[-1][1]
     assert h.on_tick(lambda: h.node.internals.match_index[node]) == last
-    time.sleep(0.1)  # ticks: the learner's acknowledgement must not commit anything
+    h.passes(HELD_FOR_PASSES)  # the learner's acknowledgement must not commit anything
     assert h.node.raftCommitIndex == commit
     h.ack_all([h.peers[0]])
     wait_for(lambda: h.node.raftCommitIndex == last, "the voter's acknowledgement to commit")
