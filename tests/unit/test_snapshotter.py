@@ -378,6 +378,7 @@ def test_a_member_starts_a_snapshot_only_in_its_turn_unless_forced(tmp_path: Pat
     assert asked == [(10, {"127.0.0.1:7001", "127.0.0.1:7002"})]
     s.force()
     s.serialize(raft_data(11), 11)
+    assert s.activity() == ["writing"], "forced: started out of turn"
     assert finish_write(s) == SERIALIZER_STATE.SUCCESS, "a forced snapshot waited for its turn"
     s.serialize(raft_data(12), 12)  # forced once only
     assert s.checkSerializing() == (SERIALIZER_STATE.NOT_SERIALIZING, None)
