@@ -253,7 +253,7 @@ class Snapshotter:
             doing.append("receiving")
         if self._restoring is not None:
             doing.append("restoring")
-        doing += [f"sending:{getattr(node, 'address', node)}" for node in self._transmissions]
+        doing += [f"sending:{node}" for node in self._transmissions]  # a node's str is its address
         return doing
 
     def on_tick(self) -> None:
@@ -422,7 +422,7 @@ class Snapshotter:
             transmission["started"] = time.monotonic()
             self._transmissions[node] = transmission
             self._counters["snapshots_sent_started"] += 1
-            log.info("sending the dump to %s", getattr(node, "address", node))
+            log.info("sending the dump to %s", node)
         try:
             data = transmission["file"].read(self._batch_size)
         except OSError:
@@ -433,8 +433,8 @@ class Snapshotter:
         transmission["sent"] += len(data)
         last = not data
         if last:
-            log.info("sent the dump to %s (%d bytes) in %.1f s", getattr(node, "address", node),
-                     transmission["sent"], time.monotonic() - transmission["started"])
+            log.info("sent the dump to %s (%d bytes) in %.1f s", node, transmission["sent"],
+                     time.monotonic() - transmission["started"])
             self.cancelTransmisstion(node)
             self._counters["snapshots_sent"] += 1
         return data, first, last

@@ -11,6 +11,7 @@ snapshot supersedes one still being restored; a dump sent in pieces arrives byte
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -26,13 +27,14 @@ from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.node import TCPNode
 
 from kvstore import StateMachine, encode_entry, ops, snapshot
-from kvstore.node import dump_file, snapshotter
+from kvstore.node import dump_file, recovery, snapshotter
 from kvstore.node.raft_node import dump_meta, raft_meta_of
 from kvstore.node.snapshotter import Snapshotter
 from session import Session, new_noop_session
 from tests.support import wait_for
 
 CLUSTER = 3
+LOGGER = "kvstore.node.snapshot"
 MEMBERS = {TCPNode("127.0.0.1:7001"), TCPNode("127.0.0.1:7002")}
 
 
@@ -47,6 +49,22 @@ def make(path: Path, sm: StateMachine, fatal: list[str] | None = None,
                        (fatal if fatal is not None else []).append,
                        lambda: (keepalives if keepalives is not None else []).append(
                            time.monotonic()))
+
+
+def logged(caplog: pytest.LogCaptureFixture, level: int = logging.INFO) -> list[str]:
+    """What the snapshotter logged at ``level`` or above (what an operator reads)."""
+    return [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno >= level]
+
+
+def stepping_clock(monkeypatch: pytest.MonkeyPatch, step: float) -> None:
+    """The snapshotter's clock (only its own: the tests' deadlines keep the real one) advances
+    ``step`` seconds at each reading."""
+    now = [0.0]
+
+    def monotonic() -> float:
+        now[0] += step
+        return now[0]
+    monkeypatch.setattr(snapshotter, "time", types.SimpleNamespace(monotonic=monotonic))
 
 
 def put(sm: StateMachine, key: bytes, value: bytes) -> None:
@@ -151,7 +169,9 @@ def test_a_crash_mid_snapshot_leaves_the_previous_dump_usable(tmp_path: Path,
     first.stop()
 
 
-def test_a_failed_write_keeps_the_dump_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_write_keeps_the_dump_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
     sm = loaded(100)
     s = make(tmp_path, sm)
     s.serialize(raft_data(5), 4)
@@ -165,6 +185,7 @@ def test_a_failed_write_keeps_the_dump_in_place(tmp_path: Path, monkeypatch: pyt
                         types.SimpleNamespace(**{**vars(snapshot), "encode_pieces": broken}))
     s.serialize(raft_data(9), 8)
     assert finish_write(s) == SERIALIZER_STATE.FAILED  # PySyncObj keeps its log, tries later
+    assert logged(caplog, logging.ERROR) == ["snapshot write failed: OSError: disk full"]
     assert (tmp_path / "raft.dump").read_bytes() == before
     assert not (tmp_path / "raft.dump.tmp").exists()
 
@@ -250,21 +271,25 @@ def test_a_corrupt_dump_stops_the_node(tmp_path: Path) -> None:
     f.deserialize()
     wait_for(lambda: (f.on_tick(), fatal)[1], 30, "the failure to be reported")
     assert "checksum" in fatal[0] and follower.data == {}
+    assert str(tmp_path / "raft.dump") in fatal[0], "the message names the file"
 
 
 def test_a_follower_receiving_a_dump_keeps_the_connection_alive(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """PySyncObj drops a connection with no input for 3.5 s, and a follower acknowledges nothing
-    while a dump streams in: it sends a keepalive every ``KEEPALIVE_EVERY`` instead."""
-    monkeypatch.setattr(snapshotter, "KEEPALIVE_EVERY", 0.05)
+    while a dump streams in: it sends a keepalive every ``KEEPALIVE_EVERY`` instead (the first
+    with the first piece: the monotonic clock counts from boot, so that is long after 0)."""
+    clock = [100.0]
+    monkeypatch.setattr(snapshotter, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     keepalives: list[float] = []
-    receiver = make(tmp_path, StateMachine(CLUSTER), keepalives=keepalives)
-    started = time.monotonic()
-    receiver.setTransmissionData((b"x", True, False))
-    while time.monotonic() - started < 0.5:
-        receiver.setTransmissionData((b"x", False, False))
-    assert 5 <= len(keepalives) <= 11
-    assert all(b - a >= 0.045 for a, b in zip(keepalives, keepalives[1:]))
+    receiver = Snapshotter(str(tmp_path / "raft.dump"), 4096, StateMachine(CLUSTER), Counter(),
+                           dump_meta, raft_meta_of, [].append,
+                           lambda: keepalives.append(clock[0]))
+    for now, first in ((100.0, True), (100.5, False), (101.0, False), (101.75, False),
+                       (102.0, False), (104.5, False)):
+        clock[0] = now
+        assert not receiver.setTransmissionData((b"x", first, False))
+    assert keepalives == [100.0, 101.0, 102.0, 104.5], "one at KEEPALIVE_EVERY exactly, not later"
 
 
 def test_a_dump_streamed_in_pieces_arrives_byte_for_byte(tmp_path: Path) -> None:
@@ -353,6 +378,7 @@ def test_a_member_starts_a_snapshot_only_in_its_turn_unless_forced(tmp_path: Pat
     assert asked == [(10, {"127.0.0.1:7001", "127.0.0.1:7002"})]
     s.force()
     s.serialize(raft_data(11), 11)
+    assert s.activity() == ["writing"], "forced: started out of turn"
     assert finish_write(s) == SERIALIZER_STATE.SUCCESS, "a forced snapshot waited for its turn"
     s.serialize(raft_data(12), 12)  # forced once only
     assert s.checkSerializing() == (SERIALIZER_STATE.NOT_SERIALIZING, None)
@@ -467,15 +493,16 @@ def test_a_pass_spends_at_most_the_send_budget_and_the_next_index_is_put_back(
     s.attach(internals)
     node = TCPNode("127.0.0.1:7002")
     internals.next_index[node] = 7
-    clock = [0.0]  # SEND_BUDGET past 0.0 is exactly SEND_BUDGET
-    monkeypatch.setattr(snapshotter.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(snapshotter, "SEND_BUDGET", 2**-7)  # exact in binary, as are the sums
+    clock = [1.0]  # not 0.0: a pass is timed from its start (a sum instead would pass at 0.0)
+    monkeypatch.setattr(snapshotter, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     seen: list[Any] = []
 
     def send() -> None:
         seen.append(s.getTransmissionData(node))  # starts the pass's clock
         clock[0] += snapshotter.SEND_BUDGET  # at the budget: still sends
         seen.append(s.getTransmissionData(node))
-        clock[0] += 0.0001  # past it: parks the follower
+        clock[0] += 2**-10  # past it: parks the follower
         seen.append(s.getTransmissionData(node))
         seen.append(internals.next_index[node])
         seen.append(s.getTransmissionData(node))  # parked once: the index to put back is kept
@@ -521,9 +548,10 @@ def test_sending_is_shown_counted_and_ends_with_the_file_closed(tmp_path: Path) 
     assert s._counters["snapshots_sent"] == 1 and not s.sending and s.activity() == []
 
 
-def test_without_a_dump_nothing_is_sent(tmp_path: Path) -> None:
+def test_without_a_dump_nothing_is_sent(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     s = make(tmp_path, StateMachine(CLUSTER))
     assert s.getTransmissionData(TCPNode("127.0.0.1:7002")) is None
+    assert logged(caplog, logging.ERROR) == ["cannot open the dump to send it"]
     assert not s.sending and s._counters["snapshots_sent_started"] == 0
 
 
@@ -551,9 +579,13 @@ def test_a_received_dump_replaces_the_one_in_place_only_when_whole(tmp_path: Pat
     assert not r.setTransmissionData((b"late", False, True)), "nothing in progress"
 
 
-def test_an_incoming_dump_that_cannot_be_stored_is_dropped(tmp_path: Path) -> None:
+def test_an_incoming_dump_that_cannot_be_stored_is_dropped(tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
     r = make(tmp_path / "missing", StateMachine(CLUSTER))  # its directory does not exist
     assert not r.setTransmissionData((b"piece", True, True))
+    assert logged(caplog) == ["receiving a dump from the leader",
+                              "cannot open a file for the incoming dump"]
     assert r.activity() == [] and r._counters["snapshots_received"] == 0
 
 
@@ -587,22 +619,26 @@ def test_sent_and_received_dumps_are_counted_each(tmp_path: Path) -> None:
     assert s._counters["snapshots_sent"] == 2 and r._counters["snapshots_received"] == 2
 
 
-def test_an_incoming_dump_that_cannot_be_put_in_place_is_dropped(tmp_path: Path) -> None:
+def test_an_incoming_dump_that_cannot_be_put_in_place_is_dropped(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "raft.dump").mkdir()  # os.replace cannot put a file over a directory
     (tmp_path / "raft.dump" / "x").write_bytes(b"")
     r = make(tmp_path, StateMachine(CLUSTER))
     assert r.setTransmissionData((b"whole", True, True)) is False
+    assert logged(caplog, logging.ERROR) == ["cannot store the incoming dump"]
     assert r.activity() == [] and r._counters["snapshots_received"] == 0
     assert not r.fsync_dir_pending
 
 
-def test_a_dump_that_cannot_be_read_is_not_sent(tmp_path: Path) -> None:
+def test_a_dump_that_cannot_be_read_is_not_sent(tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
     s = written_dump(tmp_path)
     node = TCPNode("127.0.0.1:7002")
     assert s.getTransmissionData(node)
     s._transmissions[node]["file"].close()
     s._transmissions[node]["file"] = open(os.devnull, "wb")  # read: UnsupportedOperation, an OSError
     assert s.getTransmissionData(node) is False
+    assert logged(caplog, logging.ERROR) == ["cannot read the dump to send it"]
     assert not s.sending
 
 
@@ -636,3 +672,103 @@ def test_a_closed_tick_gate_holds_a_job_for_max_wait_for_idle_only() -> None:
     waiter.start()
     waiter.join(5)
     assert not waiter.is_alive(), "the job goes on after MAX_WAIT_FOR_IDLE"
+
+
+# -- what is reported, and the small rules of failure (fake clocks, a few dozen keys) ----------
+
+def test_before_any_snapshot_the_reported_durations_are_zero(tmp_path: Path) -> None:
+    """The node's status and metrics show these figures from the start."""
+    s = make(tmp_path, StateMachine(CLUSTER))
+    reported = (s.last_write_seconds, s.last_freeze_seconds, s.last_restore_seconds)
+    assert reported == (0.0, 0.0, 0.0)
+
+
+def test_a_written_dump_is_logged_with_its_index_durations_and_digest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    stepping_clock(monkeypatch, 1.5)  # the freeze and the write each take one step
+    sm = loaded(20)
+    s = written_dump(tmp_path, sm)
+    assert (s.last_freeze_seconds, s.last_write_seconds) == (1.5, 1.5)
+    assert logged(caplog) == [f"snapshot at index 9 written in 1.50 s (frozen in 1500 ms), "
+                              f"digest {sm.digest()}"]
+
+
+def test_a_cancelled_write_is_not_put_in_place_and_is_no_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    s = make(tmp_path, loaded(20))
+    s.serialize(raft_data(10), 9)
+    s.stop(timeout=5)  # cancelled mid-write or once written: either way, not put in place
+    assert s.checkSerializing() == (SERIALIZER_STATE.FAILED, 9)
+    assert not (tmp_path / "raft.dump").exists() and not (tmp_path / "raft.dump.tmp").exists()
+    assert logged(caplog, logging.ERROR) == [], "a cancelled write is not a failure"
+    assert s._counters["snapshots_written"] == 0
+
+
+def test_each_install_is_logged_timed_and_counted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    written_dump(tmp_path, loaded(20))
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    stepping_clock(monkeypatch, 1.5)  # from the restore's start to its swap: one step
+    f = make(tmp_path, StateMachine(CLUSTER))
+    install(f)
+    install(f)
+    assert f.last_restore_seconds == 1.5 and f._counters["snapshots_loaded"] == 2
+    assert logged(caplog) == 2 * ["restoring the snapshot at index 10 in the background",
+                                  "snapshot loaded: index 10, restored in the background in 1.50 s"]
+
+
+def test_a_dump_sent_is_logged_with_its_size_and_duration(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    s = written_dump(tmp_path)
+    size = (tmp_path / "raft.dump").stat().st_size
+    assert size < 4096, "one batch, then the empty one that ends it"
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    clock = [100.0]
+    monkeypatch.setattr(snapshotter, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    node = TCPNode("127.0.0.1:7002")
+    first = s.getTransmissionData(node)
+    assert first and first[1] and not first[2] and len(first[0]) == size
+    clock[0] = 102.5
+    assert s.getTransmissionData(node) == (b"", False, True)
+    assert logged(caplog) == ["sending the dump to 127.0.0.1:7002",
+                              f"sent the dump to 127.0.0.1:7002 ({size} bytes) in 2.5 s"]
+
+
+def test_an_incoming_dump_is_written_to_a_temporary_that_recovery_removes(tmp_path: Path) -> None:
+    """Until it is whole, a dump received is not the dump (a crash leaves the previous one),
+    nor the writer's temporary; a node restarting removes it (``recovery.TEMPORARY``)."""
+    r = make(tmp_path, StateMachine(CLUSTER))
+    assert not r.setTransmissionData((b"part", True, False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raft.dump.1.tmp"]
+    assert "raft.dump.1.tmp" in recovery.TEMPORARY
+    r.stop()
+
+
+def test_stop_waits_for_a_stuck_job_only_as_long_as_asked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job inside one long piece cannot see that it is cancelled: a node stopping waits for
+    it ``timeout`` seconds, then goes (the thread is a daemon)."""
+    stuck, release = threading.Event(), threading.Event()
+
+    def one_long_piece(frozen: snapshot.Frozen) -> Iterator[bytes]:
+        stuck.set()
+        release.wait(30)
+        yield from snapshot.encode_pieces(frozen)
+    monkeypatch.setattr(snapshotter, "snapshot",
+                        types.SimpleNamespace(**{**vars(snapshot),
+                                                 "encode_pieces": one_long_piece}))
+    s = make(tmp_path, loaded(20))
+    s.serialize(raft_data(10), 9)
+    assert stuck.wait(10)
+    unstick = threading.Timer(1.0, release.set)  # a stop that waited for the job returns late
+    unstick.start()
+    try:
+        started = time.monotonic()
+        s.stop(timeout=0.05)
+        assert time.monotonic() - started < 0.5
+        assert s.checkSerializing()[0] == SERIALIZER_STATE.SERIALIZING, "the job is still in it"
+    finally:
+        release.set()
+        unstick.cancel()
+    assert finish_write(s) == SERIALIZER_STATE.FAILED, "then it sees it was cancelled"
