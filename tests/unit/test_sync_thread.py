@@ -138,3 +138,43 @@ def test_each_held_acknowledgement_is_counted(tmp_path: Path) -> None:
         gate.set()
         syncer.stop()
         journal._destroy()
+
+
+def test_the_journal_file_is_compacted_on_the_sync_thread(
+        parts: tuple[Journal, SyncThread, Wire]) -> None:
+    journal, syncer, _ = parts
+    for index in range(1, 11):
+        journal.add(b"command %d" % index, index, 1)
+    journal.sync()
+    journal.deleteEntriesTo(7)
+    assert [e[1] for e in journal] == [8, 9, 10]  # at once, for PySyncObj
+    support.wait_for(lambda: syncer._counters["journal_file_compactions"] == 1, DEADLINE,
+                     "the compaction")
+    reopened = Journal.open(journal.path, journal.meta_file, journal.snapshot_path)
+    try:
+        assert reopened[:] == journal[:]
+    finally:
+        reopened._destroy()
+
+
+def test_a_sync_asked_for_during_a_compaction_waits_for_one_step_not_all(
+        parts: tuple[Journal, SyncThread, Wire], monkeypatch: pytest.MonkeyPatch) -> None:
+    journal, syncer, wire = parts
+    asked = threading.Event()
+    synced_before_second_step: list[int] = []
+
+    def reclaim() -> Iterator[None]:
+        asked.wait(DEADLINE)
+        yield
+        synced_before_second_step.append(journal.synced_index)
+
+    monkeypatch.setattr(journal, "reclaim", reclaim)
+    journal.add(b"one", 1, 1)
+    journal.add(b"two", 2, 1)
+    journal.deleteEntriesTo(1)
+    syncer.send("leader", ack(3))
+    asked.set()
+    support.wait_for(lambda: synced_before_second_step, DEADLINE, "the second step")
+    assert synced_before_second_step == [2]
+    syncer.release()
+    assert wire.sent == [ack(3)]
