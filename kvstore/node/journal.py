@@ -485,19 +485,21 @@ class Journal:
             self._snapshot_durable()
             yield
             tmp = self.path + ".tmp"
-            copy = self._io("create", os.open, tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            copy = self._io("create", os.open, tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
             new_shift = start - len(MAGIC)
             self._io("write", os.pwrite, copy, MAGIC, 0)
-            whole = self._copy(source, copy, start - shift, start - new_shift, copied - start)
+            copied = self._copy((source, shift), (copy, new_shift), start, copied)
             yield
             with self._lock:
-                # A truncation or a close meanwhile: what was copied may be gone.
-                whole = whole and self._epoch == epoch and bool(self._files) and self._copy(
-                    source, copy, copied - shift, copied - new_shift, self._end - copied)
-                if whole:
+                abandoned = self._epoch != epoch or not self._files  # truncated, or closed
+                if not abandoned:
+                    if self._copy((source, shift), (copy, new_shift), copied, self._end) \
+                            < self._end:
+                        self._fail(f"{self.path} is shorter than its entries",
+                                   OSError("short read"))
                     mirror = self._io("dup", os.dup, copy)  # ours stays open if it closes
                     self._files.append((mirror, new_shift))
-            if not whole:
+            if abandoned:
                 os.close(copy)
                 self._io("unlink", os.unlink, tmp)
                 return
@@ -519,16 +521,18 @@ class Journal:
         log.info("compacted in the background: %d entries kept, %.0f ms to make it durable",
                  len(self._entries), (time.perf_counter() - t0) * 1e3)
 
-    def _copy(self, source: int, target: int, at: int, to: int, size: int) -> bool:
-        """``size`` bytes of ``source`` from offset ``at`` written to ``target`` at ``to``;
-        False if ``source`` ends before (truncated meanwhile)."""
-        while size > 0:
-            chunk = self._io("read", os.pread, source, min(size, 1 << 20), at)
+    def _copy(self, source: tuple[int, int], target: tuple[int, int], at: int,
+               end: int) -> int:
+        """The journal's bytes from offset ``at`` to ``end`` copied from one (descriptor,
+        shift) to another; returns where it stopped: ``end``, or where ``source`` ends (a
+        truncation meanwhile)."""
+        while at < end:
+            chunk = self._io("read", os.pread, source[0], end - at, at - source[1])
             if not chunk:
-                return False
-            self._io("write", os.pwrite, target, chunk, to)
-            at, to, size = at + len(chunk), to + len(chunk), size - len(chunk)
-        return True
+                break
+            self._io("write", os.pwrite, target[0], chunk, at - target[1])
+            at += len(chunk)
+        return at
 
     def _io(self, what: str, call: Callable[..., Any], *args: Any) -> Any:
         self._check()

@@ -247,3 +247,25 @@ def test_a_failed_sync_of_the_copy_poisons_the_journal_and_keeps_the_old_file(
     assert reasons == [f"fdatasync on {journal.path} failed: [Errno 5] Input/output error"]
     monkeypatch.undo()
     assert len(on_disk(journal)) == 10
+
+
+def test_the_copy_has_the_permissions_of_a_new_journal(tmp_path: Path) -> None:
+    journal, _ = new_journal(tmp_path, 10)
+    before = os.stat(journal.path).st_mode
+    journal.deleteEntriesTo(4)
+    list(journal.reclaim())
+    assert os.stat(journal.path).st_mode == before
+
+
+def test_a_file_shorter_than_its_entries_is_not_copied_and_poisons_the_journal(
+        tmp_path: Path) -> None:
+    """Cut behind the journal's back (no truncation it made): a copy would miss entries."""
+    journal, _ = new_journal(tmp_path, 10)
+    journal.deleteEntriesTo(4)
+    reclaim = journal.reclaim()
+    next(reclaim)
+    os.truncate(journal.path, os.path.getsize(journal.path) - 1)
+    next(reclaim)  # the copy stops where the file does; the rest would come under the lock
+    with pytest.raises(JournalFailed, match="is shorter than its entries"):
+        next(reclaim)
+    assert len(journal._files) == 1
