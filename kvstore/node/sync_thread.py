@@ -18,7 +18,9 @@ publishes the index that sync covered (``Journal.synced_in_background``). It als
 journal's periodic store of the commit index (two fsyncs; ``Journal.store_meta_later``), which
 needs no answer held: the stored commit index never runs ahead of ``synced_index``, and the
 journal's file compaction after a snapshot (``Journal.reclaim``, one step between two syncs, so
-an acknowledgement waits for at most one step). A term or
+an acknowledgement waits for at most one step), and the directory fsync that makes a new dump's
+name durable (``fsync_directory_later``: nothing waits for it, the journal syncs the directory
+again before it drops an entry the dump covers). A term or
 vote is still stored on the tick thread before the message that reflects it is sent.
 
 The leader does not use it: it counts its own copy when it commits, and its sync stays at the
@@ -33,7 +35,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from kvstore.node.journal import Journal, JournalFailed, SyncPoint
+from kvstore.node.journal import Journal, JournalFailed, SyncPoint, fsync_path
 
 log = logging.getLogger("kvstore.node.sync_thread")
 
@@ -61,6 +63,7 @@ class SyncThread:
         self._wanted: SyncPoint | None = None
         self._meta_wanted = False
         self._reclaim_wanted = False
+        self._directories: set[str] = set()
         self._reclaiming: Iterator[None] | None = None
         """The compaction in progress (this thread only)."""
         self._stopped = False
@@ -113,6 +116,12 @@ class SyncThread:
             self._reclaim_wanted = True
             self._cond.notify()
 
+    def fsync_directory_later(self, path: str) -> None:
+        """A rename in ``path`` made durable on this thread, not the tick thread."""
+        with self._cond:
+            self._directories.add(path)
+            self._cond.notify()
+
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
@@ -128,12 +137,14 @@ class SyncThread:
         while True:
             with self._cond:
                 while (self._wanted is None and not self._meta_wanted and not self._stopped
-                       and not self._reclaim_wanted and self._reclaiming is None):
+                       and not self._reclaim_wanted and self._reclaiming is None
+                       and not self._directories):
                     self._cond.wait()
                 if self._stopped:
                     return
                 point, self._wanted = self._wanted, None
                 meta, self._meta_wanted = self._meta_wanted, False
+                directories, self._directories = self._directories, set()
                 if self._reclaiming is None and self._reclaim_wanted:
                     self._reclaim_wanted = False
                     self._reclaiming = self._journal.reclaim()
@@ -144,6 +155,11 @@ class SyncThread:
                     self._wake()
                 if meta:
                     self._journal.store_meta(background=True)
+                for path in directories:
+                    try:
+                        fsync_path(path)
+                    except OSError:
+                        log.exception("fsync of the directory %s failed", path)
                 if self._reclaiming is not None:
                     self._step_reclaim()
             except JournalFailed:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from kvstore.node import recovery
+from kvstore.node import recovery, sync_thread
 from kvstore.node.journal import Journal
 from kvstore.node.meta_file import MetaFile
 from kvstore.node.sync_thread import SyncThread, claims
@@ -178,3 +178,26 @@ def test_a_sync_asked_for_during_a_compaction_waits_for_one_step_not_all(
     assert synced_before_second_step == [2]
     syncer.release()
     assert wire.sent == [ack(3)]
+
+
+def test_a_directory_is_synced_on_the_sync_thread(
+        parts: tuple[Journal, SyncThread, Wire], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    _, syncer, _ = parts
+    synced: list[tuple[str, str]] = []
+    monkeypatch.setattr(sync_thread, "fsync_path", lambda path: synced.append(
+        (path, threading.current_thread().name)))
+    syncer.fsync_directory_later(str(tmp_path))
+    support.wait_for(lambda: synced, DEADLINE, "the directory sync")
+    assert synced == [(str(tmp_path), "journal-sync")]
+
+
+def test_a_failed_directory_sync_is_logged_and_the_thread_goes_on(
+        parts: tuple[Journal, SyncThread, Wire], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    journal, syncer, wire = parts
+    syncer.fsync_directory_later(str(tmp_path / "gone"))
+    journal.add(b"one", 1, 1)
+    syncer.send("leader", ack(2))
+    support.wait_for(lambda: journal.synced_index == 1, DEADLINE, "the sync after it")
+    assert f"fsync of the directory {tmp_path / 'gone'} failed" in caplog.text
