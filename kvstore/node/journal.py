@@ -381,14 +381,20 @@ class Journal:
 
     def store_meta(self, *, background: bool = False) -> None:
         """Stores the meta as it is now; ``background``: on the sync thread (its time is not
-        the tick thread's ``io_seconds``)."""
+        the tick thread's ``io_seconds``, and ``io_clock`` reads the tick thread's clocks,
+        which are gone once it has ended)."""
         self._check()
+        if background:
+            self._store_meta()
+            return
         t0 = self.io_clock()
+        self._store_meta()
+        self.io_seconds += self.io_clock() - t0
+
+    def _store_meta(self) -> None:
         try:
             with self._meta_lock:
                 self.meta_file.store(self._capped(self.meta))
-            if not background:
-                self.io_seconds += self.io_clock() - t0
         except OSError as exc:
             self._fail(f"writing {self.meta_file.path} failed: {exc}", exc)
 

@@ -201,3 +201,24 @@ def test_a_failed_directory_sync_is_logged_and_the_thread_goes_on(
     syncer.send("leader", ack(2))
     support.wait_for(lambda: journal.synced_index == 1, DEADLINE, "the sync after it")
     assert f"fsync of the directory {tmp_path / 'gone'} failed" in caplog.text
+
+
+def test_a_meta_store_on_the_sync_thread_never_reads_the_tick_threads_clock(
+        parts: tuple[Journal, SyncThread, Wire]) -> None:
+    """``io_clock`` reads the tick thread's schedstat, gone once that thread has ended (a node
+    stopping): the sync thread's store must not need it."""
+    journal, _, _ = parts
+    journal.add(b"one", 1, 1)
+    journal.sync()
+
+    def gone() -> float:
+        raise ProcessLookupError(3, "No such process")
+    clock, journal.io_clock = journal.io_clock, gone
+    try:
+        journal.setRaftCommitIndex(1)
+        journal.onOneSecondTimer()
+        support.wait_for(lambda: journal.meta_file.stored is not None
+                         and journal.meta_file.stored.commit_index == 1, DEADLINE,
+                         "the meta store")
+    finally:
+        journal.io_clock = clock  # the fixture's clean stop syncs on this thread
