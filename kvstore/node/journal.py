@@ -30,9 +30,17 @@ Rules, each in one place below:
   record whose checksum fails: a write the power interrupted, never acknowledged in durable
   mode); if a valid record follows it, the disk is damaged and the node refuses to start.
 * **Forget only what a durable snapshot covers**: before ``clear`` and ``deleteEntriesTo`` drop
-  entries, the snapshot file (which PySyncObj has just renamed into place) and the directory are
-  fsynced; the compacted journal is written to a temporary file, fsynced and renamed, never
-  rewritten in place.
+  entries from the file, the snapshot file (which PySyncObj has just renamed into place) and the
+  directory are fsynced; the compacted journal is written to a temporary file, fsynced and
+  renamed, never rewritten in place.
+* **Compaction costs the tick thread no I/O** (with a sync thread, ``reclaim_later``):
+  ``deleteEntriesTo`` drops the entries from the list PySyncObj indexes at once, and the file
+  keeps them as a dead prefix (a crash then leaves the case ``align_to_snapshot`` repairs).
+  ``reclaim`` copies the live part aside on the sync thread; from the moment the copy has caught
+  up, every append, truncation and sync goes to both files (``_files``, each with the shift from
+  the journal's offsets to its own), so whichever file holds the name after a crash holds every
+  entry that was synced. The copy is fsynced before it is renamed over the journal, and the old
+  file is let go only once the rename is durable.
 * **Fail-stop**: the first failed write, truncation or fsync poisons the journal: that call and
   every later one raise ``JournalFailed`` (after a failed fsync, the kernel may have dropped the
   dirty pages: retrying would report success for data that is gone), and ``on_failure`` tells
@@ -50,8 +58,8 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
 
 from kvstore.node.meta_file import Meta, MetaFile
 
@@ -68,16 +76,16 @@ Entry = tuple[bytes, int, int]
 
 
 class SyncPoint:
-    """A sync asked for on the tick thread (``Journal.sync_point``): a duplicate of the
-    journal's descriptor, and the entries a ``fdatasync`` of it covers."""
+    """A sync asked for on the tick thread (``Journal.sync_point``): duplicates of the
+    journal's descriptors (two while a compaction copy is mirrored), and the entries a
+    ``fdatasync`` of them covers."""
 
-    def __init__(self, fd: int, epoch: int, index: int) -> None:
-        self.fd, self.epoch, self.index = fd, epoch, index
+    def __init__(self, fds: list[int], epoch: int, index: int) -> None:
+        self.fds, self.epoch, self.index = fds, epoch, index
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        while self.fds:
+            os.close(self.fds.pop())
 
 
 class JournalFailed(OSError):
@@ -172,8 +180,12 @@ class Journal:
         self.directory = os.path.dirname(path) or "."
         self._entries = entries
         self._offsets = offsets
+        """Where each entry starts, in the journal's own offsets: a file's offset is this less
+        its shift (``_files``)."""
         self._end = end
-        self._fd = os.open(path, os.O_RDWR)
+        self._files: list[tuple[int, int]] = [(os.open(path, os.O_RDWR), 0)]
+        """(descriptor, shift) of each file written: the journal, and while ``reclaim`` mirrors
+        it, the copy that will replace it."""
         self._dirty = False
         self.synced_index = entries[-1][1] if entries else 0
         """The last index known to be on disk (``sync`` moves it)."""
@@ -181,12 +193,16 @@ class Journal:
         """Counts truncations and rewrites: a background sync asked for before one does not
         cover the entries written after it."""
         self._lock = threading.Lock()
-        """Guards ``synced_index`` and ``_epoch`` against the sync thread."""
+        """Guards ``synced_index``, ``_epoch``, the entries and ``_files`` against the sync
+        thread."""
         self._meta_lock = threading.Lock()
         """One meta store at a time, each of the meta as it is then (never an older one)."""
         self.store_meta_later: Callable[[], None] | None = None
         """Set by ``kvstore.node.sync_thread``: the periodic store of the commit index runs on
         its thread, not the tick thread (a term or vote is always stored at once)."""
+        self.reclaim_later: Callable[[], None] | None = None
+        """Set by ``kvstore.node.sync_thread``: it runs ``reclaim`` after a compaction, which
+        then only drops entries from the list; without it, the file is compacted at once."""
         self.failed: str | None = None
         self.on_failure: Callable[[str], None] = lambda reason: None
         self.io_seconds = 0.0
@@ -229,10 +245,12 @@ class Journal:
     def add(self, command: Any, idx: int, term: int) -> None:
         payload = command if isinstance(command, bytes) else bytes(command)
         record = encode(idx, term, payload)
-        self._io("write", os.pwrite, self._fd, record, self._end)
-        self._entries.append((payload, idx, term))
-        self._offsets.append(self._end)
-        self._end += len(record)
+        with self._lock:
+            for fd, shift in self._files:
+                self._io("write", os.pwrite, fd, record, self._end - shift)
+            self._entries.append((payload, idx, term))
+            self._offsets.append(self._end)
+            self._end += len(record)
         self._dirty = True
 
     def clear(self) -> None:
@@ -249,6 +267,12 @@ class Journal:
         """Drops the entries before position ``entryTo``: the snapshot covers them."""
         if entryTo <= 0:
             return
+        if self.reclaim_later is not None:
+            with self._lock:
+                del self._entries[:entryTo]
+                del self._offsets[:entryTo]
+            self.reclaim_later()
+            return
         t0 = self.io_clock()
         self._snapshot_durable()
         self._rewrite(self._entries[entryTo:])
@@ -264,15 +288,17 @@ class Journal:
 
     def _destroy(self) -> None:
         """A clean stop: everything durable, then closed."""
-        if self._fd < 0:
+        if not self._files:
             return
         try:
             if not self.failed:
                 self.sync()
                 self.store_meta()
         finally:
-            os.close(self._fd)
-            self._fd = -1
+            with self._lock:
+                files, self._files = self._files, []
+            for fd, _shift in files:
+                os.close(fd)
 
     def flush(self) -> None:
         self.sync()
@@ -311,10 +337,12 @@ class Journal:
         return self._dirty
 
     def sync(self) -> None:
-        """Makes every entry durable (one fdatasync)."""
+        """Makes every entry durable (one fdatasync of each file written)."""
         self._check()
         t0 = self.io_clock()
-        self._io("fdatasync", os.fdatasync, self._fd)
+        with self._lock:
+            for fd, _shift in self._files:
+                self._io("fdatasync", os.fdatasync, fd)
         self.io_seconds += self.io_clock() - t0
         self._dirty = False
         with self._lock:
@@ -326,7 +354,9 @@ class Journal:
         if not self._dirty:
             return None
         self._check()
-        point = SyncPoint(self._io("dup", os.dup, self._fd), self._epoch, self._last_index())
+        with self._lock:
+            point = SyncPoint([self._io("dup", os.dup, fd) for fd, _shift in self._files],
+                              self._epoch, self._last_index())
         self._dirty = False
         return point
 
@@ -336,7 +366,8 @@ class Journal:
         try:
             self._check()
             try:
-                os.fdatasync(point.fd)
+                for fd in point.fds:
+                    os.fdatasync(fd)
             except OSError as exc:
                 self._fail(f"fdatasync on {self.path} failed: {exc}", exc)
         finally:
@@ -350,14 +381,20 @@ class Journal:
 
     def store_meta(self, *, background: bool = False) -> None:
         """Stores the meta as it is now; ``background``: on the sync thread (its time is not
-        the tick thread's ``io_seconds``)."""
+        the tick thread's ``io_seconds``, and ``io_clock`` reads the tick thread's clocks,
+        which are gone once it has ended)."""
         self._check()
+        if background:
+            self._store_meta()
+            return
         t0 = self.io_clock()
+        self._store_meta()
+        self.io_seconds += self.io_clock() - t0
+
+    def _store_meta(self) -> None:
         try:
             with self._meta_lock:
                 self.meta_file.store(self._capped(self.meta))
-            if not background:
-                self.io_seconds += self.io_clock() - t0
         except OSError as exc:
             self._fail(f"writing {self.meta_file.path} failed: {exc}", exc)
 
@@ -393,15 +430,20 @@ class Journal:
             self._fail(f"fsync of {self.snapshot_path} failed: {exc}", exc)
 
     def _truncate(self, position: int) -> None:
+        """Drops the entries from ``position`` on; a file left with no entry keeps only its
+        header (so ``clear`` also drops a dead prefix)."""
         end = self._offsets[position] if position < len(self._offsets) else self._end
-        self._io("truncate", os.ftruncate, self._fd, end)
-        del self._entries[position:]
-        del self._offsets[position:]
-        self._end = end
-        self._dirty = True
         with self._lock:
+            if position == 0:
+                self._files = [(fd, end - len(MAGIC)) for fd, _shift in self._files]
+            for fd, shift in self._files:
+                self._io("truncate", os.ftruncate, fd, end - shift)
+            del self._entries[position:]
+            del self._offsets[position:]
+            self._end = end
             self._epoch += 1
             self.synced_index = min(self.synced_index, self._last_index())
+        self._dirty = True
 
     def _rewrite(self, keep: list[Entry]) -> None:
         """Replaces the file with one holding ``keep``: written aside, fsynced, renamed."""
@@ -422,13 +464,81 @@ class Journal:
             fd = os.open(self.path, os.O_RDWR)
         except OSError as exc:
             self._fail(f"compacting {self.path} failed: {exc}", exc)
-        os.close(self._fd)
-        self._fd = fd
-        self._entries, self._offsets, self._end = list(keep), offsets, offset
-        self._dirty = False
         with self._lock:
+            for old, _shift in self._files:
+                os.close(old)
+            self._files = [(fd, 0)]
+            self._entries, self._offsets, self._end = list(keep), offsets, offset
             self._epoch += 1
             self.synced_index = self._last_index()
+        self._dirty = False
+
+    def reclaim(self) -> Iterator[None]:
+        """On the sync thread, a step per ``next``: the file's dead prefix dropped by a copy
+        of the live part that replaces it, while the tick thread goes on appending."""
+        with self._lock:
+            if not self._files:
+                return
+            fd, shift = self._files[0]
+            start = self._offsets[0] if self._offsets else self._end
+            copied, epoch = self._end, self._epoch
+            source = self._io("dup", os.dup, fd)
+        try:
+            if start - shift == len(MAGIC):
+                return
+            # After reading where the live part starts: the snapshot covering what lies before
+            # it was renamed into place before that, so this sync covers it.
+            self._snapshot_durable()
+            yield
+            tmp = self.path + ".tmp"
+            copy = self._io("create", os.open, tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+            new_shift = start - len(MAGIC)
+            self._io("write", os.pwrite, copy, MAGIC, 0)
+            copied = self._copy((source, shift), (copy, new_shift), start, copied)
+            yield
+            with self._lock:
+                abandoned = self._epoch != epoch or not self._files  # truncated, or closed
+                if not abandoned:
+                    if self._copy((source, shift), (copy, new_shift), copied, self._end) \
+                            < self._end:
+                        self._fail(f"{self.path} is shorter than its entries",
+                                   OSError("short read"))
+                    mirror = self._io("dup", os.dup, copy)  # ours stays open if it closes
+                    self._files.append((mirror, new_shift))
+            if abandoned:
+                os.close(copy)
+                self._io("unlink", os.unlink, tmp)
+                return
+        finally:
+            os.close(source)
+        yield
+        try:
+            t0 = time.perf_counter()
+            self._io("fdatasync", os.fdatasync, copy)
+            self._io("rename", os.replace, tmp, self.path)
+            self._io("fsync", fsync_path, self.directory)
+            with self._lock:
+                old = [f for f, _shift in self._files if f != mirror]
+                self._files = [(f, s) for f, s in self._files if f == mirror]
+            for f in old:
+                os.close(f)
+        finally:
+            os.close(copy)
+        log.info("compacted in the background: %d entries kept, %.0f ms to make it durable",
+                 len(self._entries), (time.perf_counter() - t0) * 1e3)
+
+    def _copy(self, source: tuple[int, int], target: tuple[int, int], at: int,
+               end: int) -> int:
+        """The journal's bytes from offset ``at`` to ``end`` copied from one (descriptor,
+        shift) to another; returns where it stopped: ``end``, or where ``source`` ends (a
+        truncation meanwhile)."""
+        while at < end:
+            chunk = self._io("read", os.pread, source[0], end - at, at - source[1])
+            if not chunk:
+                break
+            self._io("write", os.pwrite, target[0], chunk, at - target[1])
+            at += len(chunk)
+        return at
 
     def _io(self, what: str, call: Callable[..., Any], *args: Any) -> Any:
         self._check()
@@ -441,7 +551,7 @@ class Journal:
         if self.failed:
             raise JournalFailed(self.failed)
 
-    def _fail(self, reason: str, cause: OSError) -> None:
+    def _fail(self, reason: str, cause: OSError) -> NoReturn:
         self.failed = reason
         log.critical("%s: the node stops (fail-stop)", reason)
         self.on_failure(reason)

@@ -540,10 +540,13 @@ class RaftNode(SyncObj):
         self.counters["ticks"] += 1
         if self._n_snapshotter.fsync_dir_pending:
             self._n_snapshotter.fsync_dir_pending = False
-            try:
-                dump_file.fsync_directory(self._n_options.data_dir)
-            except OSError:
-                log.exception("fsync of the data directory failed")
+            if self._n_sync_thread is not None:
+                self._n_sync_thread.fsync_directory_later(self._n_options.data_dir)
+            else:
+                try:
+                    dump_file.fsync_directory(self._n_options.data_dir)
+                except OSError:
+                    log.exception("fsync of the data directory failed")
         with self._n_tick_tasks_lock:
             tasks, self._n_tick_tasks = self._n_tick_tasks, []
         for future, task in tasks:

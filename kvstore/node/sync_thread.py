@@ -16,7 +16,11 @@ sync released (``release``, at the end of every pass). The journal itself stays 
 thread's: this thread only syncs a duplicate of its descriptor (``Journal.sync_point``) and
 publishes the index that sync covered (``Journal.synced_in_background``). It also makes the
 journal's periodic store of the commit index (two fsyncs; ``Journal.store_meta_later``), which
-needs no answer held: the stored commit index never runs ahead of ``synced_index``. A term or
+needs no answer held: the stored commit index never runs ahead of ``synced_index``, and the
+journal's file compaction after a snapshot (``Journal.reclaim``, one step between two syncs, so
+an acknowledgement waits for at most one step), and the directory fsync that makes a new dump's
+name durable (``fsync_directory_later``: nothing waits for it, the journal syncs the directory
+again before it drops an entry the dump covers). A term or
 vote is still stored on the tick thread before the message that reflects it is sent.
 
 The leader does not use it: it counts its own copy when it commits, and its sync stays at the
@@ -28,10 +32,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from kvstore.node.journal import Journal, JournalFailed, SyncPoint
+from kvstore.node.journal import Journal, JournalFailed, SyncPoint, fsync_path
 
 log = logging.getLogger("kvstore.node.sync_thread")
 
@@ -58,11 +62,17 @@ class SyncThread:
         """Messages waiting for a sync, in the order they were sent (tick thread only)."""
         self._wanted: SyncPoint | None = None
         self._meta_wanted = False
+        self._reclaim_wanted = False
+        self._directories: set[str] = set()
+        self._reclaiming: Iterator[None] | None = None
+        """The compaction in progress (this thread only)."""
         self._stopped = False
         self._cond = threading.Condition()
         counters["journal_background_fsyncs"] = 0  # only this thread writes it, from now on
+        counters["journal_file_compactions"] = 0  # this one too
         counters["acks_held"] += 0
         journal.store_meta_later = self._want_meta
+        journal.reclaim_later = self._want_reclaim
         self._thread = threading.Thread(target=self._run, daemon=True, name="journal-sync")
         self._thread.start()
 
@@ -100,6 +110,18 @@ class SyncThread:
             self._meta_wanted = True
             self._cond.notify()
 
+    def _want_reclaim(self) -> None:
+        """A compaction of the journal's file, for this thread to make."""
+        with self._cond:
+            self._reclaim_wanted = True
+            self._cond.notify()
+
+    def fsync_directory_later(self, path: str) -> None:
+        """A rename in ``path`` made durable on this thread, not the tick thread."""
+        with self._cond:
+            self._directories.add(path)
+            self._cond.notify()
+
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
@@ -114,12 +136,18 @@ class SyncThread:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while self._wanted is None and not self._meta_wanted and not self._stopped:
+                while (self._wanted is None and not self._meta_wanted and not self._stopped
+                       and not self._reclaim_wanted and self._reclaiming is None
+                       and not self._directories):
                     self._cond.wait()
                 if self._stopped:
                     return
                 point, self._wanted = self._wanted, None
                 meta, self._meta_wanted = self._meta_wanted, False
+                directories, self._directories = self._directories, set()
+                if self._reclaiming is None and self._reclaim_wanted:
+                    self._reclaim_wanted = False
+                    self._reclaiming = self._journal.reclaim()
             try:
                 if point is not None:
                     self._journal.synced_in_background(point)
@@ -127,6 +155,21 @@ class SyncThread:
                     self._wake()
                 if meta:
                     self._journal.store_meta(background=True)
+                for path in directories:
+                    try:
+                        fsync_path(path)
+                    except OSError:
+                        log.exception("fsync of the directory %s failed", path)
+                if self._reclaiming is not None:
+                    self._step_reclaim()
             except JournalFailed:
                 self._wake()  # the journal has told the node, which stops
                 return
+
+    def _step_reclaim(self) -> None:
+        assert self._reclaiming is not None
+        try:
+            next(self._reclaiming)
+        except StopIteration:
+            self._reclaiming = None
+            self._counters["journal_file_compactions"] += 1

@@ -304,7 +304,7 @@ def test_a_clean_stop_after_a_failure_closes_without_writing(
         journal.sync()
     journal._destroy()  # no second failure: nothing is retried
     journal._destroy()  # and a second stop is a no-op
-    assert journal._fd == -1
+    assert journal._files == []
 
 
 def test_a_clean_stop_makes_the_entries_and_meta_durable(tmp_path: Path) -> None:
@@ -616,7 +616,7 @@ def test_a_background_sync_covers_what_was_appended_when_it_was_asked_for(
     journal.add(b"command 4", 4, 1)  # after the point: not covered by it
     calls = fsync_calls(monkeypatch)
     journal.synced_in_background(point)
-    assert calls == [os.path.realpath(journal.path)] and point.fd == -1
+    assert calls == [os.path.realpath(journal.path)] and point.fds == []
     assert journal.synced_index == 3 and journal.dirty
     assert journal.sync_point() is not None and journal.sync_point() is None
 
@@ -670,7 +670,7 @@ def test_a_failed_background_sync_poisons_the_journal(tmp_path: Path,
     monkeypatch.setattr(os, "fdatasync", io_error)
     with pytest.raises(JournalFailed):
         journal.synced_in_background(point)
-    assert journal.synced_index == 0 and point.fd == -1
+    assert journal.synced_index == 0 and point.fds == []
     assert reasons == [f"fdatasync on {journal.path} failed: [Errno 5] Input/output error"]
     with pytest.raises(JournalFailed):
         journal.add(b"x", 3, 1)

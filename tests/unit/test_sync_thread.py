@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from kvstore.node import recovery
+from kvstore.node import recovery, sync_thread
 from kvstore.node.journal import Journal
 from kvstore.node.meta_file import MetaFile
 from kvstore.node.sync_thread import SyncThread, claims
@@ -138,3 +138,87 @@ def test_each_held_acknowledgement_is_counted(tmp_path: Path) -> None:
         gate.set()
         syncer.stop()
         journal._destroy()
+
+
+def test_the_journal_file_is_compacted_on_the_sync_thread(
+        parts: tuple[Journal, SyncThread, Wire]) -> None:
+    journal, syncer, _ = parts
+    for index in range(1, 11):
+        journal.add(b"command %d" % index, index, 1)
+    journal.sync()
+    journal.deleteEntriesTo(7)
+    assert [e[1] for e in journal] == [8, 9, 10]  # at once, for PySyncObj
+    support.wait_for(lambda: syncer._counters["journal_file_compactions"] == 1, DEADLINE,
+                     "the compaction")
+    reopened = Journal.open(journal.path, journal.meta_file, journal.snapshot_path)
+    try:
+        assert reopened[:] == journal[:]
+    finally:
+        reopened._destroy()
+
+
+def test_a_sync_asked_for_during_a_compaction_waits_for_one_step_not_all(
+        parts: tuple[Journal, SyncThread, Wire], monkeypatch: pytest.MonkeyPatch) -> None:
+    journal, syncer, wire = parts
+    asked = threading.Event()
+    synced_before_second_step: list[int] = []
+
+    def reclaim() -> Iterator[None]:
+        asked.wait(DEADLINE)
+        yield
+        synced_before_second_step.append(journal.synced_index)
+
+    monkeypatch.setattr(journal, "reclaim", reclaim)
+    journal.add(b"one", 1, 1)
+    journal.add(b"two", 2, 1)
+    journal.deleteEntriesTo(1)
+    syncer.send("leader", ack(3))
+    asked.set()
+    support.wait_for(lambda: synced_before_second_step, DEADLINE, "the second step")
+    assert synced_before_second_step == [2]
+    syncer.release()
+    assert wire.sent == [ack(3)]
+
+
+def test_a_directory_is_synced_on_the_sync_thread(
+        parts: tuple[Journal, SyncThread, Wire], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    _, syncer, _ = parts
+    synced: list[tuple[str, str]] = []
+    monkeypatch.setattr(sync_thread, "fsync_path", lambda path: synced.append(
+        (path, threading.current_thread().name)))
+    syncer.fsync_directory_later(str(tmp_path))
+    support.wait_for(lambda: synced, DEADLINE, "the directory sync")
+    assert synced == [(str(tmp_path), "journal-sync")]
+
+
+def test_a_failed_directory_sync_is_logged_and_the_thread_goes_on(
+        parts: tuple[Journal, SyncThread, Wire], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    journal, syncer, wire = parts
+    syncer.fsync_directory_later(str(tmp_path / "gone"))
+    journal.add(b"one", 1, 1)
+    syncer.send("leader", ack(2))
+    support.wait_for(lambda: journal.synced_index == 1, DEADLINE, "the sync after it")
+    assert f"fsync of the directory {tmp_path / 'gone'} failed" in caplog.text
+
+
+def test_a_meta_store_on_the_sync_thread_never_reads_the_tick_threads_clock(
+        parts: tuple[Journal, SyncThread, Wire]) -> None:
+    """``io_clock`` reads the tick thread's schedstat, gone once that thread has ended (a node
+    stopping): the sync thread's store must not need it."""
+    journal, _, _ = parts
+    journal.add(b"one", 1, 1)
+    journal.sync()
+
+    def gone() -> float:
+        raise ProcessLookupError(3, "No such process")
+    clock, journal.io_clock = journal.io_clock, gone
+    try:
+        journal.setRaftCommitIndex(1)
+        journal.onOneSecondTimer()
+        support.wait_for(lambda: journal.meta_file.stored is not None
+                         and journal.meta_file.stored.commit_index == 1, DEADLINE,
+                         "the meta store")
+    finally:
+        journal.io_clock = clock  # the fixture's clean stop syncs on this thread
