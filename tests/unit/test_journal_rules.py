@@ -703,3 +703,21 @@ def test_a_compaction_after_a_truncation_does_not_bring_an_old_epoch_back(tmp_pa
     journal.add(b"new 3", 3, 2)
     journal.synced_in_background(point)
     assert journal.synced_index == synced < 3
+
+
+def test_a_compaction_never_brings_back_the_epoch_a_sync_was_asked_for_in(tmp_path: Path) -> None:
+    """Not only the first epoch: a sync asked for after one truncation does not count once a
+    second truncation and a compaction have dropped what it covered and entries were written
+    again at those indexes (its descriptor is the old file's: syncing it syncs nothing new)."""
+    journal = filled(tmp_path, 4)
+    journal.deleteEntriesFrom(3)  # a first conflict: entries 1-2 kept
+    journal.add(b"new 3", 3, 2)
+    point = journal.sync_point()
+    assert point is not None and point.index == 3
+    journal.deleteEntriesFrom(2)  # a second conflict: "new 3" dropped
+    journal.deleteEntriesTo(1)  # a compaction: entry 2 alone, in a new synced file
+    assert journal.synced_index == 2
+    journal.add(b"newer 3", 3, 3)
+    journal.synced_in_background(point)
+    assert journal.synced_index == 2
+    journal._destroy()

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from kvstore.node import recovery
+from kvstore.node import recovery, sync_thread
 from kvstore.node.journal import Journal
 from kvstore.node.meta_file import MetaFile
 from kvstore.node.sync_thread import SyncThread, claims
@@ -137,4 +137,34 @@ def test_each_held_acknowledgement_is_counted(tmp_path: Path) -> None:
     finally:
         gate.set()
         syncer.stop()
+        journal._destroy()
+
+
+def test_stop_leaves_behind_a_sync_stuck_on_the_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node that stops does not hang on a disk that no longer answers: ``stop`` waits
+    ``STOP_WAIT`` for the thread, then returns with the sync still stuck."""
+    monkeypatch.setattr(sync_thread, "STOP_WAIT", 0.05)
+    path = str(tmp_path / recovery.JOURNAL)
+    Journal.create(path)
+    journal = Journal.open(path, MetaFile(str(tmp_path / recovery.META)),
+                           str(tmp_path / recovery.DUMP))
+    wire = Wire()
+    syncing, disk_answers = threading.Event(), threading.Event()
+
+    def stuck(point: Any) -> None:
+        syncing.set()
+        disk_answers.wait(DEADLINE)
+
+    journal.synced_in_background = stuck  # type: ignore[method-assign]
+    syncer = SyncThread(journal, wire.send, wire.wake, Counter())
+    try:
+        journal.add(b"one", 1, 1)
+        syncer.send("leader", ack(2))
+        assert syncing.wait(DEADLINE), "the sync thread never started its sync"
+        syncer.stop()
+        assert syncer._thread.is_alive(), "stop waited for the stuck sync to end"
+    finally:
+        disk_answers.set()
+        syncer._thread.join(DEADLINE)
         journal._destroy()
