@@ -51,6 +51,7 @@ def parts(tmp_path: Path) -> Iterator[tuple[Journal, SyncThread, Wire]]:
     syncer = SyncThread(journal, wire.send, wire.wake, Counter())
     yield journal, syncer, wire
     syncer.stop()
+    assert not syncer._thread.is_alive(), "stop did not end the sync thread"
     journal._destroy()
 
 
