@@ -40,6 +40,9 @@ from kvstore.node.journal import Journal, JournalFailed, SyncPoint, fsync_path
 log = logging.getLogger("kvstore.node.sync_thread")
 
 ACKNOWLEDGEMENT = "next_node_idx"
+STOP_WAIT = 5.0
+"""How long ``stop`` waits for a sync stuck on the disk before it leaves the (daemon) thread
+behind: a node stopping must not hang on a disk that no longer answers."""
 
 
 def claims(message: Any) -> int:
@@ -129,7 +132,7 @@ class SyncThread:
                 self._wanted.close()
                 self._wanted = None
             self._cond.notify()
-        self._thread.join(5.0)
+        self._thread.join(STOP_WAIT)
 
     # -- on the sync thread ---------------------------------------------------------------
 

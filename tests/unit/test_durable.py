@@ -277,3 +277,19 @@ def test_a_slow_sync_holds_the_acknowledgement_while_the_tick_loop_keeps_passing
     wait_for(lambda: len(h.replies()) == replies + 2, "the held replies")
     assert h.replies()[replies:] == [next_node_idx(LAST + 3, success=True, reset=False)] * 2
     assert [dirty for m, dirty in h.on_tick(lambda: list(h.wire.probed))] == [0, 0]
+
+
+def test_journal_fsyncs_counts_each_flush_of_the_leader(
+        make_harness: Callable[[bool], Harness], fsynced: list[str]) -> None:
+    """The leader flushes at the end of the tick (not on the sync thread), and
+    ``journal_fsyncs`` counts each of those flushes: its no-op, then each new entry."""
+    h = make_harness(True)
+    h.lead()  # its no-op is entry 2
+    with pytest.raises(OutcomeUnknown):
+        h.node.propose(b"entry", timeout=0.0)  # entry 3
+    wait_for(lambda: h.on_tick(lambda: h.node.internals.raft_log.synced_index) >= 3,
+             "the leader to flush entry 3")
+    counters = h.on_tick(lambda: dict(h.node.counters))
+    assert counters["journal_fsyncs"] >= 2
+    assert (counters["journal_fsyncs"] + counters["journal_background_fsyncs"]
+            == journal_fsyncs(h, fsynced))

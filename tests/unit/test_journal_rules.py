@@ -668,8 +668,9 @@ def test_a_failed_background_sync_poisons_the_journal(tmp_path: Path,
     point = journal.sync_point()
     assert point is not None
     monkeypatch.setattr(os, "fdatasync", io_error)
-    with pytest.raises(JournalFailed):
+    with pytest.raises(JournalFailed) as failed:
         journal.synced_in_background(point)
+    assert isinstance(failed.value.__cause__, OSError) and failed.value.__cause__.errno == 5
     assert journal.synced_index == 0 and point.fds == []
     assert reasons == [f"fdatasync on {journal.path} failed: [Errno 5] Input/output error"]
     with pytest.raises(JournalFailed):
@@ -703,3 +704,53 @@ def test_a_compaction_after_a_truncation_does_not_bring_an_old_epoch_back(tmp_pa
     journal.add(b"new 3", 3, 2)
     journal.synced_in_background(point)
     assert journal.synced_index == synced < 3
+
+
+def test_a_compaction_never_brings_back_the_epoch_a_sync_was_asked_for_in(tmp_path: Path) -> None:
+    """Not only the first epoch: a sync asked for after one truncation does not count once a
+    second truncation and a compaction have dropped what it covered and entries were written
+    again at those indexes (its descriptor is the old file's: syncing it syncs nothing new)."""
+    journal = filled(tmp_path, 4)
+    journal.deleteEntriesFrom(3)  # a first conflict: entries 1-2 kept
+    journal.add(b"new 3", 3, 2)
+    point = journal.sync_point()
+    assert point is not None and point.index == 3
+    journal.deleteEntriesFrom(2)  # a second conflict: "new 3" dropped
+    journal.deleteEntriesTo(1)  # a compaction: entry 2 alone, in a new synced file
+    assert journal.synced_index == 2
+    journal.add(b"newer 3", 3, 3)
+    journal.synced_in_background(point)
+    assert journal.synced_index == 2
+    journal._destroy()
+
+
+def test_a_failed_dup_for_a_background_sync_poisons_the_journal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = filled(tmp_path, 2)
+    reasons: list[str] = []
+    journal.on_failure = reasons.append
+    monkeypatch.setattr(os, "dup", io_error)
+    with pytest.raises(JournalFailed):
+        journal.sync_point()
+    assert reasons == [f"dup on {journal.path} failed: [Errno 5] Input/output error"]
+
+
+def test_io_seconds_adds_up_the_tick_threads_syncs_meta_stores_and_compactions(
+        tmp_path: Path) -> None:
+    """``io_seconds`` (what ``kvstore.node.gap_causes`` charges to the disk) is the sum of the
+    time of each sync, each meta store made on the calling thread and each compaction; a meta
+    store on the sync thread (``background``) is not the tick thread's time."""
+    journal = filled(tmp_path, 3)
+    assert journal.io_seconds == 0.0
+    readings = iter(range(100, 200, 3))  # each timed call takes 3 "seconds"
+    journal.io_clock = lambda: float(next(readings))
+    journal.sync()
+    journal.sync()
+    assert journal.io_seconds == 6.0
+    journal.setCurrentTerm(2, None)  # stored at once, by the calling thread
+    assert journal.io_seconds == 9.0
+    journal.store_meta(background=True)
+    assert journal.io_seconds == 9.0
+    journal.deleteEntriesTo(1)
+    assert journal.io_seconds == 12.0
+    journal._destroy()

@@ -51,6 +51,7 @@ def parts(tmp_path: Path) -> Iterator[tuple[Journal, SyncThread, Wire]]:
     syncer = SyncThread(journal, wire.send, wire.wake, Counter())
     yield journal, syncer, wire
     syncer.stop()
+    assert not syncer._thread.is_alive(), "stop did not end the sync thread"
     journal._destroy()
 
 
@@ -222,3 +223,66 @@ def test_a_meta_store_on_the_sync_thread_never_reads_the_tick_threads_clock(
                          "the meta store")
     finally:
         journal.io_clock = clock  # the fixture's clean stop syncs on this thread
+
+
+def test_stop_leaves_behind_a_sync_stuck_on_the_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node that stops does not hang on a disk that no longer answers: ``stop`` waits
+    ``STOP_WAIT`` for the thread, then returns with the sync still stuck."""
+    monkeypatch.setattr(sync_thread, "STOP_WAIT", 0.05)
+    path = str(tmp_path / recovery.JOURNAL)
+    Journal.create(path)
+    journal = Journal.open(path, MetaFile(str(tmp_path / recovery.META)),
+                           str(tmp_path / recovery.DUMP))
+    wire = Wire()
+    syncing, disk_answers = threading.Event(), threading.Event()
+
+    def stuck(point: Any) -> None:
+        syncing.set()
+        disk_answers.wait(DEADLINE)
+
+    journal.synced_in_background = stuck  # type: ignore[method-assign]
+    syncer = SyncThread(journal, wire.send, wire.wake, Counter())
+    try:
+        journal.add(b"one", 1, 1)
+        syncer.send("leader", ack(2))
+        assert syncing.wait(DEADLINE), "the sync thread never started its sync"
+        journal.add(b"two", 2, 1)
+        syncer.request()  # queued behind the stuck sync
+        queued = syncer._wanted
+        assert queued is not None
+        syncer.stop()
+        assert syncer._thread.is_alive(), "stop waited for the stuck sync to end"
+        assert syncer._thread.daemon, "the stuck thread would keep the process from exiting"
+        assert queued.fds == []  # the sync it will never make does not keep its descriptor
+        syncer.stop()  # a second stop is harmless
+    finally:
+        disk_answers.set()
+        syncer._thread.join(DEADLINE)
+        journal._destroy()
+
+
+def test_its_counters_are_there_from_the_start(tmp_path: Path) -> None:
+    """A node's status shows both counters before the first sync or held message; held
+    acknowledgements are counted on from what the node counted before, not from 0."""
+    path = str(tmp_path / recovery.JOURNAL)
+    Journal.create(path)
+    journal = Journal.open(path, MetaFile(str(tmp_path / recovery.META)),
+                           str(tmp_path / recovery.DUMP))
+    wire, counters = Wire(), Counter({"acks_held": 3})
+    syncer = SyncThread(journal, wire.send, wire.wake, counters)
+    try:
+        assert counters == {"journal_background_fsyncs": 0, "acks_held": 3}
+    finally:
+        syncer.stop()
+        journal._destroy()
+
+
+def test_it_stores_the_meta_only_when_asked(
+        parts: tuple[Journal, SyncThread, Wire]) -> None:
+    journal, syncer, wire = parts
+    journal.add(b"one", 1, 1)
+    syncer.send("leader", ack(2))
+    support.wait_for(lambda: journal.synced_index == 1, DEADLINE, "the background sync")
+    syncer.stop()  # the thread has run: it has done what it was asked, and only that
+    assert journal.meta_file.stored is None
