@@ -526,8 +526,9 @@ class Journal:
                 os.close(f)
         finally:
             os.close(copy)
-        log.info("compacted in the background: %d entries kept, %.0f ms to make it durable",
-                 len(self._entries), (time.perf_counter() - t0) * 1e3)
+        # Log text only (what an operator reads; nothing acts on it): not mutated.
+        log.info("compacted in the background: %d entries kept, %.0f ms to make it durable",  # pragma: no mutate
+                 len(self._entries), (time.perf_counter() - t0) * 1e3)  # pragma: no mutate
 
     def _copy(self, source: tuple[int, int], target: tuple[int, int], at: int,
                end: int) -> int:

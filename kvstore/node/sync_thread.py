@@ -162,7 +162,8 @@ class SyncThread:
                     try:
                         fsync_path(path)
                     except OSError:
-                        log.exception("fsync of the directory %s failed", path)
+                        # Log text only: not mutated.
+                        log.exception("fsync of the directory %s failed", path)  # pragma: no mutate
                 if self._reclaiming is not None:
                     self._step_reclaim()
             except JournalFailed:

@@ -266,6 +266,138 @@ def test_a_file_shorter_than_its_entries_is_not_copied_and_poisons_the_journal(
     next(reclaim)
     os.truncate(journal.path, os.path.getsize(journal.path) - 1)
     next(reclaim)  # the copy stops where the file does; the rest would come under the lock
-    with pytest.raises(JournalFailed, match="is shorter than its entries"):
+    with pytest.raises(JournalFailed, match="is shorter than its entries") as failed:
         next(reclaim)
+    assert journal.failed == f"{journal.path} is shorter than its entries"
+    cause = failed.value.__cause__
+    assert isinstance(cause, OSError) and str(cause) == "short read"
     assert len(journal._files) == 1
+
+
+def failing(name: str, only: object = None) -> object:
+    """``os.<name>`` that fails with EIO (only on calls whose second argument is ``only``'s
+    complement: ``only`` given, a call passing it goes through)."""
+    real = getattr(os, name)
+
+    def call(*args: object) -> object:
+        if only is not None and len(args) > 1 and args[1] == only:
+            return real(*args)
+        raise OSError(5, "Input/output error")
+    return call
+
+
+# (steps run before the failing one, what fails, the name the journal's failure must give)
+FAILURES = [
+    (0, "dup", "dup"),          # the source's descriptor, at the start
+    (1, "open", "create"),      # the temporary copy
+    (1, "pwrite", "write"),     # its header
+    (1, "pread", "read"),       # the first pass of the copy
+    (2, "dup", "dup"),          # the copy joining the mirror
+    (3, "replace", "rename"),   # the copy over the journal
+]
+
+
+@pytest.mark.parametrize(("before", "call", "named"), FAILURES,
+                         ids=[f"{c}-{n}-step{b}" for b, c, n in FAILURES])
+def test_a_failed_call_of_a_reclaim_poisons_the_journal_and_names_itself(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, before: int, call: str,
+        named: str) -> None:
+    journal, _ = new_journal(tmp_path, 10)
+    journal.sync()
+    journal.deleteEntriesTo(4)
+    reclaim = journal.reclaim()
+    for _ in range(before):
+        next(reclaim)
+    monkeypatch.setattr(os, call, failing(call))
+    with pytest.raises(JournalFailed):
+        next(reclaim)
+    monkeypatch.undo()
+    assert journal.failed is not None
+    assert journal.failed.startswith(f"{named} on {journal.path} failed: [Errno 5]")
+
+
+def test_a_failed_write_of_the_copy_names_itself(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    journal, _ = new_journal(tmp_path, 10)
+    journal.deleteEntriesTo(4)
+    reclaim = journal.reclaim()
+    next(reclaim)
+    monkeypatch.setattr(os, "pwrite", failing("pwrite", only=MAGIC))  # the header goes through
+    with pytest.raises(JournalFailed):
+        next(reclaim)
+    monkeypatch.undo()
+    assert journal.failed is not None and journal.failed.startswith(f"write on {journal.path}")
+
+
+def test_a_failed_directory_sync_after_the_rename_names_itself(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    journal, _ = new_journal(tmp_path, 10)
+    journal.deleteEntriesTo(4)
+    reclaim = journal.reclaim()
+    for _ in range(STEPS):
+        next(reclaim)
+
+    def fail(path: str) -> None:
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(journal_mod, "fsync_path", fail)
+    with pytest.raises(JournalFailed):
+        next(reclaim)
+    assert journal.failed is not None and journal.failed.startswith(f"fsync on {journal.path}")
+
+
+def test_a_failed_removal_of_an_abandoned_copy_names_itself(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    journal, _ = new_journal(tmp_path, 10)
+    journal.deleteEntriesTo(4)
+    reclaim = journal.reclaim()
+    next(reclaim)
+    next(reclaim)
+    journal.deleteEntriesFrom(5)  # a truncation: the copy is abandoned
+    monkeypatch.setattr(os, "unlink", failing("unlink"))
+    with pytest.raises(JournalFailed):
+        next(reclaim)
+    monkeypatch.undo()
+    assert journal.failed is not None and journal.failed.startswith(f"unlink on {journal.path}")
+
+
+def test_the_first_pass_copies_what_there_was_when_the_reclaim_began(tmp_path: Path) -> None:
+    """Entries appended after the reclaim read the journal's end are copied under the lock
+    (step 3), never by the unlocked first pass, which could read a record being written."""
+    journal, _ = new_journal(tmp_path, 10)
+    journal.deleteEntriesTo(4)
+    reclaim = journal.reclaim()
+    next(reclaim)
+    journal.add(b"command 11", 11, 1)
+    next(reclaim)
+    copied = Path(journal.path + ".tmp").read_bytes()
+    assert copied == MAGIC + b"".join(encode(i, 1, b"command %d" % i) for i in range(5, 11))
+    list(reclaim)
+    assert on_disk(journal) == list(journal[:]) and journal[-1][1] == 11
+
+
+def test_a_second_reclaim_copies_from_the_file_the_first_one_left(tmp_path: Path) -> None:
+    """After a reclaim the journal's offsets are shifted against its file: a second compaction,
+    a truncation and a reclaim of a file with no dead prefix all work in the file's offsets."""
+    journal, _ = new_journal(tmp_path, 10)
+    journal.deleteEntriesTo(4)
+    list(journal.reclaim())
+    journal.deleteEntriesTo(3)  # entries 5-7 dead, 8-10 live
+    assert list(steps(journal)) == [0, 1, 2, 3]
+    records = b"".join(encode(i, 1, b"command %d" % i) for i in (8, 9, 10))
+    assert Path(journal.path).read_bytes() == MAGIC + records
+    journal.deleteEntriesFrom(2)  # drops entry 10
+    assert Path(journal.path).read_bytes() == MAGIC + records[:-len(encode(10, 1, b"command 10"))]
+    inode = os.stat(journal.path).st_ino
+    assert list(steps(journal)) == [0], "a file without a dead prefix is left as it is"
+    assert os.stat(journal.path).st_ino == inode
+
+
+def test_a_reclaim_after_everything_was_compacted_leaves_only_the_header(
+        tmp_path: Path) -> None:
+    journal, _ = new_journal(tmp_path, 5)
+    journal.deleteEntriesTo(5)
+    assert len(journal) == 0
+    list(journal.reclaim())
+    assert Path(journal.path).read_bytes() == MAGIC
+    journal.add(b"command 6", 6, 1)
+    assert [e[1] for e in on_disk(journal)] == [6]

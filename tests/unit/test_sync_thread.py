@@ -156,6 +156,22 @@ def test_the_journal_file_is_compacted_on_the_sync_thread(
         assert reopened[:] == journal[:]
     finally:
         reopened._destroy()
+    journal.deleteEntriesTo(1)  # each compaction of the file is counted
+    support.wait_for(lambda: syncer._counters["journal_file_compactions"] == 2, DEADLINE,
+                     "the second compaction")
+
+
+def test_syncs_without_a_compaction_compact_nothing(
+        parts: tuple[Journal, SyncThread, Wire]) -> None:
+    """The sync thread compacts the file only when asked: a sync alone starts no reclaim."""
+    journal, syncer, wire = parts
+    for index in range(1, 4):
+        journal.add(b"command %d" % index, index, 1)
+        syncer.send("leader", ack(index + 1))
+        support.wait_for(lambda i=index: journal.synced_index == i, DEADLINE, "the sync")
+    syncer.release()
+    assert len(wire.sent) == 3
+    assert syncer._counters["journal_file_compactions"] == 0
 
 
 def test_a_sync_asked_for_during_a_compaction_waits_for_one_step_not_all(
