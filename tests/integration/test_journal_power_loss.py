@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kvstore.check.powerfs_mount import PowerMount, fuse_unusable
+from kvstore.check.powerfs_mount import PowerMount
 from kvstore.node import journal as journal_mod
 from kvstore.node import recovery
 from kvstore.node.journal import Journal
 from kvstore.node.meta_file import MetaFile
+from tests.integration.test_powerfs import disk  # noqa: F401 - the power-loss mount fixture
 
 pytestmark = pytest.mark.integration
 
@@ -31,17 +31,6 @@ CUTS = [f"after step {n}" for n in range(STEPS + 1)] + [
     "after the reclaim and a sync", "after a sync made just before the rename"]
 
 
-@pytest.fixture
-def disk(tmp_path: Path) -> Iterator[PowerMount]:
-    reason = fuse_unusable()
-    if reason:
-        pytest.skip(reason)
-    mount = PowerMount(tmp_path / "mnt", tmp_path / "disk")
-    mount.mount()
-    try:
-        yield mount
-    finally:
-        mount.unmount()
 
 
 def write_some(journal: Journal, synced: dict[int, Any]) -> None:

@@ -61,6 +61,20 @@ def steps(journal: Journal) -> Iterator[int]:
         yield count
 
 
+def reclaim_after(tmp_path: Path, steps_done: int) -> tuple[Journal, Iterator[None]]:
+    """A journal of 10 entries, the first 4 compacted, its reclaim ``steps_done`` steps in."""
+    journal, _ = new_journal(tmp_path, 10)
+    journal.deleteEntriesTo(4)
+    reclaim = journal.reclaim()
+    for _ in range(steps_done):
+        next(reclaim)
+    return journal, reclaim
+
+
+def io_error(*args: object) -> None:
+    raise OSError(5, "Input/output error")
+
+
 STEPS = 3
 """Pauses of a reclaim with a dead prefix: after the snapshot sync, after the copy, after the
 copy joins the mirror; the rename ends it."""
@@ -154,11 +168,7 @@ def test_a_snapshot_installed_at_any_step_leaves_only_what_follows_it(
 
 def test_a_sync_while_the_copy_is_mirrored_covers_both_files(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    journal, _ = new_journal(tmp_path, 10)
-    journal.deleteEntriesTo(4)
-    reclaim = journal.reclaim()
-    for _ in range(STEPS):
-        next(reclaim)
+    journal, reclaim = reclaim_after(tmp_path, STEPS)
     journal.add(b"command 11", 11, 1)
     synced: list[str] = []
     real = os.fdatasync
@@ -179,11 +189,7 @@ def test_a_sync_while_the_copy_is_mirrored_covers_both_files(
 
 def test_the_copy_is_synced_before_its_rename_and_the_rename_before_the_old_file_goes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    journal, _ = new_journal(tmp_path, 10)
-    journal.deleteEntriesTo(4)
-    reclaim = journal.reclaim()
-    for _ in range(STEPS):
-        next(reclaim)
+    journal, reclaim = reclaim_after(tmp_path, STEPS)
     trace: list[str] = []
     real_sync, real_replace, real_fsync_path = os.fdatasync, os.replace, journal_mod.fsync_path
     monkeypatch.setattr(os, "fdatasync", lambda fd: (
@@ -231,16 +237,9 @@ def test_a_journal_closed_during_a_reclaim_stays_whole(tmp_path: Path) -> None:
 
 def test_a_failed_sync_of_the_copy_poisons_the_journal_and_keeps_the_old_file(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    journal, _ = new_journal(tmp_path, 10)
-    journal.deleteEntriesTo(4)
+    journal, reclaim = reclaim_after(tmp_path, STEPS)
     reasons: list[str] = []
     journal.on_failure = reasons.append
-    reclaim = journal.reclaim()
-    for _ in range(STEPS):
-        next(reclaim)
-
-    def io_error(fd: int) -> None:
-        raise OSError(5, "Input/output error")
     monkeypatch.setattr(os, "fdatasync", io_error)
     with pytest.raises(JournalFailed):
         next(reclaim)
@@ -302,12 +301,7 @@ FAILURES = [
 def test_a_failed_call_of_a_reclaim_poisons_the_journal_and_names_itself(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, before: int, call: str,
         named: str) -> None:
-    journal, _ = new_journal(tmp_path, 10)
-    journal.sync()
-    journal.deleteEntriesTo(4)
-    reclaim = journal.reclaim()
-    for _ in range(before):
-        next(reclaim)
+    journal, reclaim = reclaim_after(tmp_path, before)
     monkeypatch.setattr(os, call, failing(call))
     with pytest.raises(JournalFailed):
         next(reclaim)
@@ -318,10 +312,7 @@ def test_a_failed_call_of_a_reclaim_poisons_the_journal_and_names_itself(
 
 def test_a_failed_write_of_the_copy_names_itself(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    journal, _ = new_journal(tmp_path, 10)
-    journal.deleteEntriesTo(4)
-    reclaim = journal.reclaim()
-    next(reclaim)
+    journal, reclaim = reclaim_after(tmp_path, 1)
     monkeypatch.setattr(os, "pwrite", failing("pwrite", only=MAGIC))  # the header goes through
     with pytest.raises(JournalFailed):
         next(reclaim)
@@ -331,15 +322,8 @@ def test_a_failed_write_of_the_copy_names_itself(tmp_path: Path,
 
 def test_a_failed_directory_sync_after_the_rename_names_itself(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    journal, _ = new_journal(tmp_path, 10)
-    journal.deleteEntriesTo(4)
-    reclaim = journal.reclaim()
-    for _ in range(STEPS):
-        next(reclaim)
-
-    def fail(path: str) -> None:
-        raise OSError(5, "Input/output error")
-    monkeypatch.setattr(journal_mod, "fsync_path", fail)
+    journal, reclaim = reclaim_after(tmp_path, STEPS)
+    monkeypatch.setattr(journal_mod, "fsync_path", io_error)
     with pytest.raises(JournalFailed):
         next(reclaim)
     assert journal.failed is not None and journal.failed.startswith(f"fsync on {journal.path}")
@@ -347,11 +331,7 @@ def test_a_failed_directory_sync_after_the_rename_names_itself(
 
 def test_a_failed_removal_of_an_abandoned_copy_names_itself(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    journal, _ = new_journal(tmp_path, 10)
-    journal.deleteEntriesTo(4)
-    reclaim = journal.reclaim()
-    next(reclaim)
-    next(reclaim)
+    journal, reclaim = reclaim_after(tmp_path, 2)
     journal.deleteEntriesFrom(5)  # a truncation: the copy is abandoned
     monkeypatch.setattr(os, "unlink", failing("unlink"))
     with pytest.raises(JournalFailed):
@@ -363,10 +343,7 @@ def test_a_failed_removal_of_an_abandoned_copy_names_itself(
 def test_the_first_pass_copies_what_there_was_when_the_reclaim_began(tmp_path: Path) -> None:
     """Entries appended after the reclaim read the journal's end are copied under the lock
     (step 3), never by the unlocked first pass, which could read a record being written."""
-    journal, _ = new_journal(tmp_path, 10)
-    journal.deleteEntriesTo(4)
-    reclaim = journal.reclaim()
-    next(reclaim)
+    journal, reclaim = reclaim_after(tmp_path, 1)
     journal.add(b"command 11", 11, 1)
     next(reclaim)
     copied = Path(journal.path + ".tmp").read_bytes()
