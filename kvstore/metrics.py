@@ -216,12 +216,12 @@ class NodeCollector:
         yield _gauge("kv_snapshot_last_restore_seconds", "How long the last snapshot from the "
                      "leader took to restore, in the background.",
                      snapshotter.last_restore_seconds)
-        gaps = node.health.tick_gaps
+        gaps = node.health.tick_gaps.figures()
         yield _gauge("kv_tick_gap_max_seconds", "The longest time between two passes of the "
                      "Raft loop since the node started (one still open included).",
-                     gaps.since_start())
+                     gaps.since_start)
         yield _gauge("kv_tick_gap_recent_seconds", "The same over the last "
-                     f"{RECENT_SECONDS} seconds.", gaps.recent())
+                     f"{RECENT_SECONDS} seconds.", gaps.recent)
         pauses = node.gc_pauses
         for name, documentation, values in (
                 ("kv_gc_collections", "Collections of Python's garbage collector, by "

@@ -65,6 +65,14 @@ class NodeStatusView:
     """The longest collection of the garbage collector since start (``kvstore.node.gc_pauses``)."""
 
 
+@dataclass(frozen=True)
+class GapFigures:
+    """The longest tick gaps, in seconds, as of one moment."""
+
+    recent: float
+    since_start: float
+
+
 class TickGaps:
     """The longest gap between two passes of the tick loop, since start and recently.
 
@@ -104,18 +112,18 @@ class TickGaps:
         self._last = now
         self._probed = probed
 
-    def open_gap(self) -> float:
-        """Time since the last pass (long only if the tick thread is stuck right now)."""
-        return time.monotonic() - self._last if self._last is not None else 0.0
+    def figures(self) -> GapFigures:
+        """The longest gap since start and in the last ``RECENT_SECONDS``, one still open
+        counted in both.
 
-    def since_start(self) -> float:
-        return max(self.longest, self.open_gap())
-
-    def recent(self) -> float:
-        """The longest gap in the last ``RECENT_SECONDS``, counting one still open."""
-        oldest = int(time.monotonic()) - RECENT_SECONDS
+        One clock reading serves both figures, so the recent one can never exceed the one
+        since start (two readings would each count a different length of the open gap).
+        """
+        now = time.monotonic()
+        open_gap = now - self._last if self._last is not None else 0.0
+        oldest = int(now) - RECENT_SECONDS
         closed = max((gap for second, gap in self._ring if second > oldest), default=0.0)
-        return max(closed, self.open_gap())
+        return GapFigures(recent=max(closed, open_gap), since_start=max(self.longest, open_gap))
 
 
 class Health:

@@ -58,7 +58,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NoReturn
 
 from kvstore.node.meta_file import Meta, MetaFile
@@ -84,8 +84,8 @@ class SyncPoint:
         self.fds, self.epoch, self.index = fds, epoch, index
 
     def close(self) -> None:
-        while self.fds:
-            os.close(self.fds.pop())
+        fds, self.fds = self.fds, []
+        close_all(fds)
 
 
 class JournalFailed(OSError):
@@ -102,6 +102,20 @@ def crc(index: int, term: int, payload: bytes) -> int:
 
 def encode(index: int, term: int, payload: bytes) -> bytes:
     return RECORD.pack(len(payload), crc(index, term, payload), index, term) + payload
+
+
+def close_all(fds: Iterable[int]) -> None:
+    """Closes every descriptor, even after closing one failed: on Linux a close that fails
+    (EIO from a dead disk) still frees its descriptor, and the rest must not stay open. A
+    failure is raised once all are closed."""
+    failure: OSError | None = None
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError as exc:
+            failure = exc
+    if failure is not None:
+        raise failure
 
 
 def fsync_path(path: str) -> None:
@@ -299,8 +313,7 @@ class Journal:
         finally:
             with self._lock:
                 files, self._files = self._files, []
-            for fd, _shift in files:
-                os.close(fd)
+            close_all(fd for fd, _shift in files)
 
     def flush(self) -> None:
         self.sync()
@@ -467,8 +480,7 @@ class Journal:
         except OSError as exc:
             self._fail(f"compacting {self.path} failed: {exc}", exc)
         with self._lock:
-            for old, _shift in self._files:
-                os.close(old)
+            close_all(old for old, _shift in self._files)
             self._files = [(fd, 0)]
             self._entries, self._offsets, self._end = list(keep), offsets, offset
             self._epoch += 1
@@ -485,6 +497,7 @@ class Journal:
             start = self._offsets[0] if self._offsets else self._end
             copied, epoch = self._end, self._epoch
             source = self._io("dup", os.dup, fd)
+        copy: int | None = None  # both descriptors close however the reclaim ends (closed too)
         try:
             if start - shift == len(MAGIC):
                 return
@@ -508,13 +521,9 @@ class Journal:
                     mirror = self._io("dup", os.dup, copy)  # ours stays open if it closes
                     self._files.append((mirror, new_shift))
             if abandoned:
-                os.close(copy)
                 self._io("unlink", os.unlink, tmp)
                 return
-        finally:
-            os.close(source)
-        yield
-        try:
+            yield
             t0 = time.perf_counter()
             self._io("fdatasync", os.fdatasync, copy)
             self._io("rename", os.replace, tmp, self.path)
@@ -522,10 +531,9 @@ class Journal:
             with self._lock:
                 old = [f for f, _shift in self._files if f != mirror]
                 self._files = [(f, s) for f, s in self._files if f == mirror]
-            for f in old:
-                os.close(f)
+            close_all(old)
         finally:
-            os.close(copy)
+            close_all([source] if copy is None else [source, copy])
         # Log text only (what an operator reads; nothing acts on it): not mutated.
         log.info("compacted in the background: %d entries kept, %.0f ms to make it durable",  # pragma: no mutate
                  len(self._entries), (time.perf_counter() - t0) * 1e3)  # pragma: no mutate

@@ -209,7 +209,7 @@ class KVNode:
     def _view(self, with_digest: bool) -> tuple[NodeStatusView, Frozen | None]:
         sm, raft, ms = self.state_machine, self.raft, self.membership
         counters, snapshotter = raft.counters, raft.snapshotter
-        gaps = self.health.tick_gaps
+        gaps = self.health.tick_gaps.figures()
         view = NodeStatusView(
             **raft_view(raft),  # type: ignore[arg-type]
             sessions=len(sm.sessions),
@@ -219,8 +219,8 @@ class KVNode:
             members=ms.views(),
             membership_change_pending=ms.change_pending(),
             snapshot=raft.snapshot_activity,
-            tick_gap_max=gaps.since_start(),
-            tick_gap_recent=gaps.recent(),
+            tick_gap_max=gaps.since_start,
+            tick_gap_recent=gaps.recent,
             snapshots_written=counters["snapshots_written"],
             snapshots_loaded=counters["snapshots_loaded"],
             snapshot_write_seconds=snapshotter.last_write_seconds,

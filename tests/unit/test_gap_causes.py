@@ -75,3 +75,17 @@ def test_the_io_clock_stands_still_only_while_the_thread_waits_for_a_core() -> N
     start = causes.wall_less_runq()
     time.sleep(0.05)  # asleep, not waiting for a core: the clock runs
     assert causes.wall_less_runq() - start >= 0.045
+
+
+def test_the_recent_gap_never_exceeds_the_longest_since_start(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both figures come from one clock reading: with the clock moving between two readings,
+    a gap still open would count longer in the second figure than in the first."""
+    from kvstore.node import health
+
+    clock = iter(1000.0 + i * 0.001 for i in range(1000))
+    monkeypatch.setattr(health.time, "monotonic", lambda: next(clock))
+    gaps = TickGaps()
+    gaps.on_tick()
+    figures = gaps.figures()
+    assert figures.recent == figures.since_start > 0

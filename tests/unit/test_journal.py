@@ -214,3 +214,14 @@ def test_a_crash_while_storing_the_meta_leaves_the_old_copy(tmp_path: Path,
         meta_file.store(Meta(term=4))
     monkeypatch.undo()
     assert MetaFile(str(tmp_path / "raft.meta")).load()[0] == Meta(term=3)
+
+
+def test_closing_goes_on_past_a_descriptor_that_fails_and_then_says_so(tmp_path: Path) -> None:
+    """A dead disk fails a close yet frees the descriptor: the ones after it must close too."""
+    good = os.open(tmp_path, os.O_RDONLY)
+    bad = os.open(tmp_path, os.O_RDONLY)
+    os.close(bad)  # closing it again fails (EBADF), as a close on a dead disk fails (EIO)
+    with pytest.raises(OSError):
+        journal_mod.close_all([bad, good])
+    with pytest.raises(OSError):
+        os.fstat(good)  # closed

@@ -235,6 +235,23 @@ def test_a_journal_closed_during_a_reclaim_stays_whole(tmp_path: Path) -> None:
         assert pause == STEPS or not os.path.exists(journal.path + ".tmp")
 
 
+def open_descriptors() -> set[str]:
+    return {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")}
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+@pytest.mark.parametrize("pause", range(STEPS + 1))
+def test_a_reclaim_left_at_any_step_leaves_no_descriptor_open(tmp_path: Path, pause: int) -> None:
+    """A reclaim the sync thread drops (the node stops, the generator is closed) closes its
+    copy and its source; the journal's own descriptors close with the journal."""
+    before = open_descriptors()
+    journal, reclaim = reclaim_after(tmp_path, pause)
+    reclaim.close()
+    journal._destroy()
+    assert open_descriptors() - before == set()
+
+
 def test_a_failed_sync_of_the_copy_poisons_the_journal_and_keeps_the_old_file(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     journal, reclaim = reclaim_after(tmp_path, STEPS)
