@@ -37,8 +37,8 @@ SESSION_CAPACITY = 2
 SNAPSHOT_COUNT = 4
 """Small, so that every node writes a snapshot during the test: a member waits for its turn
 (``kvstore.node.snapshot_turns``) until its log holds twice this many entries, and the test
-appends about 15 entries (proposals and session changes). With 8, an idle member whose turn
-had not come held 15 entries, one short of overdue, and never wrote one."""
+appends about 15 entries (proposals and session changes). With 8, a member whose turn had not
+come could stay under 16 entries once the writes stopped, and never wrote one (a CI failure)."""
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
