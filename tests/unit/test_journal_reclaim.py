@@ -241,12 +241,15 @@ def open_descriptors() -> set[str]:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
-@pytest.mark.parametrize("pause", range(STEPS + 1))
+@pytest.mark.parametrize("pause", range(STEPS + 2))
 def test_a_reclaim_left_at_any_step_leaves_no_descriptor_open(tmp_path: Path, pause: int) -> None:
     """A reclaim the sync thread drops (the node stops, the generator is closed) closes its
-    copy and its source; the journal's own descriptors close with the journal."""
+    copy and its source, and one that ends closes the old file's descriptor; the journal's
+    own close with the journal. (``pause`` ``STEPS + 1``: the reclaim runs to its end.)"""
     before = open_descriptors()
-    journal, reclaim = reclaim_after(tmp_path, pause)
+    journal, reclaim = reclaim_after(tmp_path, min(pause, STEPS))
+    if pause > STEPS:
+        assert list(reclaim) == [] and not os.path.exists(journal.path + ".tmp")
     reclaim.close()
     journal._destroy()
     assert open_descriptors() - before == set()
