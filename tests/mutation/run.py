@@ -100,12 +100,13 @@ LOG = ROOT / "mutants" / "mutmut.log"
 def run_mutmut(max_children: int, files: tuple[str, ...] | None) -> None:
     shutil.rmtree(ROOT / "mutants", ignore_errors=True)  # from scratch: no stale verdicts
     LOG.parent.mkdir()
-    mutmut = Path(sys.executable).with_name("mutmut")
+    mutmut = Path(__file__).with_name("mutmut_session.py")  # `mutmut run`, one session per worker
     print(f"make mutate: mutmut runs with {max_children} workers; its output goes to "
           f"{LOG.relative_to(ROOT)}", flush=True)
     with LOG.open("w") as log:
         names = [mutant_glob(path) for path in files] if files else []
-        done = subprocess.run([str(mutmut), "run", "--max-children", str(max_children), *names],
+        done = subprocess.run([sys.executable, str(mutmut), "run", "--max-children",
+                               str(max_children), *names],
                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
         tail = LOG.read_text(errors="replace").replace("\r", "\n").splitlines()[-60:]
