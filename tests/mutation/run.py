@@ -19,6 +19,10 @@ without indentation), not by mutmut's numbers, which shift whenever a function c
 The modules fall into ``GROUPS``; ``--group NAME`` (``make mutate GROUP=NAME``) mutates one
 group only and reconciles only its entries, for working on one part of the store.
 
+mutmut runs through ``mutmut_session.py`` beside this file: ``mutmut run`` with each mutant's
+tests run on one pytest session collected up front, and the whole-node tests left out for the
+modules they never caught a mutant of (its docstring says why neither changes a verdict).
+
     python tests/mutation/run.py [--max-children N] [--group NAME]   # what `make mutate` runs
 """
 
