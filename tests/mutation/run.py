@@ -21,7 +21,7 @@ group only and reconciles only its entries, for working on one part of the store
 
 mutmut runs through ``mutmut_session.py`` beside this file: ``mutmut run`` with each mutant's
 tests run on one pytest session collected up front, and the whole-node tests left out for the
-modules they never caught a mutant of (its docstring says why neither changes a verdict).
+modules they never caught a mutant of (its docstring says why neither can hide a survivor).
 
     python tests/mutation/run.py [--max-children N] [--group NAME]   # what `make mutate` runs
 """
