@@ -67,6 +67,19 @@ def pytest_fixture_setup(fixturedef: Any, request: pytest.FixtureRequest) -> Gen
                                         time.perf_counter() - started)
 
 
+KILLERS = Path("mutmut-killers.tsv").absolute()
+"""Beside the stats (the conftest is imported there): each mutant killed by a failing test, and
+that test (mutant, test, phase, seconds the test took), one line each, for finding where a
+run's time goes."""
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    mutant = os.environ.get("MUTANT_UNDER_TEST", "")
+    if report.failed and mutant not in ("", "stats", "fail"):
+        with KILLERS.open("a") as killers:  # one short write: lines of parallel mutants stay whole
+            killers.write(f"{mutant}\t{report.nodeid}\t{report.when}\t{report.duration:.3f}\n")
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     if os.environ.get("MUTANT_UNDER_TEST") == "stats" and _fixture_seconds:
         FIXTURE_STATS.write_text(json.dumps(_fixture_seconds))

@@ -19,6 +19,10 @@ without indentation), not by mutmut's numbers, which shift whenever a function c
 The modules fall into ``GROUPS``; ``--group NAME`` (``make mutate GROUP=NAME``) mutates one
 group only and reconciles only its entries, for working on one part of the store.
 
+mutmut runs through ``mutmut_session.py`` beside this file: ``mutmut run`` with each mutant's
+tests run on one pytest session collected up front, and the whole-node tests left out for the
+modules they never caught a mutant of (its docstring says why neither can hide a survivor).
+
     python tests/mutation/run.py [--max-children N] [--group NAME]   # what `make mutate` runs
 """
 
@@ -93,6 +97,11 @@ def mutant_glob(path: str) -> str:
     return path.removesuffix(".py").replace("/", ".") + ".*"
 
 
+WORKERS_PER_CORE = 2
+"""Mutants tested at once, per core. The tests a slow mutant runs mostly wait (a real
+``RaftNode``'s ticks and elections: 23% of a core), so a worker per core left the cores idle;
+at 2 per core a CPU-bound test takes twice as long, still well inside its 15 s timeout."""
+
 LOG = ROOT / "mutants" / "mutmut.log"
 """mutmut's own output (``debug = true`` in ``[tool.mutmut]``: every pytest run, verbose)."""
 
@@ -100,12 +109,13 @@ LOG = ROOT / "mutants" / "mutmut.log"
 def run_mutmut(max_children: int, files: tuple[str, ...] | None) -> None:
     shutil.rmtree(ROOT / "mutants", ignore_errors=True)  # from scratch: no stale verdicts
     LOG.parent.mkdir()
-    mutmut = Path(sys.executable).with_name("mutmut")
+    mutmut = Path(__file__).with_name("mutmut_session.py")  # `mutmut run`, one session per worker
     print(f"make mutate: mutmut runs with {max_children} workers; its output goes to "
           f"{LOG.relative_to(ROOT)}", flush=True)
     with LOG.open("w") as log:
         names = [mutant_glob(path) for path in files] if files else []
-        done = subprocess.run([str(mutmut), "run", "--max-children", str(max_children), *names],
+        done = subprocess.run([sys.executable, str(mutmut), "run", "--max-children",
+                               str(max_children), *names],
                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
         tail = LOG.read_text(errors="replace").replace("\r", "\n").splitlines()[-60:]
@@ -203,7 +213,7 @@ def reconcile(outcome: Outcome, files: tuple[str, ...] | None
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--max-children", type=int, default=WORKERS_PER_CORE * (os.cpu_count() or 1))
     parser.add_argument("--group", choices=sorted(GROUPS), help="mutate this group only")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
