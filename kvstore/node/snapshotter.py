@@ -37,10 +37,14 @@ waits until the tick thread is between passes (``TickGate``: open from the end o
 the next one starts, which is mostly the tick thread waiting in ``poll``), so a job runs in the
 tick thread's idle time rather than against it. While a job runs the interpreter's switch
 interval is lowered from 5 ms to ``SWITCH_INTERVAL``, so a tick thread that wakes up during a
-piece gets the interpreter back within about a millisecond. And a job's thread runs at a lower
-OS priority (``BACKGROUND_NICE``): on a busy machine the tick thread's gaps were mostly time
-spent runnable, waiting for a core (``kvstore.node.gap_causes``), not waiting for the
-interpreter. Which member snapshots when is ``kvstore.node.snapshot_turns``: one at a time.
+piece gets the interpreter back within about a millisecond, provided the job's thread is on a
+core to give it. That is why a job's thread keeps the node's CPU share and runs under Linux's
+``SCHED_BATCH`` policy (``_run_as_batch``) rather than at a lower priority: it then never
+preempts another thread when it wakes, but a thread that holds the interpreter lock at nice +10
+(as it did) was descheduled for tens of milliseconds at a time on a busy machine, and the tick
+thread waited for the lock all that while (a priority inversion: up to 783 ms measured,
+``benchmarks/gil_holds.py``). Which member snapshots when is ``kvstore.node.snapshot_turns``:
+one at a time.
 """
 
 from __future__ import annotations
@@ -78,12 +82,6 @@ SEND_BUDGET = 0.005
 (PySyncObj's own loop sends until ``appendEntriesPeriod``, 50 ms here, has passed.) The node
 passes at least every 10 ms, so this is up to half of its time."""
 
-BACKGROUND_NICE = 10
-"""How much lower than the node's other threads the OS runs a snapshot job's thread (Linux
-only: a thread's nice value; 10 is about a tenth of the CPU share when both want a core).
-A job's pieces already wait for the tick thread to be idle; this makes a core that both want
-go to the tick thread (and the API's threads) rather than the job, when the job is in a part
-that runs without the interpreter lock (hashing, writing the file)."""
 
 RaftMeta = tuple[Any, Any, Any]
 """PySyncObj's (last entry, previous entry, cluster members) that a dump carries."""
@@ -155,7 +153,7 @@ class _Job:
         self._thread.start()
 
     def _run(self) -> None:
-        _lower_priority()
+        _run_as_batch()
         with SWITCHING:
             try:
                 self.result = self._work(self)
@@ -176,16 +174,17 @@ class _Job:
         self._thread.join(timeout)
 
 
-def _lower_priority() -> None:
-    """Raises the calling thread's nice value by ``BACKGROUND_NICE`` (no privilege needed)."""
+def _run_as_batch() -> None:
+    """Puts the calling thread under ``SCHED_BATCH`` (Linux; no privilege needed): the same CPU
+    share, but it never preempts a thread that wakes up. Not a lower nice value: the job holds
+    the interpreter lock between its blocking calls, and a thread the OS runs less often holds
+    it for longer, with the tick thread waiting."""
     if not sys.platform.startswith("linux"):
-        return  # elsewhere PRIO_PROCESS names the whole process, not this thread
-    thread = threading.get_native_id()
+        return  # elsewhere the call names the whole process, not this thread
     try:
-        os.setpriority(os.PRIO_PROCESS, thread,
-                       os.getpriority(os.PRIO_PROCESS, thread) + BACKGROUND_NICE)
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_BATCH, os.sched_param(0))
     except OSError:
-        pass  # not allowed here: the job runs at the node's priority, as it did
+        pass  # not allowed here: the job runs under the node's policy
 
 
 class _Cancelled(Exception):
