@@ -173,7 +173,9 @@ def _sorted_keys(data: Mapping[bytes, bytes]) -> Generator[bytes, None, Iterator
         runs.append(dict.fromkeys(run))
         del run  # the list goes now, before a collection can find it
         yield b""
-    return iter(runs[0]) if len(runs) == 1 else heapq.merge(*runs)
+    # The merge holds iterators only: a dict's iterator lets go of it when exhausted, so each
+    # run is freed as the merge finishes it, not all at once at the end (1M keys touched).
+    return iter(runs[0]) if len(runs) == 1 else heapq.merge(*[iter(run) for run in runs])
 
 
 def _varint(n: int) -> bytes:

@@ -310,10 +310,14 @@ class Snapshotter:
                 if piece:
                     writer.write(piece)
                 job.pause()
-            return writer.finish(meta)
+            digest = writer.finish(meta)
         except BaseException:
             writer.abort()
             raise
+        # Here, in steps, not on the tick thread when it drops the finished job.
+        for _ in frozen.data.release():
+            job.pause()
+        return digest
 
     def checkSerializing(self) -> tuple[int, Any]:  # noqa: N802 - PySyncObj's name
         job = self._writing

@@ -410,6 +410,24 @@ def test_a_snapshot_job_runs_as_batch_at_the_nodes_priority(tmp_path: Path,
     assert nice == os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
 
+def test_a_written_snapshot_lets_go_of_its_frozen_state_on_the_jobs_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not on the tick thread when it drops the finished job: by then writes have copied most
+    shards, and the frozen view alone holds the old ones (at 1M keys, tens of milliseconds to
+    let go of at once). The job lets go of it in steps (``FrozenData.release``)."""
+    sm = loaded(20)
+    keys = dict(sm.data.items())
+    frozen: list[snapshot.Frozen] = []
+    real = sm.freeze
+    monkeypatch.setattr(sm, "freeze", lambda: frozen.append(real()) or frozen[-1])
+    s = make(tmp_path, sm)
+    s.serialize(raft_data(5), 5)
+    assert finish_write(s) == SERIALIZER_STATE.SUCCESS
+    (view,) = frozen
+    assert view.data.shards == []
+    assert dict(sm.data.items()) == keys
+
+
 # -- the small rules, one test each (quick: a few dozen keys) -----------------------------------
 
 def written_dump(tmp_path: Path, sm: StateMachine | None = None, index: int = 10) -> Snapshotter:
