@@ -8,7 +8,9 @@ jobs do, with the node's own code: freeze the state, encode it into a dump file
 ``Snapshotter._restore``), with the switch interval the snapshotter sets. ``--policy`` is how
 the job's thread is scheduled: ``batch`` (what the snapshotter does), ``normal``, or ``nice10``
 (what it did); ``--hogs N`` adds N busy processes, a machine whose cores are all wanted (the
-3-node benchmark's three nodes and 16 writers on two cores). Each time the stand-in is late by
+3-node benchmark's three nodes and 16 writers on two cores). At each pass the stand-in also
+overwrites a random key, as applies do (so later writes copy the frozen shards, as in a node).
+Each time the stand-in is late by
 more than 5 ms, it records where the job's thread is then (the line after the call that held
 the lock), and every garbage collection is timed (by generation and thread): the report gives
 the worst lateness, how many were over 5 ms, and the longest few of each.
@@ -87,8 +89,12 @@ def main(argv: list[str] | None = None) -> None:
     done = threading.Event()
     phases: dict[str, float] = {}
 
+    keys = list(state.data)
+    rng = random.Random(2)
+
     def tick() -> None:
         while not done.is_set():
+            state.data[rng.choice(keys)] = b"w" * 100
             t = time.perf_counter()
             time.sleep(NAP)
             late = time.perf_counter() - t - NAP
@@ -110,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
                 if piece:
                     writer.write(piece)
             writer.finish({})
+            release = getattr(frozen.data, "release", None)  # (builds before it: all at once)
+            for _ in release() if release is not None else ():
+                pass
             del frozen
             phases["write_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
