@@ -505,4 +505,6 @@ def digest_of(frozen: snapshot.Frozen, gate: TickGate) -> str:
         for piece in snapshot.encode_pieces(frozen):
             sha.update(piece)
             gate.wait()
+        for _ in frozen.data.release():  # in steps, as a written snapshot's
+            gate.wait()
     return dump_file.state_digest(sha)

@@ -623,9 +623,11 @@ def test_a_background_job_lowers_the_switch_interval_and_puts_it_back(tmp_path: 
     assert sys.getswitchinterval() == saved
 
 
-def test_digest_of_a_frozen_state_is_the_state_digest() -> None:
+def test_digest_of_a_frozen_state_is_the_state_digest_and_lets_go_of_it() -> None:
     sm = loaded(50)
-    assert snapshotter.digest_of(sm.freeze(), snapshotter.TickGate()) == sm.digest()
+    frozen = sm.freeze()
+    assert snapshotter.digest_of(frozen, snapshotter.TickGate()) == sm.digest()
+    assert frozen.data.shards == []  # in steps, on the caller's thread
 
 
 def test_sent_and_received_dumps_are_counted_each(tmp_path: Path) -> None:
