@@ -98,6 +98,15 @@ RELEASE_SHARDS = 32
 """Shards let go of per step of ``FrozenData.release`` (at 1M keys, about 1 ms of work)."""
 
 
+def release_of(data: Mapping[bytes, bytes]) -> Iterator[None]:
+    """Lets go of ``data``'s shards in steps (``FrozenData.release``): a ``Data`` or a frozen
+    view is empty afterwards, and must not be used again; any other mapping is left alone."""
+    shards = data._shards if isinstance(data, Data) else getattr(data, "shards", None)
+    while shards:
+        del shards[-RELEASE_SHARDS:]
+        yield
+
+
 class FrozenData(Mapping[bytes, bytes]):
     """A frozen view: the shard dicts of the moment, and how a key picks its shard."""
 
@@ -116,9 +125,7 @@ class FrozenData(Mapping[bytes, bytes]):
         go of a whole 1M-key view at once is one C call that touches every key and value
         (tens of milliseconds holding the interpreter). A shard still shared with the live data
         is only dereferenced here, never cleared."""
-        while self.shards:
-            del self.shards[-RELEASE_SHARDS:]
-            yield
+        return release_of(self)
 
     @classmethod
     def copy_of(cls, data: Mapping[bytes, bytes]) -> FrozenData:

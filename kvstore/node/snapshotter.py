@@ -56,12 +56,13 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, Protocol
 
 from pysyncobj.config import SERIALIZER_STATE
 
 from kvstore import snapshot
+from kvstore.data import release_of
 from kvstore.node import dump_file
 
 log = logging.getLogger("kvstore.node.snapshot")
@@ -93,7 +94,7 @@ class Restorable(Protocol):
     cluster_id: int
 
     def freeze(self) -> snapshot.Frozen: ...
-    def install(self, state: snapshot.State) -> None: ...
+    def install(self, state: snapshot.State) -> snapshot.State: ...
 
 
 class _SwitchInterval:
@@ -169,6 +170,11 @@ class _Job:
         if self.cancelled.is_set():
             raise _Cancelled
         self._gate.wait()
+
+    def let_go(self, steps: Iterator[None]) -> None:
+        """Runs ``steps`` (a ``release``), letting the tick thread in between, cancelled or not."""
+        for _ in steps:
+            self._gate.wait()
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
@@ -264,11 +270,13 @@ class Snapshotter:
         if job.error is not None:
             self._on_fatal(f"snapshot load failed: {type(job.error).__name__}: {job.error}")
             return
-        self._sm.install(job.result)
+        replaced = self._sm.install(job.result).data
         self.last_restore_seconds = time.monotonic() - job.started
         self._counters["snapshots_loaded"] += 1
         log.info("snapshot loaded: index %s, restored in the background in %.2f s",
                  self._restoring_index, self.last_restore_seconds)
+        # Not here: 1M keys take tens of milliseconds to free.
+        _Job("snapshot-release", lambda job: job.let_go(release_of(replaced)), self.gate)
 
     def stop(self, timeout: float = 2.0) -> None:
         for job in (self._writing, self._restoring):
@@ -310,14 +318,12 @@ class Snapshotter:
                 if piece:
                     writer.write(piece)
                 job.pause()
-            digest = writer.finish(meta)
+            return writer.finish(meta)
         except BaseException:
             writer.abort()
             raise
-        # Here, in steps, not on the tick thread when it drops the finished job.
-        for _ in frozen.data.release():
-            job.pause()
-        return digest
+        finally:  # here, in steps, not on the tick thread when it drops the finished job
+            job.let_go(frozen.data.release())
 
     def checkSerializing(self) -> tuple[int, Any]:  # noqa: N802 - PySyncObj's name
         job = self._writing

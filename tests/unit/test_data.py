@@ -105,3 +105,11 @@ def test_a_view_is_let_go_of_in_steps_and_the_live_data_keeps_every_shard(
     assert sum(1 for _ in steps) == -(-SHARDS // 100) - 1
     assert view.shards == [] and len(view) == 0
     assert len(data) == 5_000 and data[b"k00001"] == b"changed" and data[b"k00002"] == b"v"
+
+
+def test_release_of_empties_a_data_and_leaves_other_mappings_alone() -> None:
+    data, plain = Data({b"a": b"1"}), {b"a": b"1"}
+    for _ in data_module.release_of(data):
+        pass
+    assert data._shards == []
+    assert list(data_module.release_of(plain)) == [] and plain == {b"a": b"1"}

@@ -465,6 +465,17 @@ def test_an_installed_snapshot_is_counted_and_timed(tmp_path: Path) -> None:
     assert f._counters["snapshots_loaded"] == 1
 
 
+def test_the_state_an_install_replaces_is_let_go_of_on_a_jobs_thread(tmp_path: Path) -> None:
+    """Not on the tick thread, where the swap happens: a follower's 1M keys took tens of
+    milliseconds to free there. A job lets go of them in steps (``data.release_of``)."""
+    written_dump(tmp_path, loaded(20))
+    follower = loaded(50)
+    replaced = follower.data
+    install(make(tmp_path, follower))
+    assert follower.data is not replaced
+    wait_for(lambda: replaced._shards == [], 10, "the replaced state to be let go of")
+
+
 def test_a_missing_dump_stops_the_node_before_pysyncobj_goes_on(tmp_path: Path) -> None:
     fatal: list[str] = []
     s = make(tmp_path, StateMachine(CLUSTER), fatal)
