@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
             late = time.perf_counter() - t - NAP
             if late > LATE and job_ident:
                 frame = sys._current_frames().get(job_ident[0])
-                where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in
-                                    reversed(traceback.extract_stack(frame, limit=3))) if frame else "?"
+                stack = reversed(traceback.extract_stack(frame, limit=3)) if frame else []
+                where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in stack)
                 lates.append((late, where))
 
     def job() -> None:
@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
 
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.hogs)]
     try:
-        threads = [threading.Thread(target=tick, name="tick"), threading.Thread(target=job, name="job")]
+        threads = [threading.Thread(target=tick, name="tick"),
+                   threading.Thread(target=job, name="job")]
         for t in threads:
             t.start()
         threads[1].join()

@@ -53,8 +53,8 @@ class Internals:
         return log[index - log[0][1]][2]  # type: ignore[no-any-return]
 
     def set_commit_index(self, index: int) -> None:
-        """Sets the leader's commit index (``kvstore.node.durable`` lowers it to what is durable),
-        where PySyncObj's commit step leaves it: the index, the leader's copy of it, the journal's."""
+        """Sets the leader's commit index (``kvstore.node.durable`` lowers it to what is durable)
+        where PySyncObj's commit step leaves it: the index, the leader's copy, the journal's."""
         self._syncobj._SyncObj__raftCommitIndex = index
         self._syncobj._SyncObj__leaderCommitIndex = index
         self.raft_log.setRaftCommitIndex(index)

@@ -388,8 +388,8 @@ def test_a_member_starts_a_snapshot_only_in_its_turn_unless_forced(tmp_path: Pat
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread policy: Linux")
-def test_a_snapshot_job_runs_as_batch_at_the_nodes_priority(tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_snapshot_job_runs_as_batch_at_the_nodes_priority(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """SCHED_BATCH: it never preempts a waking thread. Its nice value stays the node's: a thread
     holding the interpreter lock at a lower priority is descheduled for long, and the tick
     thread waits for the lock meanwhile."""
