@@ -38,13 +38,14 @@ the next one starts, which is mostly the tick thread waiting in ``poll``), so a 
 tick thread's idle time rather than against it. While a job runs the interpreter's switch
 interval is lowered from 5 ms to ``SWITCH_INTERVAL``, so a tick thread that wakes up during a
 piece gets the interpreter back within about a millisecond, provided the job's thread is on a
-core to give it. That is why a job's thread keeps the node's CPU share and runs under Linux's
-``SCHED_BATCH`` policy (``_run_as_batch``) rather than at a lower priority: it then never
-preempts another thread when it wakes, but a thread that holds the interpreter lock at nice +10
-(as it did) was descheduled for tens of milliseconds at a time on a busy machine, and the tick
-thread waited for the lock all that while (a priority inversion: up to 783 ms measured,
-``benchmarks/gil_holds.py``). Which member snapshots when is ``kvstore.node.snapshot_turns``:
-one at a time.
+core to give it. That is why a job's thread keeps the node's priority and runs under Linux's
+``SCHED_BATCH`` policy (``_run_as_batch``): it never preempts another thread when it wakes, but
+a thread that holds the interpreter lock at nice +10 (as it did) was descheduled for tens of
+milliseconds at a time on a busy machine, and the tick thread waited for the lock all that
+while (a priority inversion: up to 831 ms measured, ``benchmarks/gil_holds.py``). What the
+lower priority was for, leaving the cores to the Raft loops, a job now does by resting between
+pieces: it takes at most ``BACKGROUND_SHARE`` of a core. Which member snapshots when is
+``kvstore.node.snapshot_turns``: one at a time.
 """
 
 from __future__ import annotations
@@ -70,6 +71,15 @@ log = logging.getLogger("kvstore.node.snapshot")
 SWITCH_INTERVAL = 0.001
 """The interpreter's thread switch interval while a background job runs (Python's default is
 5 ms: a tick thread waiting that long at every hand-over misses its 100 ms budget)."""
+
+BACKGROUND_SHARE = 1 / 3
+"""The most of a core a job takes over time: after each piece it sleeps twice the CPU time the
+piece took. A snapshot is work that can wait and the Raft loops of the machine cannot: at a
+full share, the snapshot threads of three nodes on two cores kept the tick threads waiting for
+a core for 100-400 ms (``runq``, issue 9). (A lower priority did this before, and cost more:
+see ``_run_as_batch``.)"""
+MIN_REST = 0.001
+"""Rests shorter than this are added up and taken together."""
 
 MAX_WAIT_FOR_IDLE = 0.02
 """A job waits at most this long for the tick thread to be idle, then does a piece anyway: a
@@ -150,11 +160,14 @@ class _Job:
         self.error: BaseException | None = None
         self.started = time.monotonic()
         self._work = work
+        self._cpu_mark = 0.0
+        self._rest_owed = 0.0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         _run_as_batch()
+        self._cpu_mark = time.thread_time()
         with SWITCHING:
             try:
                 self.result = self._work(self)
@@ -169,12 +182,24 @@ class _Job:
         """Between two pieces: lets the tick thread in, and stops if cancelled."""
         if self.cancelled.is_set():
             raise _Cancelled
+        self._rest()
         self._gate.wait()
 
     def let_go(self, steps: Iterator[None]) -> None:
         """Runs ``steps`` (a ``release``), letting the tick thread in between, cancelled or not."""
         for _ in steps:
+            self._rest()
             self._gate.wait()
+
+    def _rest(self) -> None:
+        """Sleeps for the CPU time used since the last rest, so the job takes at most
+        ``BACKGROUND_SHARE`` of a core."""
+        used = time.thread_time() - self._cpu_mark
+        self._rest_owed += used * (1 / BACKGROUND_SHARE - 1)
+        if self._rest_owed >= MIN_REST:
+            time.sleep(self._rest_owed)
+            self._rest_owed = 0.0
+        self._cpu_mark = time.thread_time()
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)

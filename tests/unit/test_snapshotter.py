@@ -64,7 +64,8 @@ def stepping_clock(monkeypatch: pytest.MonkeyPatch, step: float) -> None:
     def monotonic() -> float:
         now[0] += step
         return now[0]
-    monkeypatch.setattr(snapshotter, "time", types.SimpleNamespace(monotonic=monotonic))
+    monkeypatch.setattr(snapshotter, "time", types.SimpleNamespace(
+        monotonic=monotonic, thread_time=time.thread_time, sleep=time.sleep))
 
 
 def put(sm: StateMachine, key: bytes, value: bytes) -> None:
@@ -426,6 +427,24 @@ def test_a_written_snapshot_lets_go_of_its_frozen_state_on_the_jobs_thread(
     (view,) = frozen
     assert view.data.shards == []
     assert dict(sm.data.items()) == keys
+
+
+def test_a_job_takes_at_most_its_share_of_a_core(tmp_path: Path) -> None:
+    """It rests between pieces (twice the CPU time each took): at a full share, the snapshot
+    threads kept the Raft loops of a busy machine waiting for a core."""
+    def busy(job: snapshotter._Job) -> float:
+        for _ in range(40):
+            until = time.thread_time() + 0.003
+            while time.thread_time() < until:
+                pass
+            job.pause()
+        return time.thread_time()
+
+    started = time.monotonic()
+    job = snapshotter._Job("busy", busy, snapshotter.TickGate())
+    job.join(30)
+    assert job.error is None and job.done
+    assert time.monotonic() - started >= 0.12 / snapshotter.BACKGROUND_SHARE * 0.95
 
 
 # -- the small rules, one test each (quick: a few dozen keys) -----------------------------------
