@@ -159,13 +159,23 @@ def _session_record(client: ClientSession) -> SessionRecord:
 
 def _sorted_keys(data: Mapping[bytes, bytes]) -> Generator[bytes, None, Iterator[bytes]]:
     """Sorts in runs of ``SORT_RUN`` keys, yielding (empty pieces) between runs; returns the
-    merged order. ``heapq.merge`` is a Python generator, so the merge pauses between keys."""
+    merged order. ``heapq.merge`` is a Python generator, so the merge pauses between keys.
+
+    Each run is kept as the keys of a dict (in sorted order: a dict keeps insertion order), not
+    as a list: a dict holding only bytes is not tracked by the garbage collector, and a list
+    is. Kept as lists, the runs are a million references that every collection of the young
+    generations visits while they are young, reading each key's header (a cache miss each): a
+    single collection held the interpreter for 50-95 ms at 1M keys, whichever thread set it
+    off (``benchmarks/gil_holds.py``)."""
     keys = iter(data)
     runs = []
     while run := sorted(itertools.islice(keys, SORT_RUN)):
-        runs.append(run)
+        runs.append(dict.fromkeys(run))
+        del run  # the list goes now, before a collection can find it
         yield b""
-    return iter(runs[0]) if len(runs) == 1 else heapq.merge(*runs)
+    # The merge holds iterators only: a dict's iterator lets go of it when exhausted, so each
+    # run is freed as the merge finishes it, not all at once at the end (1M keys touched).
+    return iter(runs[0]) if len(runs) == 1 else heapq.merge(*[iter(run) for run in runs])
 
 
 def _varint(n: int) -> bytes:

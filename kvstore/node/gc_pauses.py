@@ -59,8 +59,10 @@ class GcPauses:
             # INFO, not WARNING: status and metrics carry the longest pause, which is what an
             # operator acts on; a collection while a command fails (or the process exits) must
             # not add a second line to that command's one-line error.
-            log.info("garbage collection of generation %d took %.0f ms (%d objects freed)",
-                        generation, took * 1e3, info.get("collected", 0))
+            # Which thread: one that the OS runs less often stretches a collection (issue 9).
+            log.info("garbage collection of generation %d took %.0f ms (%d objects freed, "
+                     "on thread %s)", generation, took * 1e3, info.get("collected", 0),
+                     threading.current_thread().name)
 
 
 _lock = threading.Lock()

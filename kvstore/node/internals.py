@@ -26,7 +26,8 @@ class Internals:
               "_SyncObj__otherNodes", "_SyncObj__readonlyNodes", "_SyncObj__connectedNodes",
               "_SyncObj__lastResponseTime", "_SyncObj__raftElectionDeadline",
               "_SyncObj__generateRaftTimeout", "_SyncObj__noopIDx",
-              "_SyncObj__serializer", "_SyncObj__applyLogEntries", "_SyncObj__sendAppendEntries")
+              "_SyncObj__serializer", "_SyncObj__applyLogEntries", "_SyncObj__sendAppendEntries",
+              "_SyncObj__raftCommitIndex", "_SyncObj__leaderCommitIndex")
 
     def __init__(self, syncobj: SyncObj) -> None:
         missing = [name for name in self.NEEDED if not hasattr(syncobj, name)]
@@ -39,6 +40,24 @@ class Internals:
         self.next_index: dict[Any, int] = syncobj._SyncObj__raftNextIndex
         self.transport: Any = syncobj._SyncObj__transport
         self.last_response_time: dict[Any, float] = syncobj._SyncObj__lastResponseTime
+
+    def voters(self) -> set[TCPNode]:
+        """The other voters, whose copies count toward a commit (``otherNodes``)."""
+        return self._syncobj._SyncObj__otherNodes  # type: ignore[no-any-return]
+
+    def term_of(self, index: int) -> int | None:
+        """The term of the entry at ``index`` in the log, None if the log does not hold it."""
+        log = self.raft_log
+        if not len(log) or not log[0][1] <= index <= log[-1][1]:
+            return None
+        return log[index - log[0][1]][2]  # type: ignore[no-any-return]
+
+    def set_commit_index(self, index: int) -> None:
+        """Sets the leader's commit index (``kvstore.node.durable`` lowers it to what is durable)
+        where PySyncObj's commit step leaves it: the index, the leader's copy, the journal's."""
+        self._syncobj._SyncObj__raftCommitIndex = index
+        self._syncobj._SyncObj__leaderCommitIndex = index
+        self.raft_log.setRaftCommitIndex(index)
 
     def force_append(self) -> None:
         """Makes the next tick send append_entries instead of waiting for the period."""

@@ -37,10 +37,15 @@ waits until the tick thread is between passes (``TickGate``: open from the end o
 the next one starts, which is mostly the tick thread waiting in ``poll``), so a job runs in the
 tick thread's idle time rather than against it. While a job runs the interpreter's switch
 interval is lowered from 5 ms to ``SWITCH_INTERVAL``, so a tick thread that wakes up during a
-piece gets the interpreter back within about a millisecond. And a job's thread runs at a lower
-OS priority (``BACKGROUND_NICE``): on a busy machine the tick thread's gaps were mostly time
-spent runnable, waiting for a core (``kvstore.node.gap_causes``), not waiting for the
-interpreter. Which member snapshots when is ``kvstore.node.snapshot_turns``: one at a time.
+piece gets the interpreter back within about a millisecond, provided the job's thread is on a
+core to give it. That is why a job's thread keeps the node's priority and runs under Linux's
+``SCHED_BATCH`` policy (``_run_as_batch``): it never preempts another thread when it wakes, but
+a thread that holds the interpreter lock at nice +10 (as it did) was descheduled for tens of
+milliseconds at a time on a busy machine, and the tick thread waited for the lock all that
+while (a priority inversion: up to 831 ms measured, ``benchmarks/gil_holds.py``). What the
+lower priority was for, leaving the cores to the Raft loops, a job now does by resting between
+pieces: it takes at most ``BACKGROUND_SHARE`` of a core. Which member snapshots when is
+``kvstore.node.snapshot_turns``: one at a time.
 """
 
 from __future__ import annotations
@@ -52,12 +57,13 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, Protocol
 
 from pysyncobj.config import SERIALIZER_STATE
 
 from kvstore import snapshot
+from kvstore.data import release_of
 from kvstore.node import dump_file
 
 log = logging.getLogger("kvstore.node.snapshot")
@@ -65,6 +71,15 @@ log = logging.getLogger("kvstore.node.snapshot")
 SWITCH_INTERVAL = 0.001
 """The interpreter's thread switch interval while a background job runs (Python's default is
 5 ms: a tick thread waiting that long at every hand-over misses its 100 ms budget)."""
+
+BACKGROUND_SHARE = 1 / 3
+"""The most of a core a job takes over time: after each piece it sleeps twice the CPU time the
+piece took. A snapshot is work that can wait and the Raft loops of the machine cannot: at a
+full share, the snapshot threads of three nodes on two cores kept the tick threads waiting for
+a core for 100-400 ms (``runq``, issue 9). (A lower priority did this before, and cost more:
+see ``_run_as_batch``.)"""
+MIN_REST = 0.001
+"""Rests shorter than this are added up and taken together."""
 
 MAX_WAIT_FOR_IDLE = 0.02
 """A job waits at most this long for the tick thread to be idle, then does a piece anyway: a
@@ -78,12 +93,6 @@ SEND_BUDGET = 0.005
 (PySyncObj's own loop sends until ``appendEntriesPeriod``, 50 ms here, has passed.) The node
 passes at least every 10 ms, so this is up to half of its time."""
 
-BACKGROUND_NICE = 10
-"""How much lower than the node's other threads the OS runs a snapshot job's thread (Linux
-only: a thread's nice value; 10 is about a tenth of the CPU share when both want a core).
-A job's pieces already wait for the tick thread to be idle; this makes a core that both want
-go to the tick thread (and the API's threads) rather than the job, when the job is in a part
-that runs without the interpreter lock (hashing, writing the file)."""
 
 RaftMeta = tuple[Any, Any, Any]
 """PySyncObj's (last entry, previous entry, cluster members) that a dump carries."""
@@ -95,7 +104,7 @@ class Restorable(Protocol):
     cluster_id: int
 
     def freeze(self) -> snapshot.Frozen: ...
-    def install(self, state: snapshot.State) -> None: ...
+    def install(self, state: snapshot.State) -> snapshot.State: ...
 
 
 class _SwitchInterval:
@@ -151,11 +160,14 @@ class _Job:
         self.error: BaseException | None = None
         self.started = time.monotonic()
         self._work = work
+        self._cpu_mark = 0.0
+        self._rest_owed = 0.0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        _lower_priority()
+        _run_as_batch()
+        self._cpu_mark = time.thread_time()
         with SWITCHING:
             try:
                 self.result = self._work(self)
@@ -170,22 +182,40 @@ class _Job:
         """Between two pieces: lets the tick thread in, and stops if cancelled."""
         if self.cancelled.is_set():
             raise _Cancelled
+        self._rest()
         self._gate.wait()
+
+    def let_go(self, steps: Iterator[None]) -> None:
+        """Runs ``steps`` (a ``release``), letting the tick thread in between, cancelled or not."""
+        for _ in steps:
+            self._rest()
+            self._gate.wait()
+
+    def _rest(self) -> None:
+        """Sleeps for the CPU time used since the last rest, so the job takes at most
+        ``BACKGROUND_SHARE`` of a core."""
+        used = time.thread_time() - self._cpu_mark
+        self._rest_owed += used * (1 / BACKGROUND_SHARE - 1)
+        if self._rest_owed >= MIN_REST:
+            time.sleep(self._rest_owed)
+            self._rest_owed = 0.0
+        self._cpu_mark = time.thread_time()
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
 
 
-def _lower_priority() -> None:
-    """Raises the calling thread's nice value by ``BACKGROUND_NICE`` (no privilege needed)."""
+def _run_as_batch() -> None:
+    """Puts the calling thread under ``SCHED_BATCH`` (Linux; no privilege needed): the same CPU
+    share, but it never preempts a thread that wakes up. Not a lower nice value: the job holds
+    the interpreter lock between its blocking calls, and a thread the OS runs less often holds
+    it for longer, with the tick thread waiting."""
     if not sys.platform.startswith("linux"):
-        return  # elsewhere PRIO_PROCESS names the whole process, not this thread
-    thread = threading.get_native_id()
+        return  # elsewhere the call names the whole process, not this thread
     try:
-        os.setpriority(os.PRIO_PROCESS, thread,
-                       os.getpriority(os.PRIO_PROCESS, thread) + BACKGROUND_NICE)
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_BATCH, os.sched_param(0))
     except OSError:
-        pass  # not allowed here: the job runs at the node's priority, as it did
+        pass  # not allowed here: the job runs under the node's policy
 
 
 class _Cancelled(Exception):
@@ -265,11 +295,13 @@ class Snapshotter:
         if job.error is not None:
             self._on_fatal(f"snapshot load failed: {type(job.error).__name__}: {job.error}")
             return
-        self._sm.install(job.result)
+        replaced = self._sm.install(job.result).data
         self.last_restore_seconds = time.monotonic() - job.started
         self._counters["snapshots_loaded"] += 1
         log.info("snapshot loaded: index %s, restored in the background in %.2f s",
                  self._restoring_index, self.last_restore_seconds)
+        # Not here: 1M keys take tens of milliseconds to free.
+        _Job("snapshot-release", lambda job: job.let_go(release_of(replaced)), self.gate)
 
     def stop(self, timeout: float = 2.0) -> None:
         for job in (self._writing, self._restoring):
@@ -315,6 +347,8 @@ class Snapshotter:
         except BaseException:
             writer.abort()
             raise
+        finally:  # here, in steps, not on the tick thread when it drops the finished job
+            job.let_go(frozen.data.release())
 
     def checkSerializing(self) -> tuple[int, Any]:  # noqa: N802 - PySyncObj's name
         job = self._writing
@@ -501,5 +535,7 @@ def digest_of(frozen: snapshot.Frozen, gate: TickGate) -> str:
     with SWITCHING:
         for piece in snapshot.encode_pieces(frozen):
             sha.update(piece)
+            gate.wait()
+        for _ in frozen.data.release():  # in steps, as a written snapshot's
             gate.wait()
     return dump_file.state_digest(sha)

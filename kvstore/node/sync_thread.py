@@ -1,4 +1,4 @@
-"""A follower's journal sync, off the tick thread: an acknowledgement leaves only once the
+"""The journal's sync, off the tick thread: a follower's acknowledgement leaves only once the
 entries it claims are on disk.
 
 The rule it enforces: a success ``next_node_idx`` (a follower's acknowledgement, which the
@@ -23,8 +23,9 @@ name durable (``fsync_directory_later``: nothing waits for it, the journal syncs
 again before it drops an entry the dump covers). A term or
 vote is still stored on the tick thread before the message that reflects it is sent.
 
-The leader does not use it: it counts its own copy when it commits, and its sync stays at the
-end of its tick (``kvstore.node.durable``).
+The leader's journal is synced here too (a ``request`` at the end of each tick): it holds no
+acknowledgement, and its commit counts its own copy only up to ``synced_index``
+(``kvstore.node.durable``). A cluster of one node still syncs on its tick thread.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvstore import data as data_module
 from kvstore.data import SHARDS, Data, FrozenData
 
 keys = st.binary(min_size=1, max_size=3)
@@ -90,3 +91,25 @@ def test_a_shard_copied_after_a_freeze_is_not_copied_again() -> None:
 
 def test_repr_shows_the_pairs_as_a_dict_does() -> None:
     assert repr(Data({b"k": b"v"})) == "Data({b'k': b'v'})"
+
+
+def test_a_view_is_let_go_of_in_steps_and_the_live_data_keeps_every_shard(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data_module, "RELEASE_SHARDS", 100)
+    data = Data((b"k%05d" % n, b"v") for n in range(5_000))
+    view = data.freeze()
+    data[b"k00001"] = b"changed"  # one shard copied: the view alone holds the old one
+    steps = view.release()
+    next(steps)
+    assert len(view.shards) == SHARDS - 100
+    assert sum(1 for _ in steps) == -(-SHARDS // 100) - 1
+    assert view.shards == [] and len(view) == 0
+    assert len(data) == 5_000 and data[b"k00001"] == b"changed" and data[b"k00002"] == b"v"
+
+
+def test_release_of_empties_a_data_and_leaves_other_mappings_alone() -> None:
+    data, plain = Data({b"a": b"1"}), {b"a": b"1"}
+    for _ in data_module.release_of(data):
+        pass
+    assert data._shards == []
+    assert list(data_module.release_of(plain)) == [] and plain == {b"a": b"1"}

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from kvstore.node import OutcomeUnknown
+from kvstore.node import OutcomeUnknown, durable
 from kvstore.node.meta_file import MetaFile
 from kvstore.node.recovery import META
 from tests.support import dirty_pages, why_dirty_pages_cannot_tell
@@ -113,27 +113,49 @@ def test_a_follower_acknowledges_only_entries_that_are_on_disk(
         assert [dirty for _, dirty in acks] == [0, 0]
 
 
+@contextmanager
+def slow_sync_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """The sync thread's ``fdatasync`` waits (for the event it yields, set at the end)."""
+    disk = threading.Event()
+    real = os.fdatasync
+
+    def slow(fd: int) -> None:
+        if threading.current_thread().name == "journal-sync":
+            disk.wait(SLOW_SYNC_DEADLINE)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow)
+    try:
+        yield disk
+    finally:
+        disk.set()
+
+
 @pytest.mark.parametrize("fsync", [DURABLE, NOT_DURABLE])
-def test_a_leader_has_its_entries_on_disk_before_it_counts_an_acknowledgement(
-        make_harness: Callable[[bool], Harness], fsync: bool) -> None:
-    """The leader counts its own copy toward every commit. Its append goes out first (the
-    followers store theirs meanwhile, thesis 10.2.1), but its journal must be on disk before
-    the tick that reads the acknowledgement, which is when PySyncObj commits."""
+def test_a_leader_counts_its_own_copy_toward_a_commit_only_once_it_is_on_disk(
+        make_harness: Callable[[bool], Harness], fsync: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The leader counts its own copy toward every commit (here, of two voters, it must). Its
+    journal is synced on the sync thread (``kvstore.node.sync_thread``): while that sync waits
+    for the disk, the follower's acknowledgement of entry 3 commits nothing, the tick loop keeps
+    passing, and once the sync is done entry 3 commits, with the journal clean."""
     h = make_harness(fsync)
     h.lead()  # its no-op is entry 2
-    with pytest.raises(OutcomeUnknown):
-        h.node.propose(b"entry", timeout=0.0)  # entry 3; the silent peer lets nothing commit
-    wait_for(lambda: h.on_tick(lambda: any(
-        kind(m) == "append_entries" and any(e[1] == 3 for e in m.get("entries") or [])
-        for m in h.wire.sent)), "the leader to send entry 3")
-
-    dirty_before_the_ack = h.on_tick(lambda: dirty_pages(journal(h)))
-    h.reply(next_node_idx(4, success=True, reset=False))
-    wait_for(lambda: h.node.raftCommitIndex >= 3, "entry 3 to commit")
-
+    with slow_sync_thread(monkeypatch) as disk:
+        with pytest.raises(OutcomeUnknown):
+            h.node.propose(b"entry", timeout=0.0)  # entry 3
+        wait_for(lambda: h.on_tick(lambda: any(
+            kind(m) == "append_entries" and any(e[1] == 3 for e in m.get("entries") or [])
+            for m in h.wire.sent)), "the leader to send entry 3")
+        h.reply(next_node_idx(4, success=True, reset=False))
+        ticks = h.node.counters["ticks"]
+        wait_for(lambda: h.node.counters["ticks"] > ticks + 10, "the tick loop to keep passing")
+        with on_disk_rule("the leader's copy counts only once it is on disk"):
+            assert h.on_tick(lambda: h.node.raftCommitIndex) < 3
+        disk.set()
+        wait_for(lambda: h.node.raftCommitIndex >= 3, "entry 3 to commit")
     assert h.node.counters["commit_before_flush"] == 0
-    with on_disk_rule("the leader's entries are on disk before it reads acknowledgements"):
-        assert dirty_before_the_ack == 0
+    assert dirty_pages(journal(h)) == 0
 
 
 @pytest.mark.parametrize("fsync", [True, False], ids=["fsync", "no-fsync"])
@@ -203,12 +225,13 @@ def test_one_flush_per_write_and_none_when_nothing_was_written(
             == journal_fsyncs(h, fsynced))
 
 
-def test_a_leaders_append_leaves_before_its_flush(make_harness: Callable[[bool], Harness]) -> None:
+def test_a_leaders_append_leaves_before_its_flush(make_harness: Callable[[bool], Harness],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The leader writes its log in parallel with replication (Raft thesis 10.2.1): its append
-    goes out while its journal is still dirty, and the flush follows in the same tick (as
-    ``test_a_leader_has_its_entries_on_disk_before_it_counts_an_acknowledgement`` checks),
-    so the followers' fsyncs and its own overlap."""
+    goes out while its journal is still dirty (here its sync thread is held so that the check
+    does not race it), so the followers' fsyncs and its own overlap."""
     h = make_harness(True)
+    monkeypatch.setattr(os, "fdatasync", lambda fd: None)  # nothing is ever synced
     h.wire.probe = lambda m: dirty_pages(journal(h)) if kind(m) == "append_entries" else None
     h.lead()
     with pytest.raises(OutcomeUnknown):
@@ -225,9 +248,9 @@ def test_a_leaders_append_leaves_before_its_flush(make_harness: Callable[[bool],
 def test_the_order_check_counts_a_commit_beyond_what_the_leader_flushed(
         make_harness: Callable[[bool], Harness]) -> None:
     """``commit_before_flush`` is the mode's own alarm: at the end of each tick it counts a
-    commit index past what the leader has flushed, which cannot happen while the flush comes
-    first (``test_a_leader_has_its_entries_on_disk_before_it_counts_an_acknowledgement``
-    checks that order from outside). To see that the alarm works, a tick is shown such a state:
+    commit index past what a majority holds durably, which the commit fence prevents
+    (``test_a_leader_counts_its_own_copy_toward_a_commit_only_once_it_is_on_disk`` checks it
+    from outside). To see that the alarm works, a tick is shown such a state:
     its commit index is set one past the flushed log before the tick's end, and put back after."""
     h = make_harness(True)
     h.lead()
@@ -279,17 +302,45 @@ def test_a_slow_sync_holds_the_acknowledgement_while_the_tick_loop_keeps_passing
     assert [dirty for m, dirty in h.on_tick(lambda: list(h.wire.probed))] == [0, 0]
 
 
-def test_journal_fsyncs_counts_each_flush_of_the_leader(
+def test_the_leaders_syncs_run_on_the_sync_thread_and_are_counted(
         make_harness: Callable[[bool], Harness], fsynced: list[str]) -> None:
-    """The leader flushes at the end of the tick (not on the sync thread), and
-    ``journal_fsyncs`` counts each of those flushes: its no-op, then each new entry."""
+    """The leader's tick thread never syncs its journal (behind a dump being written, that
+    took it 95-130 ms); the sync thread does, and ``journal_background_fsyncs`` counts each."""
     h = make_harness(True)
+    on_tick_thread: list[str] = []
+    h.node.add_tick_hook(lambda: on_tick_thread.extend(fsynced))  # (read on the tick thread)
     h.lead()  # its no-op is entry 2
     with pytest.raises(OutcomeUnknown):
         h.node.propose(b"entry", timeout=0.0)  # entry 3
     wait_for(lambda: h.on_tick(lambda: h.node.internals.raft_log.synced_index) >= 3,
-             "the leader to flush entry 3")
+             "the leader to sync entry 3")
     counters = h.on_tick(lambda: dict(h.node.counters))
-    assert counters["journal_fsyncs"] >= 2
-    assert (counters["journal_fsyncs"] + counters["journal_background_fsyncs"]
-            == journal_fsyncs(h, fsynced))
+    assert counters.get("journal_fsyncs", 0) == 0
+    assert counters["journal_background_fsyncs"] >= 2
+    assert counters["journal_background_fsyncs"] == journal_fsyncs(h, fsynced)
+
+
+# -- the commit fence alone (``durable.fenced_commit``): five voters, the leader's term 3 ---------
+
+def term_3_from(index: int) -> Callable[[int], int]:
+    return lambda i: 3 if i >= index else 2
+
+
+def test_what_the_leader_has_synced_commits_as_its_commit_step_found() -> None:
+    assert durable.fenced_commit(9, 4, 9, [9, 9, 0, 0], term_3_from(5), 3) == 9
+
+
+def test_past_what_the_leader_synced_an_entry_needs_a_majority_without_it() -> None:
+    # Synced to 6; entries 7 and 8 held by three followers (a majority of five), 9 by two.
+    assert durable.fenced_commit(9, 4, 6, [9, 9, 8, 0], term_3_from(5), 3) == 8
+    assert durable.fenced_commit(9, 4, 6, [9, 9, 0, 0], term_3_from(5), 3) == 6
+
+
+def test_only_an_entry_of_the_leaders_term_commits_by_counting() -> None:
+    """Thesis 3.6.2: the durable majority holds entry 6 of term 2 only: nothing new commits."""
+    assert durable.fenced_commit(9, 4, 6, [9, 9, 0, 0], term_3_from(7), 3) == 4
+
+
+def test_the_fence_never_lowers_a_commit_already_reached() -> None:
+    assert durable.fenced_commit(9, 7, 6, [9, 9, 0, 0], term_3_from(5), 3) == 7
+    assert durable.fenced_commit(5, 7, 2, [0, 0, 0, 0], term_3_from(5), 3) == 5

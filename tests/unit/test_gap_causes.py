@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import logging
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -46,6 +47,7 @@ def test_a_long_collection_is_logged_at_info(caplog: pytest.LogCaptureFixture) -
         pauses.on_collection("stop", {"generation": 1, "collected": 3})
     assert pauses.count == [0, 1, 0] and pauses.longest[1] >= gc_pauses.LONG_PAUSE
     assert "garbage collection of generation 1 took" in caplog.text
+    assert f"on thread {threading.current_thread().name})" in caplog.text
     assert [record.levelname for record in caplog.records] == ["INFO"]
 
 

@@ -9,8 +9,10 @@ accepts (for sorted keys, which is all our encoder ever writes) and decode it to
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import random
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -370,3 +372,32 @@ def test_keys_are_sorted_in_runs_of_sort_run_with_a_pause_after_each(
 def test_a_key_as_long_as_the_varint_table_is_written_as_protobuf_writes_it() -> None:
     state = snapshot.State(CLUSTER, SessionStore(1), {b"k" * (1 << 14): b"v"})
     assert snapshot.encode(state) == reference_encode(state)
+
+
+def test_while_the_encoder_merges_no_object_the_collector_visits_holds_the_keys(
+        tiny_pieces: None) -> None:
+    """The sorted runs are held so that the garbage collector does not visit them: a collection
+    during a snapshot of 1M keys visited every key, 50-95 ms with the interpreter held."""
+    state = snapshot.State(CLUSTER, SessionStore(1), {b"k%03d" % n: b"v" for n in range(60)})
+    pieces = snapshot.encode_pieces(snapshot.freeze(state))
+    while not next(pieces).startswith(b"\x2a"):
+        pass  # the runs are sorted: the merge has begun
+    last = max(state.data)  # in its run, behind the key the merge reads next
+    assert not [r for r in gc.get_referrers(last) if gc.is_tracked(r)]
+    assert b"".join(pieces)  # (the rest)
+
+
+def test_the_merge_lets_go_of_each_run_once_it_has_read_it(tiny_pieces: None) -> None:
+    """Not all runs at once at the end of the merge: at 1M keys that was one C call touching
+    every key with the interpreter held."""
+    data = {b"k%03d" % n: b"v" for n in range(60)}  # the first run (of 3) holds the 3 smallest
+    frozen = snapshot.freeze(snapshot.State(CLUSTER, SessionStore(1), data))
+    first = next(iter(data))
+    before = sys.getrefcount(first)
+    pieces = snapshot.encode_pieces(frozen)
+    records = 0
+    while records < 6:  # the first run read, and the key after it
+        piece = next(pieces)
+        records += piece.count(b"\x12\x01v") if piece.startswith(b"\x2a") else 0
+    assert sys.getrefcount(first) == before
+    assert b"".join(pieces)

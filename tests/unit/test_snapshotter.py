@@ -64,7 +64,8 @@ def stepping_clock(monkeypatch: pytest.MonkeyPatch, step: float) -> None:
     def monotonic() -> float:
         now[0] += step
         return now[0]
-    monkeypatch.setattr(snapshotter, "time", types.SimpleNamespace(monotonic=monotonic))
+    monkeypatch.setattr(snapshotter, "time", types.SimpleNamespace(
+        monotonic=monotonic, thread_time=time.thread_time, sleep=time.sleep))
 
 
 def put(sm: StateMachine, key: bytes, value: bytes) -> None:
@@ -387,24 +388,63 @@ def test_a_member_starts_a_snapshot_only_in_its_turn_unless_forced(tmp_path: Pat
     assert finish_write(s) == SERIALIZER_STATE.SUCCESS
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice: Linux")
-def test_a_snapshot_job_runs_at_a_lower_os_priority(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[tuple[int, int]] = []
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread policy: Linux")
+def test_a_snapshot_job_runs_as_batch_at_the_nodes_priority(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SCHED_BATCH: it never preempts a waking thread. Its nice value stays the node's: a thread
+    holding the interpreter lock at a lower priority is descheduled for long, and the tick
+    thread waits for the lock meanwhile."""
+    seen: list[tuple[int, int, int]] = []
     encode = snapshot.encode_pieces
 
     def watched(frozen: snapshot.Frozen) -> Iterator[bytes]:
         me = threading.get_native_id()
-        seen.append((me, os.getpriority(os.PRIO_PROCESS, me)))
+        seen.append((me, os.sched_getscheduler(me), os.getpriority(os.PRIO_PROCESS, me)))
         return encode(frozen)
     monkeypatch.setattr(snapshot, "encode_pieces", watched)
     s = make(tmp_path, loaded(20))
     s.serialize(raft_data(5), 5)
     assert finish_write(s) == SERIALIZER_STATE.SUCCESS
-    (thread, nice), = seen
+    (thread, policy, nice), = seen
     assert thread != threading.get_native_id()
-    assert nice == min(19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-                       + snapshotter.BACKGROUND_NICE)  # 19: the lowest there is
+    assert policy == os.SCHED_BATCH
+    assert nice == os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def test_a_written_snapshot_lets_go_of_its_frozen_state_on_the_jobs_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not on the tick thread when it drops the finished job: by then writes have copied most
+    shards, and the frozen view alone holds the old ones (at 1M keys, tens of milliseconds to
+    let go of at once). The job lets go of it in steps (``FrozenData.release``)."""
+    sm = loaded(20)
+    keys = dict(sm.data.items())
+    frozen: list[snapshot.Frozen] = []
+    real = sm.freeze
+    monkeypatch.setattr(sm, "freeze", lambda: frozen.append(real()) or frozen[-1])
+    s = make(tmp_path, sm)
+    s.serialize(raft_data(5), 5)
+    assert finish_write(s) == SERIALIZER_STATE.SUCCESS
+    (view,) = frozen
+    assert view.data.shards == []
+    assert dict(sm.data.items()) == keys
+
+
+def test_a_job_takes_at_most_its_share_of_a_core(tmp_path: Path) -> None:
+    """It rests between pieces (twice the CPU time each took): at a full share, the snapshot
+    threads kept the Raft loops of a busy machine waiting for a core."""
+    def busy(job: snapshotter._Job) -> float:
+        for _ in range(40):
+            until = time.thread_time() + 0.003
+            while time.thread_time() < until:
+                pass
+            job.pause()
+        return time.thread_time()
+
+    started = time.monotonic()
+    job = snapshotter._Job("busy", busy, snapshotter.TickGate())
+    job.join(30)
+    assert job.error is None and job.done
+    assert time.monotonic() - started >= 0.12 / snapshotter.BACKGROUND_SHARE * 0.95
 
 
 # -- the small rules, one test each (quick: a few dozen keys) -----------------------------------
@@ -442,6 +482,17 @@ def test_an_installed_snapshot_is_counted_and_timed(tmp_path: Path) -> None:
     assert f._counters["snapshots_loaded"] == 1 and follower.snapshot() == leader.snapshot()
     f.on_tick()  # nothing more to swap in
     assert f._counters["snapshots_loaded"] == 1
+
+
+def test_the_state_an_install_replaces_is_let_go_of_on_a_jobs_thread(tmp_path: Path) -> None:
+    """Not on the tick thread, where the swap happens: a follower's 1M keys took tens of
+    milliseconds to free there. A job lets go of them in steps (``data.release_of``)."""
+    written_dump(tmp_path, loaded(20))
+    follower = loaded(50)
+    replaced = follower.data
+    install(make(tmp_path, follower))
+    assert follower.data is not replaced
+    wait_for(lambda: replaced._shards == [], 10, "the replaced state to be let go of")
 
 
 def test_a_missing_dump_stops_the_node_before_pysyncobj_goes_on(tmp_path: Path) -> None:
@@ -602,9 +653,11 @@ def test_a_background_job_lowers_the_switch_interval_and_puts_it_back(tmp_path: 
     assert sys.getswitchinterval() == saved
 
 
-def test_digest_of_a_frozen_state_is_the_state_digest() -> None:
+def test_digest_of_a_frozen_state_is_the_state_digest_and_lets_go_of_it() -> None:
     sm = loaded(50)
-    assert snapshotter.digest_of(sm.freeze(), snapshotter.TickGate()) == sm.digest()
+    frozen = sm.freeze()
+    assert snapshotter.digest_of(frozen, snapshotter.TickGate()) == sm.digest()
+    assert frozen.data.shards == []  # in steps, on the caller's thread
 
 
 def test_sent_and_received_dumps_are_counted_each(tmp_path: Path) -> None:
