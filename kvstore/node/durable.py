@@ -15,7 +15,9 @@ means "survives a process crash", not a power loss. Here a copy counts only once
   ``fdatasync`` on its tick thread took 95-130 ms, issue 9). PySyncObj's commit step counts the
   leader as holding every entry it has appended, so its result is lowered, before anything reads
   it, to what a majority holds durably: entries the leader has synced, or that enough followers
-  have acknowledged without it (``fenced_commit``). ``commit_before_flush`` counts a commit
+  have acknowledged without it (``fenced_commit``); in the pass in which a leader steps down
+  after its commit step (PySyncObj's leader fallback comes between that step and the apply),
+  too. ``commit_before_flush`` counts a commit
   index past that at the end of a tick (the tests assert it stays zero).
 
 One sync covers everything appended since the last one, so group commit amortises it: one
@@ -68,17 +70,25 @@ def install(syncobj: SyncObj, internals: Internals, counters: Counter[str], *,
     """The commit index as the last apply step found it, fenced: one that is committed."""
 
     def durable_commit() -> int:
+        # Every voter has a match index on a leader (PySyncObj's commit step reads it so too).
         commit = syncobj.raftCommitIndex
         return fenced_commit(commit, min(reached[0], commit), journal.synced_index,
-                             [internals.match_index.get(n, 0) for n in internals.voters()],
+                             [internals.match_index[n] for n in internals.voters()],
                              internals.term_of, syncobj.raftCurrentTerm)
 
+    led = [False]
+    """Whether the node led at the last apply step."""
+
     def apply_fenced(apply: Callable[[], bool]) -> bool:
-        # Runs right after the leader's commit step, before anything reads its result.
-        if not alone and syncobj._isLeader():
+        # Runs right after the leader's commit step, before anything reads its result; also in
+        # the pass in which the node stopped leading after that step (PySyncObj's leader
+        # fallback runs between the two), whose commit index the leader's step still counted.
+        leading = syncobj._isLeader()
+        if not alone and (leading or led[0]):
             allowed = durable_commit()
             if allowed < syncobj.raftCommitIndex:
                 internals.set_commit_index(allowed)
+        led[0] = leading
         reached[0] = syncobj.raftCommitIndex
         return apply()
 

@@ -74,9 +74,13 @@ class Harness:
 
     def __init__(self, node: RaftNode) -> None:
         self.node = node
-        (self.peer,) = node.otherNodes
-        self.wire = WireSpy()
-        self.on_tick(lambda: node.internals.transport._connections.__setitem__(self.peer, self.wire))
+        self.peers = sorted(node.otherNodes, key=lambda n: n.address)
+        """The peers the test plays; ``peer`` (and its ``wire``) is the first."""
+        self.peer = self.peers[0]
+        self.wires = [WireSpy() for _ in self.peers]
+        self.wire = self.wires[0]
+        self.on_tick(lambda: node.internals.transport._connections.update(
+            zip(self.peers, self.wires)))
 
     def on_tick(self, task: Callable[[], T]) -> T:
         return self.node.on_tick_thread(task, TICK_TIMEOUT)
@@ -131,7 +135,8 @@ class Harness:
     def lead(self) -> None:
         """Makes the node leader: the peer "connects" (the transport's connected callback) and
         votes for it in the first election it starts."""
-        self.on_tick(lambda: self.node.internals.transport._onNodeConnected(self.peer))
+        for peer in self.peers:
+            self.on_tick(lambda p=peer: self.node.internals.transport._onNodeConnected(p))
 
         def vote_if_candidate() -> bool:
             if self.node.getStatus()["state"] == _RAFT_STATE.CANDIDATE:
@@ -147,16 +152,18 @@ class Harness:
         return self.on_tick(lambda: (internals.next_index[self.peer],
                                      internals.match_index[self.peer]))
 
-    def reply(self, message: dict[str, Any]) -> tuple[int, int]:
-        """Delivers the peer's ``message`` to the node, which must still lead; returns the
-        (nextIndex, matchIndex) right after it, before the node's next append re-sends."""
+    def reply(self, message: dict[str, Any], peer: Any = None) -> tuple[int, int]:
+        """Delivers ``message`` from ``peer`` (the first by default) to the node, which must
+        still lead; returns that peer's (nextIndex, matchIndex) right after it, before the
+        node's next append re-sends."""
         internals = self.node.internals
+        sender = self.peer if peer is None else peer
 
         def deliver_and_read() -> tuple[int, int]:
             if not self.node.is_leader():
                 raise RuntimeError("the node lost its leadership during the test")
-            internals.transport._onMessageReceivedCallback(self.peer, message)
-            return internals.next_index[self.peer], internals.match_index[self.peer]
+            internals.transport._onMessageReceivedCallback(sender, message)
+            return internals.next_index[sender], internals.match_index[sender]
 
         return self.on_tick(deliver_and_read)
 
@@ -192,19 +199,21 @@ def next_node_idx(next_index: int, *, success: bool, reset: bool) -> dict[str, A
 
 @contextmanager
 def harnesses(directory: Path) -> Iterator[Callable[..., Harness]]:
-    """Makes harnessed nodes (``make(fenced=..., fsync=...)``) with data under ``directory``;
+    """Makes harnessed nodes (``make(fenced=..., fsync=..., peers=...)``) with data under
+    ``directory``;
     stops them all when the block ends."""
     nodes: list[RaftNode] = []
 
-    def make(*, fenced: bool = True, fsync: bool = False) -> Harness:
+    def make(*, fenced: bool = True, fsync: bool = False, peers: int = 1,
+             profile: TimerProfile = FAST) -> Harness:
         port = free_port()
         node = RaftNode(StateMachine(cluster_id=1), RaftOptions(
             self_address=f"127.0.0.1:{port}",
             # Sorts after the node's address, so the node never dials it; nobody listens there.
-            peers=(f"127.0.0.2:{port}",),
+            peers=tuple(f"127.0.0.{2 + i}:{port}" for i in range(peers)),
             data_dir=str(directory / f"node{len(nodes)}"),
             password="raft-unit-test",
-            profile=FAST,
+            profile=profile,
             d6_fence=fenced,
             # Plain means plain: no code of ours on the message path (our membership filter
             # wraps it too), so the plain node is PySyncObj 0.3.17's.

@@ -14,6 +14,7 @@ fail, and that it is the durable mode which makes it pass.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -25,9 +26,12 @@ import pytest
 
 from kvstore.node import OutcomeUnknown, durable
 from kvstore.node.meta_file import MetaFile
+from kvstore.node.raft_node import RaftNode, RaftOptions
 from kvstore.node.recovery import META
-from tests.support import dirty_pages, why_dirty_pages_cannot_tell
-from tests.unit.raft_harness import LAST, Harness, append, harnesses, next_node_idx, wait_for
+from kvstore.state_machine import StateMachine
+from tests.support import dirty_pages, free_port, why_dirty_pages_cannot_tell
+from tests.unit.raft_harness import (
+    FAST, LAST, Harness, append, harnesses, next_node_idx, wait_for)
 
 
 SLOW_SYNC_DEADLINE = 10.0
@@ -70,12 +74,12 @@ def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 @pytest.fixture
-def make_harness(tmp_path: Path) -> Iterator[Callable[[bool], Harness]]:
+def make_harness(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
     reason = why_dirty_pages_cannot_tell(tmp_path)
     if reason:
         pytest.skip(reason)
     with harnesses(tmp_path) as make:
-        yield lambda fsync: make(fsync=fsync)
+        yield lambda fsync, peers=1: make(fsync=fsync, peers=peers)
 
 
 def journal(h: Harness) -> Path:
@@ -320,6 +324,74 @@ def test_the_leaders_syncs_run_on_the_sync_thread_and_are_counted(
     assert counters["journal_background_fsyncs"] == journal_fsyncs(h, fsynced)
 
 
+def test_of_three_voters_two_followers_commit_while_the_leaders_own_sync_waits(
+        make_harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two followers holding entry 3 on disk are a majority of three without the leader: it
+    commits while the leader's own sync still waits for the disk (``fenced_commit``), and the
+    leader's journal has not yet synced it."""
+    h = make_harness(True, peers=2)
+    h.lead()  # its no-op is entry 2
+    with slow_sync_thread(monkeypatch) as disk:
+        with pytest.raises(OutcomeUnknown):
+            h.node.propose(b"entry", timeout=0.0)  # entry 3
+        wait_for(lambda: h.on_tick(lambda: all(
+            any(kind(m) == "append_entries" and any(e[1] == 3 for e in m.get("entries") or [])
+                for m in wire.sent) for wire in h.wires)), "the leader to send entry 3 to both")
+        for peer in h.peers:
+            h.reply(next_node_idx(4, success=True, reset=False), peer)
+        wait_for(lambda: h.on_tick(lambda: h.node.is_leader() and h.node.raftLastApplied >= 3),
+                 "entry 3 to commit on the followers' copies, and be applied, by the leader")
+        assert h.on_tick(lambda: h.node.internals.raft_log.synced_index) < 3
+        disk.set()
+    assert h.node.counters["commit_before_flush"] == 0
+
+
+def test_a_leader_that_steps_down_applies_nothing_its_unsynced_copy_counted_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Of three voters, one follower and the leader's unsynced copy are what PySyncObj's commit
+    step counts for entry 3. When the leader stops hearing from its followers it steps down
+    (the leader fallback) in the same pass, after that step and before entries are applied:
+    the node, no longer leader, must not apply entry 3 either."""
+    with harnesses(tmp_path) as make:
+        quick_fallback = dataclasses.replace(FAST, leader_fallback_timeout=1.0)
+        h = make(fsync=True, peers=2, profile=quick_fallback)
+        h.lead()  # its no-op is entry 2
+        with slow_sync_thread(monkeypatch) as disk:
+            with pytest.raises(OutcomeUnknown):
+                h.node.propose(b"entry", timeout=0.0)  # entry 3
+            wait_for(lambda: h.on_tick(lambda: any(
+                kind(m) == "append_entries" and any(e[1] == 3 for e in m.get("entries") or [])
+                for m in h.wire.sent)), "the leader to send entry 3")
+            h.reply(next_node_idx(4, success=True, reset=False))
+            wait_for(lambda: not h.node.is_leader(), "the leader to step down (no answers)")
+            h.on_tick(lambda: None)
+            assert h.on_tick(lambda: h.node.internals.raft_log.synced_index) < 3
+            assert h.on_tick(lambda: h.node.raftLastApplied) < 3
+            disk.set()
+
+
+def test_a_lone_node_syncs_on_its_tick_thread_and_counts_each_sync(
+        tmp_path: Path, fsynced: list[str]) -> None:
+    """A cluster of one commits as soon as it ticks, counting its own copy only: it syncs on
+    its tick thread, before the commit, and ``journal_fsyncs`` counts each of those syncs."""
+    node = RaftNode(StateMachine(cluster_id=1), RaftOptions(
+        self_address=f"127.0.0.1:{free_port()}", peers=(), data_dir=str(tmp_path / "alone"),
+        password="durable-unit-test", profile=FAST, fsync=True))
+    try:
+        wait_for(node.is_leader, "the lone node to lead")
+        for _ in range(3):
+            with pytest.raises(OutcomeUnknown):
+                node.propose(b"entry", timeout=0.0)
+            last = node.on_tick_thread(lambda: node.internals.raft_log[-1][1], 2.0)
+            wait_for(lambda: node.raftCommitIndex >= last, "the entry to commit")
+        counters = node.on_tick_thread(lambda: dict(node.counters), 2.0)
+        on_disk = fsynced.count(os.path.realpath(tmp_path / "alone" / "raft.journal"))
+        assert counters["journal_fsyncs"] >= 3
+        assert counters["journal_fsyncs"] + counters.get("journal_background_fsyncs", 0) == on_disk
+    finally:
+        node.stop()
+
+
 # -- the commit fence alone (``durable.fenced_commit``): five voters, the leader's term 3 ---------
 
 def term_3_from(index: int) -> Callable[[int], int]:
@@ -339,6 +411,15 @@ def test_past_what_the_leader_synced_an_entry_needs_a_majority_without_it() -> N
 def test_only_an_entry_of_the_leaders_term_commits_by_counting() -> None:
     """Thesis 3.6.2: the durable majority holds entry 6 of term 2 only: nothing new commits."""
     assert durable.fenced_commit(9, 4, 6, [9, 9, 0, 0], term_3_from(7), 3) == 4
+
+
+def test_of_three_voters_both_followers_make_a_majority_without_the_leader() -> None:
+    assert durable.fenced_commit(5, 1, 2, [5, 5], term_3_from(2), 3) == 5
+    assert durable.fenced_commit(5, 1, 2, [5, 4], term_3_from(2), 3) == 4
+
+
+def test_of_two_voters_the_follower_alone_is_no_majority() -> None:
+    assert durable.fenced_commit(5, 0, 0, [5], term_3_from(1), 3) == 0
 
 
 def test_the_fence_never_lowers_a_commit_already_reached() -> None:
