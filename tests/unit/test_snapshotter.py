@@ -447,6 +447,31 @@ def test_a_job_takes_at_most_its_share_of_a_core(tmp_path: Path) -> None:
     assert time.monotonic() - started >= 0.12 / snapshotter.BACKGROUND_SHARE * 0.95
 
 
+def test_a_job_rests_twice_the_cpu_time_it_used_and_carries_short_rests(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a fake CPU clock: each rest is owed twice the CPU time used since the last one; a rest
+    of MIN_REST or more is slept at once and paid off, a shorter one is carried to the next."""
+    cpu = [0.0]
+    slept: list[float] = []
+
+    def mine() -> bool:  # other tests' jobs may still be running: they keep the real clock
+        return threading.current_thread().name == "resting"
+    monkeypatch.setattr(snapshotter, "time", types.SimpleNamespace(
+        monotonic=time.monotonic,
+        thread_time=lambda: cpu[0] if mine() else time.thread_time(),
+        sleep=lambda s: slept.append(s) if mine() else time.sleep(s)))
+
+    def work(job: snapshotter._Job) -> None:
+        for used_until in (0.0005, 0.0008, 0.0011, 0.0011):
+            cpu[0] = used_until
+            job.pause()
+    job = snapshotter._Job("resting", work, snapshotter.TickGate())
+    job.join(10)
+    assert job.done and job.error is None
+    # owed 0.001 (exactly MIN_REST: slept), 0.0006 (carried), 0.0006 + 0.0006, nothing
+    assert slept == [0.001, pytest.approx(0.0012)]
+
+
 # -- the small rules, one test each (quick: a few dozen keys) -----------------------------------
 
 def written_dump(tmp_path: Path, sm: StateMachine | None = None, index: int = 10) -> Snapshotter:
@@ -640,17 +665,25 @@ def test_an_incoming_dump_that_cannot_be_stored_is_dropped(tmp_path: Path,
     assert r.activity() == [] and r._counters["snapshots_received"] == 0
 
 
-def test_a_background_job_lowers_the_switch_interval_and_puts_it_back(tmp_path: Path) -> None:
-    saved = sys.getswitchinterval()
-    seen: list[float] = []
-    switching = snapshotter._SwitchInterval()
-    with switching:
-        seen.append(sys.getswitchinterval())
-        with switching:  # a second job at the same time
-            seen.append(sys.getswitchinterval())
-        seen.append(sys.getswitchinterval())
-    assert seen == [min(saved, snapshotter.SWITCH_INTERVAL)] * 3
-    assert sys.getswitchinterval() == saved
+def test_a_background_job_lowers_the_switch_interval_and_puts_it_back() -> None:
+    """Lowered while at least one job runs (jobs overlap), put back after the last, each time:
+    from a known interval, not the one found (which an earlier test's job could have left)."""
+    original = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.004)
+        lowered = min(0.004, snapshotter.SWITCH_INTERVAL)
+        switching = snapshotter._SwitchInterval()
+        for _ in range(2):  # a second round starts from no job, as the first
+            seen: list[float] = []
+            with switching:
+                seen.append(sys.getswitchinterval())
+                with switching:  # a second job at the same time
+                    seen.append(sys.getswitchinterval())
+                seen.append(sys.getswitchinterval())
+            assert seen == [lowered] * 3
+            assert sys.getswitchinterval() == 0.004
+    finally:
+        sys.setswitchinterval(original)
 
 
 def test_digest_of_a_frozen_state_is_the_state_digest_and_lets_go_of_it() -> None:
@@ -716,6 +749,24 @@ def test_the_jobs_run_on_named_daemon_threads(tmp_path: Path,
         snapshotter.snapshot.decode_steps = decode
         gate.set()
     wait_for(lambda: (f.on_tick(), not f.restoring)[1], 30, "the restore")
+
+
+def test_the_replaced_state_is_let_go_of_on_a_named_daemon_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    written_dump(tmp_path, loaded(20))
+    hold = threading.Event()
+
+    def held(data: Any) -> Iterator[None]:
+        hold.wait(30)
+        yield
+    monkeypatch.setattr(snapshotter, "release_of", held)
+    try:
+        install(make(tmp_path, loaded(5)))
+        jobs = [t for t in threading.enumerate() if t.name == "snapshot-release"]
+        assert len(jobs) == 1 and jobs[0].daemon
+    finally:
+        hold.set()
+    jobs[0].join(10)
 
 
 def test_a_closed_tick_gate_holds_a_job_for_max_wait_for_idle_only() -> None:
