@@ -117,6 +117,16 @@ def test_a_follower_acknowledges_only_entries_that_are_on_disk(
         assert [dirty for _, dirty in acks] == [0, 0]
 
 
+def propose_entry_3(h: Harness) -> None:
+    """Hands the leader (whose no-op is entry 2) entry 3, and waits until it sent it to every
+    peer."""
+    with pytest.raises(OutcomeUnknown):
+        h.node.propose(b"entry", timeout=0.0)
+    wait_for(lambda: h.on_tick(lambda: all(
+        any(kind(m) == "append_entries" and any(e[1] == 3 for e in m.get("entries") or [])
+            for m in wire.sent) for wire in h.wires)), "the leader to send entry 3")
+
+
 @contextmanager
 def slow_sync_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     """The sync thread's ``fdatasync`` waits (for the event it yields, set at the end)."""
@@ -146,11 +156,7 @@ def test_a_leader_counts_its_own_copy_toward_a_commit_only_once_it_is_on_disk(
     h = make_harness(fsync)
     h.lead()  # its no-op is entry 2
     with slow_sync_thread(monkeypatch) as disk:
-        with pytest.raises(OutcomeUnknown):
-            h.node.propose(b"entry", timeout=0.0)  # entry 3
-        wait_for(lambda: h.on_tick(lambda: any(
-            kind(m) == "append_entries" and any(e[1] == 3 for e in m.get("entries") or [])
-            for m in h.wire.sent)), "the leader to send entry 3")
+        propose_entry_3(h)
         h.reply(next_node_idx(4, success=True, reset=False))
         ticks = h.node.counters["ticks"]
         wait_for(lambda: h.node.counters["ticks"] > ticks + 10, "the tick loop to keep passing")
@@ -282,25 +288,15 @@ def test_a_slow_sync_holds_the_acknowledgement_while_the_tick_loop_keeps_passing
     h.follow(entries_term=1, commit=1)
     wait_for(lambda: h.replies()[-1:] == [next_node_idx(LAST + 1, success=True, reset=False)],
              "the follower's reply to the set-up")
-    disk = threading.Event()
-    real = os.fdatasync
-
-    def slow(fd: int) -> None:
-        if threading.current_thread().name == "journal-sync":
-            disk.wait(SLOW_SYNC_DEADLINE)
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", slow)
     h.wire.probe = lambda m: dirty_pages(journal(h)) if kind(m) == "next_node_idx" else None
     replies = len(h.replies())
-    h.receive(append(1, prev=(LAST, 1), entries=range(LAST + 1, LAST + 3), commit=1))
-    ticks = h.node.counters["ticks"]
-    h.receive(append(1, prev=(LAST + 2, 1), entries=[], commit=2))  # a heartbeat
-    wait_for(lambda: h.node.counters["ticks"] > ticks + 10, "the tick loop to keep passing")
-    assert h.on_tick(lambda: h.node.raftCommitIndex) == 2  # the heartbeat was handled
-    assert len(h.replies()) == replies, "a reply left before its entries were synced"
-
-    disk.set()
+    with slow_sync_thread(monkeypatch):
+        h.receive(append(1, prev=(LAST, 1), entries=range(LAST + 1, LAST + 3), commit=1))
+        ticks = h.node.counters["ticks"]
+        h.receive(append(1, prev=(LAST + 2, 1), entries=[], commit=2))  # a heartbeat
+        wait_for(lambda: h.node.counters["ticks"] > ticks + 10, "the tick loop to keep passing")
+        assert h.on_tick(lambda: h.node.raftCommitIndex) == 2  # the heartbeat was handled
+        assert len(h.replies()) == replies, "a reply left before its entries were synced"
     wait_for(lambda: len(h.replies()) == replies + 2, "the held replies")
     assert h.replies()[replies:] == [next_node_idx(LAST + 3, success=True, reset=False)] * 2
     assert [dirty for m, dirty in h.on_tick(lambda: list(h.wire.probed))] == [0, 0]
@@ -332,11 +328,7 @@ def test_of_three_voters_two_followers_commit_while_the_leaders_own_sync_waits(
     h = make_harness(True, peers=2)
     h.lead()  # its no-op is entry 2
     with slow_sync_thread(monkeypatch) as disk:
-        with pytest.raises(OutcomeUnknown):
-            h.node.propose(b"entry", timeout=0.0)  # entry 3
-        wait_for(lambda: h.on_tick(lambda: all(
-            any(kind(m) == "append_entries" and any(e[1] == 3 for e in m.get("entries") or [])
-                for m in wire.sent) for wire in h.wires)), "the leader to send entry 3 to both")
+        propose_entry_3(h)
         for peer in h.peers:
             h.reply(next_node_idx(4, success=True, reset=False), peer)
         wait_for(lambda: h.on_tick(lambda: h.node.is_leader() and h.node.raftLastApplied >= 3),
@@ -357,11 +349,7 @@ def test_a_leader_that_steps_down_applies_nothing_its_unsynced_copy_counted_for(
         h = make(fsync=True, peers=2, profile=quick_fallback)
         h.lead()  # its no-op is entry 2
         with slow_sync_thread(monkeypatch) as disk:
-            with pytest.raises(OutcomeUnknown):
-                h.node.propose(b"entry", timeout=0.0)  # entry 3
-            wait_for(lambda: h.on_tick(lambda: any(
-                kind(m) == "append_entries" and any(e[1] == 3 for e in m.get("entries") or [])
-                for m in h.wire.sent)), "the leader to send entry 3")
+            propose_entry_3(h)
             h.reply(next_node_idx(4, success=True, reset=False))
             wait_for(lambda: not h.node.is_leader(), "the leader to step down (no answers)")
             h.on_tick(lambda: None)
