@@ -607,10 +607,18 @@ MUTATION_MODEL_SETTINGS = mutation_settings(MODEL_SETTINGS, 20, stateful_step_co
 still reach every rule (80 of 30 are needed for that) in a third of the time."""
 
 
+MODEL_RUNS = 3
+"""Runs of the model at most, until every rule was reached: one random run of 200 examples
+once missed the rarest rule (a version-1 result answering another command) in a CI run."""
+
+
 def test_state_machine_follows_the_session_rules_of_the_reference_model() -> None:
-    """Thesis 6.3, session-api.md rules 1-9 and our rule 8b, step by step; and the run must
+    """Thesis 6.3, session-api.md rules 1-9 and our rule 8b, step by step; and the runs must
     have reached every rule, or a green result would prove little."""
     OUTCOMES_SEEN.clear()
-    run_state_machine_as_test(SessionModelMachine, settings=MUTATION_MODEL_SETTINGS)
+    for _ in range(MODEL_RUNS):
+        run_state_machine_as_test(SessionModelMachine, settings=MUTATION_MODEL_SETTINGS)
+        if not set(Outcome) - OUTCOMES_SEEN:
+            break
     missing = set(Outcome) - OUTCOMES_SEEN
     assert not missing, f"rules never exercised: {[o.value for o in missing]}"
