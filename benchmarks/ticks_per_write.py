@@ -9,22 +9,16 @@ batches counted by the node layer over ``--writes`` puts, and the time per write
 from __future__ import annotations
 
 import argparse
-import socket
 import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from cli.ports import free_port
 from kvstore import ops
 from kvstore.client import Client
 from kvstore.config import Member, NodeConfig
 from kvstore.server import serving
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:

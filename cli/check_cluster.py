@@ -36,7 +36,8 @@ from pathlib import Path
 
 from cli import processes
 from cli.check_netns import NamespaceLinks, create_cluster_dir
-from cli.cluster_dir import HOST, ClusterDir, ClusterSpec, NodeSpec
+from cli.cluster_dir import ClusterDir, ClusterSpec, NodeSpec
+from cli.ports import HOST
 from kvstore import errors
 from kvstore.check.netns import Topology
 from kvstore.check.powerfs_mount import PowerMount

@@ -19,7 +19,6 @@ from __future__ import annotations
 import fcntl
 import json
 import secrets
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,12 +27,11 @@ from pathlib import Path
 from cli.certs import ClusterCerts
 from cli.exits import INVALID_INPUT, CliError
 from cli.files import write_atomic
+from cli.ports import HOST, free_ports
 from kvstore.config import DEFAULT_SNAPSHOT_COUNT
 from kvstore.limits import DEFAULT_SESSION_CAPACITY
 
 FORMAT_VERSION = 1
-HOST = "127.0.0.1"
-"""Every address is on loopback: a local cluster is for development and tests."""
 
 
 @dataclass(frozen=True)
@@ -248,22 +246,3 @@ def decode_spec(path: Path, data: bytes) -> ClusterSpec:
         raise CliError(f"{path} is not a cluster description: {exc}", INVALID_INPUT) from exc
     return ClusterSpec(cluster_id=cluster_id, nodes=nodes, session_capacity=capacity,
                        snapshot_count=snapshots, fsync=fsync, tls=tls)
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports on loopback that are free right now.
-
-    All sockets are held open until every port is chosen, so the ports are distinct. Another
-    program may still take one before the node binds it; the node then fails to start and
-    ``cluster up`` shows its log.
-    """
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -17,6 +16,8 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from hypothesis import settings
+
+from cli.ports import free_port  # noqa: F401 - the tests take it from here
 
 T = TypeVar("T")
 
@@ -54,11 +55,6 @@ def mutation_settings(given: settings, examples: int = MUTATION_EXAMPLES,
                     database=None, **changes)  # type: ignore[arg-type]
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def flock_waiters(path: str | os.PathLike[str]) -> int:

@@ -27,8 +27,8 @@ from typing import Any
 from cli.bench.common import Progress, RunResult, RunSpec, with_parent_death
 from cli.bench.guard import Guard
 from cli.bench.load import WorkerPool
-from cli.cluster_dir import HOST, free_ports
 from cli.exits import ERROR, UNAVAILABLE, CliError
+from cli.ports import HOST, free_ports
 
 START_TIMEOUT = 30.0
 STOP_GRACE = 5.0

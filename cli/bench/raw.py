@@ -38,8 +38,8 @@ from typing import IO, Any
 
 from cli.bench.common import Progress, RunResult, RunSpec, Window, with_parent_death
 from cli.bench.guard import Guard
-from cli.cluster_dir import HOST, free_ports
 from cli.exits import ERROR, UNAVAILABLE, CliError
+from cli.ports import HOST, free_ports
 from kvstore.config import DEFAULT_SNAPSHOT_COUNT
 from kvstore.node.timers import SHIPPED, TimerProfile
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from cli.check_cluster import CheckCluster, _port_after
+from cli.ports import free_ports
 from kvstore.check.proxy import LinkProxy, Network
 from kvstore.client import Client
 from tests.integration.test_check import kv_check
@@ -58,7 +59,7 @@ def test_a_run_with_membership_changes_adds_promotes_removes_and_passes(tmp_path
 
 
 def test_a_node_that_joins_gets_proxies_on_all_its_links_and_must_sort_last() -> None:
-    ports = sorted(_free_ports(3))
+    ports = sorted(free_ports(3))
     nodes = [f"127.0.0.1:{p}" for p in ports]
     with Network(nodes) as network:
         joiner = f"127.0.0.1:{_port_after(network.nodes)}"
@@ -100,17 +101,6 @@ def _dial(proxy: LinkProxy) -> str:
         return None
 
     return wait_for(outcome, 5, "the proxy to close the connection")
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def test_the_harness_follows_a_new_node_and_a_removed_one(tmp_path: Path) -> None:
