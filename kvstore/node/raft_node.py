@@ -20,6 +20,8 @@ does about each defect of ``shared/reference/pysyncobj-0.3.17.md``:
 * D11 (snapshots serialized on the tick thread stall it for seconds): ``kvstore.node.snapshotter``
   takes and installs snapshots on threads of its own; the tick thread only freezes a copy and
   swaps a restored state in.
+* D15 (a leader sends a follower that is behind batches for up to 50 ms in one pass):
+  ``kvstore.node.send_pacing`` holds the send step to a budget per pass.
 * D8 (100 ms timers): ``kvstore.node.timers``; we drive the tick loop ourselves.
 * zlib on every peer message, however small: ``kvstore.node.lean_wire`` sends small ones
   uncompressed to peers that read them.
@@ -73,6 +75,7 @@ from kvstore.node.outcomes import (
     outcome,
 )
 from kvstore.node.snapshotter import RaftMeta, Snapshotter
+from kvstore.node.send_pacing import SendPacer
 from kvstore.node.sync_thread import SyncThread
 from kvstore.node.timers import SHIPPED, TimerProfile
 from kvstore.node.wire_crypto import WireCrypto
@@ -259,11 +262,12 @@ class RaftNode(SyncObj):
         self.internals = Internals(self)
         if self.internals.raft_log is not self._n_journal:
             raise RuntimeError("PySyncObj did not take our journal (kvstore.node.journal_hook)")
+        pacer = SendPacer(self.internals.next_index, self.internals.raft_log)
+        self.internals.wrap_send(pacer.step)
         if options.background_snapshots:
-            self._n_snapshotter.attach(self.internals)
+            self._n_snapshotter.attach(pacer)
             self.internals.use_serializer(self._n_snapshotter)
             self.internals.wrap_apply(self._n_apply_unless_restoring)
-            self.internals.wrap_send(self._n_snapshotter.paced_send)
         self._poller.subscribe(self._n_wake_r, self._n_on_wake, POLL_EVENT_TYPE.READ)
         self.addOnTickCallback(self._n_on_tick)
         if options.lean_wire:
@@ -282,6 +286,8 @@ class RaftNode(SyncObj):
             self.add_tick_hook(sync)
             if not others:  # a lone leader commits as soon as it ticks: sync before that
                 self._n_sync_before_commit = sync
+        # Last: it paces what the durable mode's send (above) lets through.
+        self.internals.transport.send = pacer.wrap(self.internals.transport.send)
         if profile.driven:
             self._n_thread = threading.Thread(target=self._n_drive, daemon=True,
                                               name=f"raft-tick-{options.self_address}")

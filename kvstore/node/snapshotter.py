@@ -14,7 +14,8 @@ own:
   (``checkSerializing``), and only then does PySyncObj drop the log entries it covers. A crash
   while writing leaves the previous dump and the whole log: nothing to repair.
 * **Sending it.** A leader streams the dump file to a follower that needs it, a batch per send,
-  as PySyncObj does, at most ``SEND_BUDGET`` per pass; a dump being written does not stop that
+  as PySyncObj does, within the send step's budget per pass (``kvstore.node.send_pacing``); a
+  dump being written does not stop that
   (the previous file is complete). A new dump is put in place, and the log compacted, only
   once no transmission is in flight: the follower receiving the old dump needs the entries
   after it, and if each new dump restarted the transmissions (PySyncObj's behaviour), a large
@@ -65,6 +66,7 @@ from pysyncobj.config import SERIALIZER_STATE
 from kvstore import snapshot
 from kvstore.data import release_of
 from kvstore.node import dump_file
+from kvstore.node.send_pacing import SendPacer
 
 log = logging.getLogger("kvstore.node.snapshot")
 
@@ -87,12 +89,6 @@ node busy in every pass still finishes its snapshot, more slowly."""
 
 KEEPALIVE_EVERY = 1.0
 """Seconds between two keepalives a follower sends while it receives a dump (see ``Snapshotter``)."""
-
-SEND_BUDGET = 0.005
-"""Seconds per pass a leader spends sending a dump: the rest of the pass is for the writes.
-(PySyncObj's own loop sends until ``appendEntriesPeriod``, 50 ms here, has passed.) The node
-passes at least every 10 ms, so this is up to half of its time."""
-
 
 RaftMeta = tuple[Any, Any, Any]
 """PySyncObj's (last entry, previous entry, cluster members) that a dump carries."""
@@ -250,18 +246,16 @@ class Snapshotter:
         self._restoring_index: Any = None
         self._transmissions: dict[Any, dict[str, Any]] = {}
         self._incoming: BinaryIO | None = None
-        self._send_started: float | None = None
-        self._paused: dict[Any, int] = {}
-        self._internals: Any = None
+        self._pacer: SendPacer | None = None
         self.gate = TickGate()
         self.fsync_dir_pending = False
         self.last_write_seconds = 0.0
         self.last_freeze_seconds = 0.0
         self.last_restore_seconds = 0.0
 
-    def attach(self, internals: Any) -> None:
-        """Gives access to the leader's next indexes and log (``kvstore.node.internals``)."""
-        self._internals = internals
+    def attach(self, pacer: SendPacer) -> None:
+        """Holds the dump's sending to the leader's send budget (``kvstore.node.send_pacing``)."""
+        self._pacer = pacer
 
     # -- what the node asks ---------------------------------------------------------------
 
@@ -421,28 +415,10 @@ class Snapshotter:
 
     # -- streaming the dump to a follower, and receiving one --------------------------------
 
-    def paced_send(self, send: Callable[[], None]) -> None:
-        """Runs PySyncObj's send step (``__sendAppendEntries``) with the dump transmissions held
-        to ``SEND_BUDGET``. PySyncObj's loop for a follower that needs the dump ends only when the
-        dump is all sent or 50 ms have passed; to end it sooner, ``getTransmissionData`` parks
-        the follower's next index past the log's end, and it is put back here, before anything
-        else can read it."""
-        self._send_started = None
-        try:
-            send()
-        finally:
-            for node, index in self._paused.items():
-                self._internals.next_index[node] = index
-            self._paused.clear()
-
     def getTransmissionData(self, node: Any) -> tuple[bytes, bool, bool] | None | bool:  # noqa: N802
         """The next batch of the dump for ``node``; None once this pass's budget is spent."""
-        now = time.monotonic()
-        if self._send_started is None:
-            self._send_started = now
-        elif now - self._send_started > SEND_BUDGET and self._internals is not None:
-            self._paused.setdefault(node, self._internals.next_index[node])
-            self._internals.next_index[node] = self._internals.raft_log[-1][1] + 1
+        if self._pacer is not None and self._pacer.spent_for(node):
+            self._pacer.park(node)  # ends PySyncObj's loop for it (``sendingSerialized`` too)
             return None
         transmission = self._transmissions.get(node)
         if transmission is None:

@@ -78,7 +78,7 @@ GROUPS = {
                    "kvstore/node/sync_thread.py", "kvstore/node/dump_file.py"),
     "raft": ("kvstore/node/d6_fence.py", "kvstore/node/member_table.py"),
     "membership": ("kvstore/node/membership.py",),
-    "snapshotter": ("kvstore/node/snapshotter.py",),
+    "snapshotter": ("kvstore/node/snapshotter.py", "kvstore/node/send_pacing.py"),
 }
 """Every module of ``only_mutate`` in exactly one group (``check_groups``)."""
 

@@ -27,7 +27,7 @@ from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.node import TCPNode
 
 from kvstore import StateMachine, encode_entry, ops, snapshot
-from kvstore.node import dump_file, recovery, snapshotter
+from kvstore.node import dump_file, recovery, send_pacing, snapshotter
 from kvstore.node.raft_node import dump_meta, raft_meta_of
 from kvstore.node.snapshotter import Snapshotter
 from session import Session, new_noop_session
@@ -305,7 +305,6 @@ def test_a_dump_streamed_in_pieces_arrives_byte_for_byte(tmp_path: Path) -> None
     node = TCPNode("127.0.0.1:7002")
     complete = False
     for _ in range(10_000):
-        sender._send_started = None  # a new pass each time (``paced_send`` resets it)
         data = sender.getTransmissionData(node)
         assert data
         if receiver.setTransmissionData(data):
@@ -326,7 +325,6 @@ def test_a_new_dump_waits_for_the_transmission_in_flight(tmp_path: Path) -> None
     assert finish_write(s) == SERIALIZER_STATE.SUCCESS
     old_file = (tmp_path / "raft.dump").read_bytes()
     node = TCPNode("127.0.0.1:7002")
-    s._send_started = None
     first = s.getTransmissionData(node)
     assert first and first[1] and not first[2]
     sent = first[0]
@@ -337,7 +335,6 @@ def test_a_new_dump_waits_for_the_transmission_in_flight(tmp_path: Path) -> None
         assert s.checkSerializing()[0] == SERIALIZER_STATE.SERIALIZING, "held for the follower"
     assert s.getTransmissionData(TCPNode("127.0.0.1:7003")) is None, "no new transmission starts"
     while True:
-        s._send_started = None
         data = s.getTransmissionData(node)
         assert data and not data[1]
         sent += data[0]
@@ -552,50 +549,41 @@ def test_a_snapshot_of_another_cluster_is_refused(tmp_path: Path) -> None:
     assert other.data == {} and not f.restoring
 
 
-class FakeInternals:
-    """The leader's next indexes and log, as ``kvstore.node.internals`` gives them."""
-
-    def __init__(self) -> None:
-        self.next_index: dict[Any, int] = {}
-        self.raft_log = [(b"", 39, 2), (b"", 40, 2), (b"", 41, 2)]
-
-
-def test_a_pass_spends_at_most_the_send_budget_and_the_next_index_is_put_back(
+def test_past_the_send_budget_a_follower_gets_no_more_of_the_dump_in_this_pass(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past ``SEND_BUDGET`` the follower's next index is parked past the log's end (ending
-    PySyncObj's send loop for it) and ``paced_send`` puts it back before anything reads it."""
+    """The dump's batches are held to the send step's budget (``kvstore.node.send_pacing``):
+    the first batch of a pass always goes; past the budget the follower is parked (which ends
+    PySyncObj's loop for it) and gets nothing more until the next pass."""
     s = written_dump(tmp_path, loaded(500))  # several batches
-    internals = FakeInternals()
-    s.attach(internals)
     node = TCPNode("127.0.0.1:7002")
-    internals.next_index[node] = 7
-    monkeypatch.setattr(snapshotter, "SEND_BUDGET", 2**-7)  # exact in binary, as are the sums
-    clock = [1.0]  # not 0.0: a pass is timed from its start (a sum instead would pass at 0.0)
-    monkeypatch.setattr(snapshotter, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    next_index = {node: 7}
+    monkeypatch.setattr(send_pacing, "SEND_BUDGET", 2**-7)  # exact in binary, as are the sums
+    clock = [1.0]
+    pacer = send_pacing.SendPacer(next_index, [(b"", 40, 2), (b"", 41, 2)], lambda: clock[0])
+    s.attach(pacer)
+    send = pacer.wrap(lambda to, message: None)
     seen: list[Any] = []
 
-    def send() -> None:
-        seen.append(s.getTransmissionData(node))  # starts the pass's clock
-        clock[0] += snapshotter.SEND_BUDGET  # at the budget: still sends
-        seen.append(s.getTransmissionData(node))
-        clock[0] += 2**-10  # past it: parks the follower
-        seen.append(s.getTransmissionData(node))
-        seen.append(internals.next_index[node])
-        seen.append(s.getTransmissionData(node))  # parked once: the index to put back is kept
-    s.paced_send(send)
-    assert seen[0] and seen[0][1] and seen[1] and not seen[1][1]
-    assert seen[2:] == [None, 42, None]
-    assert internals.next_index == {node: 7} and s._paused == {}
+    def step() -> None:
+        for _ in range(3):
+            data = s.getTransmissionData(node)
+            seen.append(data)
+            send(node, {"type": "append_entries", "serialized": data})
+            seen.append(next_index[node])
+            clock[0] += send_pacing.SEND_BUDGET  # the second batch is sent past the budget
+    pacer.step(step)
+    assert seen[0] and seen[0][1] and seen[2] and not seen[2][1]
+    assert seen[1] == seen[3] == 7 and seen[4:] == [None, 42]
+    assert next_index == {node: 7}, "put back when the step ends"
     seen.clear()
-    s.paced_send(lambda: seen.append(s.getTransmissionData(node)))  # a new pass: sends again
-    assert seen[0] and not seen[0][1]
+    pacer.step(lambda: seen.append(s.getTransmissionData(node)))
+    assert seen[0] and not seen[0][1], "a new pass: sent again, where it left off"
 
 
-def test_without_internals_the_budget_is_not_enforced(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_outside_a_send_step_the_budget_is_not_enforced(tmp_path: Path) -> None:
     s = written_dump(tmp_path)
     clock = [100.0]
-    monkeypatch.setattr(snapshotter.time, "monotonic", lambda: clock[0])
+    s.attach(send_pacing.SendPacer({}, [(b"", 1, 1)], lambda: clock[0]))
     node = TCPNode("127.0.0.1:7002")
     assert s.getTransmissionData(node)
     clock[0] += 1.0
