@@ -46,6 +46,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cli import processes  # noqa: E402
+from cli.bench.common import with_parent_death  # noqa: E402
 from cli.bench.preload import preload, preload_key  # noqa: E402
 from cli.cluster_nodes import grow, shrink  # noqa: E402
 from cli.exits import CliError  # noqa: E402
@@ -55,6 +56,8 @@ from kvstore.client import Client  # noqa: E402
 from kvstore.errors import KVError  # noqa: E402
 
 POLL = 0.05
+ORPHANS_DIE = with_parent_death([])
+"""How the nodes are started: SIGKILLed should the benchmark die without stopping them."""
 SNAPSHOT_STATES = ("writing", "receiving", "restoring", "sending")
 
 
@@ -62,8 +65,10 @@ SNAPSHOT_STATES = ("writing", "receiving", "restoring", "sending")
 
 
 def writer_process(endpoints: list[str], threads: int, keys: int, stop: Any, seed: int,
-                   out: Any) -> None:
+                   out: Any, niceness: int) -> None:
     """Closed-loop puts from ``threads`` clients; sends back (start, end, ok) per write."""
+    if niceness:
+        lower_priority(niceness)
     records: list[tuple[float, float, bool]] = []
     lock = threading.Lock()
 
@@ -97,8 +102,21 @@ def writer_process(endpoints: list[str], threads: int, keys: int, stop: Any, see
     out.close()
 
 
+def lower_priority(niceness: int) -> None:
+    """``--writers-nice``: the writers stand in for clients on other machines. A nice value alone
+    does not lower them against the nodes: Linux's autogroup (``sched_autogroup_enabled``)
+    shares the cores between sessions first, and each node runs in a session of its own
+    (``cli.processes``), so the writers get a session, and its group the nice value, too."""
+    os.setsid()
+    try:
+        Path("/proc/self/autogroup").write_text(str(niceness))
+    except OSError:
+        pass  # no autogroup here: the nice value below is all there is
+    os.nice(niceness)
+
+
 class Writers:
-    def __init__(self, endpoints: list[str], clients: int, keys: int) -> None:
+    def __init__(self, endpoints: list[str], clients: int, keys: int, niceness: int) -> None:
         ctx = mp.get_context("spawn")
         self._stop = ctx.Event()
         procs = min(clients, 2 * (os.cpu_count() or 1))
@@ -107,7 +125,8 @@ class Writers:
             threads = clients // procs + (1 if p < clients % procs else 0)
             receive, send = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=writer_process,
-                               args=(endpoints, threads, keys, self._stop, p, send), daemon=True)
+                               args=(endpoints, threads, keys, self._stop, p, send, niceness),
+                               daemon=True)
             proc.start()
             self._workers.append((proc, receive))
 
@@ -265,10 +284,11 @@ def run(args: argparse.Namespace, on_tick_thread: bool) -> dict[str, Any]:
     nodes = {n.id: n.api for n in spec.nodes}
     report: dict[str, Any] = {"mode": "on the tick thread" if on_tick_thread else "background",
                               "keys": args.keys, "sessions": args.sessions,
-                              "clients": args.clients, "snapshot_count": args.snapshot_count}
+                              "clients": args.clients, "writers_nice": args.writers_nice,
+                              "snapshot_count": args.snapshot_count}
     try:
         for node in spec.nodes:
-            procs[node.id] = processes.start_node(cluster, spec, node, extra)
+            procs[node.id] = processes.start_node(cluster, spec, node, extra, ORPHANS_DIE)
         with Client(spec.endpoints, timeout=30) as client:
             wait_until("a leader", lambda: leader_of(client, nodes) is not None, 30)
             print(f"[{report['mode']}] preloading {args.keys:,} keys and {args.sessions:,} "
@@ -278,7 +298,7 @@ def run(args: argparse.Namespace, on_tick_thread: bool) -> dict[str, Any]:
             report["preload_seconds"] = round(loaded.seconds, 1)
             monitor = Monitor(Client(spec.endpoints, timeout=5), nodes)
             started = time.monotonic()
-            writers = Writers(spec.endpoints, args.clients, args.keys)
+            writers = Writers(spec.endpoints, args.clients, args.keys, args.writers_nice)
             print(f"[{report['mode']}] steady writes for {args.steady:.0f} s ...", flush=True)
             time.sleep(args.steady)
             leader = leader_of(client, nodes) or spec.nodes[0].id
@@ -296,7 +316,8 @@ def run(args: argparse.Namespace, on_tick_thread: bool) -> dict[str, Any]:
             nodes[newcomer.id] = newcomer.api
 
             def start() -> subprocess.Popen[bytes]:
-                procs[newcomer.id] = processes.start_node(cluster, spec, newcomer, extra)
+                procs[newcomer.id] = processes.start_node(cluster, spec, newcomer, extra,
+                                                           ORPHANS_DIE)
                 return procs[newcomer.id]
 
             wiped_at = time.monotonic()
@@ -438,6 +459,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--after", type=float, default=15.0, help="seconds of writes after it")
     parser.add_argument("--wipe-timeout", type=float, default=120.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--writers-nice", type=int, default=0, metavar="N",
+                        help="run the writers at this nice value: they stand in for clients on "
+                             "other machines, and at the nodes' priority they take the cores of "
+                             "this one from the Raft threads (default 0: as they would)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--snapshots-on-tick-thread", action="store_true",
                       help="the control: snapshots taken and installed on the Raft thread")

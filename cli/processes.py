@@ -27,6 +27,19 @@ START_MARKER = "--- kv cluster up: starting"
 STOP_GRACE = 10.0
 """Seconds a node gets to stop after SIGTERM before it is killed."""
 
+APART = {"process_group": 0}
+"""How a cluster member's process is started (ours, and etcd's and plain PySyncObj's in
+``kv bench``): in a process group of its own, so a Ctrl-C typed at the terminal reaches the
+command that started it only (which stops the members in order, instead of every one dying at
+once mid-write), and a terminal that closes sends it no SIGHUP.
+
+Not in a session of its own (``setsid``), as it was: Linux's autogroup
+(``kernel.sched_autogroup_enabled``, on by default) shares the cores between sessions before
+threads, and three members in three sessions on a busy 2-core machine made each Raft thread
+wait for a core 100-200 ms at a time, its own work a few milliseconds of that (issue 9, the
+100 ms tick budget). With all of them in one session, as with autogroup off, no pass but one
+garbage collection went over 100 ms (``benchmarks/big_state.py``, README: Performance)."""
+
 
 def node_argv(cluster: ClusterDir, spec: ClusterSpec, node: NodeSpec,
               extra_args: Sequence[str] = ()) -> list[str]:
@@ -62,17 +75,15 @@ def start_node(cluster: ClusterDir, spec: ClusterSpec, node: NodeSpec,
     """Starts ``node`` in the background and records its pid; ``prefix`` runs it elsewhere
     (``ip netns exec NS``, which execs the node in place: the pid is the node's).
 
-    The node gets a session of its own (``start_new_session``), so a Ctrl-C typed at the
-    terminal reaches ``kv cluster up`` only, which then stops the nodes in order, instead of
-    every node dying at once mid-write; and a detached node survives its terminal closing.
+    The node gets a process group of its own (``APART``): a Ctrl-C typed at the terminal
+    reaches ``kv cluster up`` only, and a detached node survives its terminal closing.
     """
     with open(cluster.log_file(node.id), "ab") as log:
         log.write(f"{START_MARKER} {node.id} at {time.ctime()}\n".encode())
         log.flush()
         proc = subprocess.Popen(
             [*prefix, *node_argv(cluster, spec, node, extra_args)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **APART,
         )
     cluster.write_pid(node.id, proc.pid)
     return proc

@@ -37,7 +37,7 @@ from google.protobuf.message import Message
 from kvstore import api_errors, auth, commands, results, retry
 from kvstore.config import NodeConfig
 from kvstore.entry import encode_entry
-from kvstore.node import KVNode, NodeStatusView, NotApplied, OutcomeUnknown
+from kvstore.node import KVNode, NodeStatusView, NotApplied, OutcomeUnknown, gc_pauses
 from kvstore.node.member_table import ChangeRefused
 from kvstore.node.outcomes import ProposeError
 from kvstore.proto import api_pb2
@@ -625,5 +625,7 @@ def run_node(config: NodeConfig, state_machine_type: type[StateMachine] = StateM
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     with serving(config, state_machine_type):
+        log.info("%d start-up objects frozen out of the garbage collector's reach",
+                 gc_pauses.freeze_start_up())
         stop.wait()
     log.info("node %s stopped", config.node_id)

@@ -29,6 +29,7 @@ from cli.bench.guard import Guard
 from cli.bench.load import WorkerPool
 from cli.exits import ERROR, UNAVAILABLE, CliError
 from cli.ports import HOST, free_ports
+from cli.processes import APART
 
 START_TIMEOUT = 30.0
 STOP_GRACE = 5.0
@@ -108,7 +109,7 @@ class EtcdTarget:
             with open(self._tmp / f"{name}.log", "wb") as log:
                 self._procs.append(subprocess.Popen(
                     with_parent_death(argv), stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=subprocess.STDOUT, start_new_session=True))
+                    stderr=subprocess.STDOUT, **APART))
         self.client_urls = clients
         self._wait_healthy(time.monotonic() + START_TIMEOUT)
 

@@ -40,6 +40,7 @@ from cli.bench.common import Progress, RunResult, RunSpec, Window, with_parent_d
 from cli.bench.guard import Guard
 from cli.exits import ERROR, UNAVAILABLE, CliError
 from cli.ports import HOST, free_ports
+from cli.processes import APART
 from kvstore.config import DEFAULT_SNAPSHOT_COUNT
 from kvstore.node.timers import SHIPPED, TimerProfile
 
@@ -260,7 +261,7 @@ class RawTarget:
             with open(self._tmp / f"r{i + 1}.log", "wb") as log:
                 proc = subprocess.Popen(with_parent_death(argv), stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=log, env=env, text=True,
-                                        start_new_session=True)
+                                        **APART)
             self._nodes.append(_RawNode(proc, address))
         deadline = time.monotonic() + START_TIMEOUT
         while self._leader(deadline) is None:

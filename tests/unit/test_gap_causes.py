@@ -91,3 +91,22 @@ def test_the_recent_gap_never_exceeds_the_longest_since_start(
     gaps.on_tick()
     figures = gaps.figures()
     assert figures.recent == figures.since_start > 0
+
+
+def test_objects_alive_at_start_up_are_frozen_out_of_every_later_collection() -> None:
+    """``freeze_start_up``: a collection of the oldest generation no longer visits what the
+    process held when the node started serving (cycles among it included); it still visits and
+    frees what came after."""
+    class Node:
+        pass
+    old = Node()
+    old.me = old  # a cycle: only the collector could ever free it
+    try:
+        frozen = gc_pauses.freeze_start_up()
+        assert frozen >= 1 and gc.get_freeze_count() == frozen
+        assert not any(o is old for o in gc.get_objects())
+        new = Node()
+        new.me = new
+        assert any(o is new for o in gc.get_objects())
+    finally:
+        gc.unfreeze()
