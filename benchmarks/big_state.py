@@ -328,9 +328,8 @@ def run(args: argparse.Namespace, on_tick_thread: bool) -> dict[str, Any]:
                 promoted = time.monotonic() - wiped_at  # it holds the log: it may vote
 
                 def caught_up() -> bool:  # its state restored and the log applied past target
-                    s = status_of(client, newcomer.api)
-                    return (s is not None and s.snapshots_loaded >= 1
-                            and "restoring" not in s.snapshot
+                    s = status_of(client, newcomer.api)  # (from the log alone, if the leader's
+                    return (s is not None and "restoring" not in s.snapshot  # still holds it all)
                             and s.applied_index >= target.commit_index)
                 wait_until("the new member to catch up", caught_up, args.wipe_timeout)
                 install = time.monotonic() - wiped_at
