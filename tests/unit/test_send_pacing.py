@@ -87,12 +87,30 @@ def test_a_follower_that_is_not_behind_is_never_parked() -> None:
     pacer.step(step)
 
 
+def test_a_follower_one_entry_behind_is_parked_too() -> None:
+    log = [(NO_OP, i, 1) for i in range(1, 11)]
+    next_index = {"a": 10}  # it lacks the last entry
+    clock = [1.0]
+    pacer = SendPacer(next_index, log, lambda: clock[0])
+    send = pacer.wrap(lambda node, message: None)
+    seen: list[int] = []
+
+    def step() -> None:
+        send("a", entries(8, 9))
+        clock[0] += BUDGET * 2
+        send("a", entries(8, 9))
+        seen.append(next_index["a"])
+    pacer.step(step)
+    assert seen == [11] and next_index == {"a": 10}
+
+
 def test_outside_a_send_step_nothing_is_paced() -> None:
     log = [(NO_OP, i, 1) for i in range(1, 101)]
     next_index = {"a": 11}
     clock = [1.0]
     pacer = SendPacer(next_index, log, lambda: clock[0])
     send = pacer.wrap(lambda node, message: None)
+    pacer.step(lambda: None)  # a step that has ended
     send("a", entries(11, 20))
     clock[0] += 1.0
     send("a", entries(21, 30))
