@@ -110,6 +110,8 @@ def test_outside_a_send_step_nothing_is_paced() -> None:
     clock = [1.0]
     pacer = SendPacer(next_index, log, lambda: clock[0])
     send = pacer.wrap(lambda node, message: None)
+    send("a", entries(11, 20))  # before any step
+    assert next_index == {"a": 11} and not pacer.spent_for("a")
     pacer.step(lambda: None)  # a step that has ended
     send("a", entries(11, 20))
     clock[0] += 1.0
