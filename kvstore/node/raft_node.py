@@ -74,8 +74,8 @@ from kvstore.node.outcomes import (
     Waiter,
     outcome,
 )
-from kvstore.node.snapshotter import RaftMeta, Snapshotter
 from kvstore.node.send_pacing import SendPacer
+from kvstore.node.snapshotter import RaftMeta, Snapshotter
 from kvstore.node.sync_thread import SyncThread
 from kvstore.node.timers import SHIPPED, TimerProfile
 from kvstore.node.wire_crypto import WireCrypto
