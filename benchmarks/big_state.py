@@ -104,9 +104,10 @@ def writer_process(endpoints: list[str], threads: int, keys: int, stop: Any, see
 
 def lower_priority(niceness: int) -> None:
     """``--writers-nice``: the writers stand in for clients on other machines. A nice value alone
-    does not lower them against the nodes: Linux's autogroup (``sched_autogroup_enabled``)
-    shares the cores between sessions first, and each node runs in a session of its own
-    (``cli.processes``), so the writers get a session, and its group the nice value, too."""
+    ranks a process only among those of its session when Linux's autogroup
+    (``sched_autogroup_enabled``) is on, and the nodes share this benchmark's session
+    (``cli.processes.APART``), so the writers get a session of their own, and its group the
+    nice value too."""
     os.setsid()
     try:
         Path("/proc/self/autogroup").write_text(str(niceness))

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import replace
@@ -37,7 +36,7 @@ from pathlib import Path
 from cli import processes
 from cli.check_netns import NamespaceLinks, create_cluster_dir
 from cli.cluster_dir import ClusterDir, ClusterSpec, NodeSpec
-from cli.ports import HOST
+from cli.ports import HOST, bindable
 from kvstore import errors
 from kvstore.check.netns import Topology
 from kvstore.check.powerfs_mount import PowerMount
@@ -277,12 +276,6 @@ def _port_after(raft_addresses: tuple[str, ...]) -> int:
     """A free loopback port whose ``HOST:port`` sorts after every one of ``raft_addresses``."""
     highest = max(raft_addresses)
     for port in range(int(highest.rsplit(":", 1)[1]) + 1, 65536):
-        if f"{HOST}:{port}" <= highest:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind((HOST, port))
-            except OSError:
-                continue
-        return port
+        if f"{HOST}:{port}" > highest and bindable(port):
+            return port
     raise RuntimeError(f"no free port sorts after {highest}")

@@ -45,7 +45,8 @@ def _candidates() -> list[int]:
     return [port for port in range(LOWEST, 65536) if not low <= port <= high]
 
 
-def _bindable(port: int) -> bool:
+def bindable(port: int) -> bool:
+    """Whether nothing listens on ``port`` of loopback right now (a bind to it succeeds)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
             s.bind((HOST, port))
@@ -64,7 +65,7 @@ def free_ports(count: int) -> list[int]:
         return _kernel_ports(count)
     chosen: list[int] = []
     for port in random.sample(candidates, len(candidates)):
-        if port in chosen or port in _handed_out or not _bindable(port):
+        if port in chosen or port in _handed_out or not bindable(port):
             continue
         chosen.append(port)
         if len(chosen) == count:

@@ -15,15 +15,14 @@ own:
   while writing leaves the previous dump and the whole log: nothing to repair.
 * **Sending it.** A leader streams the dump file to a follower that needs it, a batch per send,
   as PySyncObj does, within the send step's budget per pass (``kvstore.node.send_pacing``); a
-  dump being written does not stop that
-  (the previous file is complete). A new dump is put in place, and the log compacted, only
-  once no transmission is in flight: the follower receiving the old dump needs the entries
-  after it, and if each new dump restarted the transmissions (PySyncObj's behaviour), a large
-  dump would never reach a follower of a busy cluster. And a follower receiving a dump sends
-  a keepalive to the leader every ``KEEPALIVE_EVERY``: PySyncObj acknowledges nothing while
-  it streams a dump, and drops a connection that has carried nothing in for
-  ``connectionTimeout`` (3.5 s), which cancels the transmission, so a dump that takes longer
-  than that to send (113 MiB at 1M keys on a busy cluster) was restarted forever.
+  dump being written does not stop that (the previous file is complete). A new dump is put in
+  place, and the log compacted, only once no transmission is in flight: the follower receiving
+  the old dump needs the entries after it, and if each new dump restarted the transmissions
+  (PySyncObj's behaviour), a large dump would never reach a follower of a busy cluster. And a
+  follower receiving a dump sends a keepalive to the leader every ``KEEPALIVE_EVERY``: PySyncObj
+  acknowledges nothing while it streams a dump, and drops a connection that has carried nothing
+  in for ``connectionTimeout`` (3.5 s), which cancels the transmission, so a dump that takes
+  longer than that to send (113 MiB at 1M keys on a busy cluster) was restarted forever.
 * **Installing one.** When the last piece has arrived (or at start-up), PySyncObj calls
   ``deserialize``: we read only the meta (index, term, members) and hand it back at once, so
   PySyncObj resets its log to the snapshot's index and the node goes on voting, acknowledging and
