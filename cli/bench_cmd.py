@@ -74,10 +74,11 @@ def _tls_files(settings: Settings) -> tuple[str | None, ...] | None:
               help="Our fresh cluster with its client API over mutual TLS, as kv cluster up "
                    "makes it (--no-tls: plaintext, as etcd's HTTP gateway here).")
 @click.option("--compare", default="none", show_default=True, callback=_compare,
-              metavar="etcd,raw,noop,plaintext", help="Also run the same load, alternating, "
+              metavar="etcd,raw,noop,plaintext,calls", help="Also run the same load, alternating, "
               "against etcd (the etcd binary, Debian etcd-server), a plain PySyncObj dict (raw), "
-              "our cluster with no-op sessions (noop: what exactly-once costs), and/or a second "
-              "cluster of ours without TLS (plaintext: what TLS costs).")
+              "our cluster with no-op sessions (noop: what exactly-once costs), a second "
+              "cluster of ours without TLS (plaintext: what TLS costs), and/or our cluster with "
+              "proposals in calls rather than on the stream (calls: what the stream buys).")
 @click.option("--preload", type=Integer(0, 100_000_000), default=0, metavar="N",
               help="Ours: first load N keys of 100 B through the log (put_many batches), so "
               "the runs meet snapshots of a large state.")
@@ -86,6 +87,9 @@ def _tls_files(settings: Settings) -> tuple[str | None, ...] | None:
 @click.option("--client", "client_kind", type=click.Choice(["sync", "aio"]), default="sync",
               show_default=True, help="Ours: kvstore.Client (sync) or kvstore.aio.Client (aio, "
               "one per worker process on one event loop).")
+@click.option("--stream/--no-stream", "streaming", default=True, show_default=True,
+              help="Ours: the client's proposals as messages on one ProposeStream call per "
+              "node, or (--no-stream) in Propose and ProposeBatch calls.")
 @click.option("--ceiling/--no-ceiling", default=None,
               help="With --compare etcd (default on): after the rounds, etcd's own Go load "
               "generator, etcdctl check perf --load=l (60 s, Debian etcd-client), as one more "
@@ -97,7 +101,7 @@ def _tls_files(settings: Settings) -> tuple[str | None, ...] | None:
 def bench(clients: list[int], duration: float, warmup: float, rounds: int, value_size: int,
           read_ratio: float, consistency: str, sessions: str, nodes: int, fsync: bool | None,
           tls: bool, compare: list[str], preload: int, workers: int, client_kind: str,
-          ceiling: bool | None, plot: str | None) -> None:
+          streaming: bool, ceiling: bool | None, plot: str | None) -> None:
     """Closed-loop load: ops/s, latency percentiles, errors, client and node CPU per op.
 
     \b
@@ -132,6 +136,9 @@ def bench(clients: list[int], duration: float, warmup: float, rounds: int, value
         missing = aio_missing()
         if missing:
             raise CliError(missing, ERROR)
+    if "calls" in compare and not streaming:
+        raise CliError("--compare calls compares the stream with calls: it needs --stream",
+                       BAD_ARGUMENTS)
     if "noop" in compare and sessions == "off":
         raise CliError("--compare noop compares sessions with no-op sessions: it needs "
                        "--sessions on", BAD_ARGUMENTS)
@@ -153,7 +160,7 @@ def bench(clients: list[int], duration: float, warmup: float, rounds: int, value
         endpoints=list(settings.endpoints), tls_files=_tls_files(settings),
         op_timeout=settings.timeout,
         dial_timeout=settings.dial_timeout, workers=workers, preload=preload,
-        client=client_kind, ceiling=ceiling)
+        client=client_kind, streaming=streaming, ceiling=ceiling)
 
     def interrupted(*_: Any) -> None:
         raise KeyboardInterrupt  # unwinds through every finally: targets stopped

@@ -6,9 +6,11 @@ names ``sync_get_session``..., ``get_noop_session``, ``read``, ``get``, ``range`
 run; what differs is only how they wait. Same TLS files (``kvstore.tls.ClientTLS``).
 
 It is made for many proposals at once on one event loop: thousands of tasks may propose
-concurrently. Concurrent proposals to one node share calls (``ProposeBatch``, formed by
-``kvstore.batching``: a lone proposal goes out at once, those arriving while calls are in flight
-go together in the next one), and each keeps its own session, series id and answer. A
+concurrently. Concurrent proposals to one node travel together, as batches formed by
+``kvstore.batching`` (a lone proposal goes out at once, those arriving while one is in flight
+go together in the next), each batch a message on one ``ProposeStream`` call per node
+(``kvstore.streams``; ``streaming=False``: ``Propose`` and ``ProposeBatch`` calls), and each
+proposal keeps its own session, series id and answer. A
 ``Session`` belongs to one task at a time, as in the blocking client it belongs to one thread.
 
     async with kvstore.aio.Client(["127.0.0.1:7001"]) as kv:
@@ -44,6 +46,7 @@ from kvstore.client import (
 )
 from kvstore.proto import api_pb2, api_pb2_grpc
 from kvstore.proto.log_pb2 import Command, Result
+from kvstore.streams import AioProposalStream
 from kvstore.tls import ClientTLS, explain_refusal
 from session.session import Session, new_noop_session
 
@@ -62,6 +65,7 @@ class Client:
         cluster_id: int | None = None,
         tls: ClientTLS | None = None,
         batching: bool = True,
+        streaming: bool = True,
     ) -> None:
         self.endpoints = checked_endpoints(endpoints)
         self.timeout = timeout
@@ -71,7 +75,7 @@ class Client:
         self._channels: dict[str, tuple[grpc.aio.Channel, api_pb2_grpc.KVStub]] = {}
         self._preferred = self.endpoints[0]
         self._pool: list[Session] = []
-        self._batches = _Batches(self._stub) if batching else None
+        self._batches = _Batches(self._stub, streaming=streaming) if batching else None
 
     # -- the cluster ------------------------------------------------------------------------
 
@@ -224,6 +228,8 @@ class Client:
                 await self.close_session(session, timeout=self.dial_timeout)
             except errors.KVError:
                 pass  # the LRU store evicts it eventually
+        if self._batches is not None:
+            await self._batches.close()
         channels, self._channels = list(self._channels.values()), {}
         for channel, _ in channels:
             await channel.close()
@@ -333,12 +339,18 @@ class _Batches:
     A proposal that goes out alone is sent by its own task; a batch formed while calls were in
     flight is sent by a task of its own, which hands out the answers and, when it ends, sends
     what queued meanwhile. All on the event loop: no lock.
+
+    With ``streaming`` (the default) every batch, a lone proposal too, is a message on one
+    ``ProposeStream`` call per endpoint (``kvstore.streams``), opened again after it ends;
+    without, a lone proposal is a ``Propose`` call and a batch a ``ProposeBatch`` call.
     """
 
-    def __init__(self, stub: Callable[[str], api_pb2_grpc.KVStub]) -> None:
+    def __init__(self, stub: Callable[[str], api_pb2_grpc.KVStub], *, streaming: bool) -> None:
         self._stub = stub
+        self._streaming = streaming
         self._groups: dict[str, GroupCommit[_Slot]] = {}
         self._sending: set[asyncio.Task[None]] = set()
+        self._streams: dict[str, AioProposalStream] = {}
 
     async def propose(self, endpoint: str, request: api_pb2.ProposeRequest,
                       timeout: float) -> Result | retry.Failure:
@@ -349,6 +361,8 @@ class _Batches:
         slot = _Slot(request, loop.time() + timeout, loop.create_future())
         if group.add(slot) is not None:
             try:
+                if self._streaming:
+                    return outcomes_of(1, await self._stream(endpoint).send([request], timeout))[0]
                 return await self._stub(endpoint).Propose(request, timeout=timeout)
             except grpc.RpcError as exc:
                 return failure_of(exc)
@@ -372,6 +386,18 @@ class _Batches:
         return (sum(g.calls for g in self._groups.values()),
                 sum(g.sent for g in self._groups.values()))
 
+    def _stream(self, endpoint: str) -> AioProposalStream:
+        """The open stream to ``endpoint``: a new one if there is none or it ended."""
+        stream = self._streams.get(endpoint)
+        if stream is None or stream.ended:
+            stream = self._streams[endpoint] = AioProposalStream(self._stub(endpoint))
+        return stream
+
+    async def close(self) -> None:
+        streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            await stream.close()
+
     def _finished(self, endpoint: str) -> None:
         for batch in self._groups[endpoint].finished():
             task = asyncio.get_running_loop().create_task(self._send(endpoint, batch))
@@ -392,7 +418,10 @@ class _Batches:
             stub = self._stub(endpoint)
             answer: object
             try:
-                if len(batch) == 1:
+                if self._streaming:
+                    answer = await self._stream(endpoint).send(
+                        [slot.request for slot in batch], timeout)
+                elif len(batch) == 1:
                     answer = await stub.Propose(batch[0].request, timeout=timeout)
                 else:
                     answer = await stub.ProposeBatch(api_pb2.ProposeBatchRequest(

@@ -51,6 +51,7 @@ ROLES: Final[Mapping[str, frozenset[Permission]]] = {
 RPC_PERMISSIONS: Final[Mapping[str, Permission]] = {
     "Propose": Permission.WRITE,
     "ProposeBatch": Permission.WRITE,
+    "ProposeStream": Permission.WRITE,
     "RegisterSession": Permission.WRITE,
     "UnregisterSession": Permission.WRITE,
     "MemberAdd": Permission.WRITE,

@@ -18,9 +18,10 @@ this module adds the blocking I/O, and the requests both clients send.
 A ``Client`` is safe to share between threads, and meant to be: gRPC channels are thread-safe,
 the little state the client keeps (the leader it last saw, the pool of sessions of the
 convenience methods) is behind a lock, and the proposals of threads sharing a client travel
-together in ``ProposeBatch`` calls (``kvstore.batching``: a lone proposal goes out at once;
-those arriving while calls are in flight share the next). A ``Session`` is not: give each
-thread its own.
+together (``kvstore.batching``: a lone proposal goes out at once; those arriving while one is
+in flight share the next batch), each batch a message on one ``ProposeStream`` call per node
+(``kvstore.streams``; with ``streaming=False`` a ``Propose`` or ``ProposeBatch`` call). A
+``Session`` is not: give each thread its own.
 
 With ``tls`` (``kvstore.tls.ClientTLS``) every channel is mutual TLS. A node that refuses the
 client's certificate closes the connection at the handshake, which looks like a node going
@@ -42,6 +43,7 @@ from kvstore.batching import GroupCommit
 from kvstore.config import ConfigError, split_address
 from kvstore.proto import api_pb2, api_pb2_grpc
 from kvstore.proto.log_pb2 import Command, Result
+from kvstore.streams import ProposalStream
 from kvstore.tls import ClientTLS, explain_refusal, open_channel
 from session.errors import ClusterMismatchError, SessionInvariantError
 from session.session import Session, new_noop_session, new_session
@@ -66,6 +68,7 @@ class Client:
         cluster_id: int | None = None,
         tls: ClientTLS | None = None,
         batching: bool = True,
+        streaming: bool = True,
     ) -> None:
         self.endpoints = checked_endpoints(endpoints)
         self.timeout = timeout
@@ -76,7 +79,7 @@ class Client:
         self._channels: dict[str, tuple[grpc.Channel, api_pb2_grpc.KVStub]] = {}
         self._preferred = self.endpoints[0]
         self._pool: list[Session] = []
-        self._batches = _Batches(self._stub) if batching else None
+        self._batches = _Batches(self._stub, streaming=streaming) if batching else None
 
     # -- the cluster ------------------------------------------------------------------------
 
@@ -280,6 +283,8 @@ class Client:
                 self.sync_close_session(session, timeout=self.dial_timeout)
             except errors.KVError:
                 pass  # the LRU store evicts it eventually
+        if self._batches is not None:
+            self._batches.close()
         with self._lock:
             for channel, _ in self._channels.values():
                 channel.close()
@@ -422,14 +427,21 @@ class _Batches:
     Every call is a blocking call in the thread of one of the proposals it carries: a proposal
     that goes out alone is sent by its own thread; a batch formed when a call ends is handed to
     its first proposal's thread, which sends it and wakes the others with their answers. No
-    thread of our own and no gRPC future (whose completion thread gRPC starts anew whenever a
-    channel goes from no such call in flight to one: a thread per batch at moderate load).
+    gRPC future (whose completion thread gRPC starts anew whenever a channel goes from no such
+    call in flight to one: a thread per batch at moderate load).
+
+    With ``streaming`` (the default) every batch, a lone proposal too, is a message on one
+    ``ProposeStream`` call per endpoint (``kvstore.streams``, whose reader is the one thread of
+    ours), opened again after it ends; without, a lone proposal is a ``Propose`` call and a
+    batch a ``ProposeBatch`` call.
     """
 
-    def __init__(self, stub: Callable[[str], api_pb2_grpc.KVStub]) -> None:
+    def __init__(self, stub: Callable[[str], api_pb2_grpc.KVStub], *, streaming: bool) -> None:
         self._stub = stub
+        self._streaming = streaming
         self._lock = threading.Lock()
         self._groups: dict[str, GroupCommit[_Slot]] = {}
+        self._streams: dict[str, ProposalStream] = {}
 
     def propose(self, endpoint: str, request: api_pb2.ProposeRequest,
                 timeout: float) -> Result | retry.Failure:
@@ -468,7 +480,10 @@ class _Batches:
             answer: object
             try:
                 stub = self._stub(endpoint)
-                if len(batch) == 1:
+                if self._streaming:
+                    answer = self._stream(endpoint, stub).send(
+                        [slot.request for slot in batch], timeout)
+                elif len(batch) == 1:
                     answer = stub.Propose(batch[0].request, timeout=timeout)
                 else:
                     answer = stub.ProposeBatch(api_pb2.ProposeBatchRequest(
@@ -483,10 +498,24 @@ class _Batches:
                 for next_batch in self._groups[endpoint].finished():
                     next_batch[0].carry(next_batch)
 
+    def _stream(self, endpoint: str, stub: api_pb2_grpc.KVStub) -> ProposalStream:
+        """The open stream to ``endpoint``: a new one if there is none or it ended."""
+        with self._lock:
+            stream = self._streams.get(endpoint)
+            if stream is None or stream.ended:
+                stream = self._streams[endpoint] = ProposalStream(stub)
+            return stream
+
     def stats(self) -> tuple[int, int]:
         with self._lock:
             return (sum(g.calls for g in self._groups.values()),
                     sum(g.sent for g in self._groups.values()))
+
+    def close(self) -> None:
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            stream.close()
 
 
 WAITED_TOO_LONG = "waited in the client's queue past the attempt's deadline (never sent)"
@@ -498,7 +527,8 @@ def _slot_size(slot: _Slot) -> int:
 
 def outcomes_of(count: int, answer: object) -> list[Result | retry.Failure]:
     """Each proposal's outcome from the call that carried ``count`` of them: ``answer`` is the
-    lone ``Propose``'s result, the ``ProposeBatch`` response, or the exception the call raised."""
+    lone ``Propose``'s result, the ``ProposeBatch`` response or ``ProposeStream`` reply, or the
+    exception that says why there is none."""
     if isinstance(answer, grpc.RpcError):
         return [failure_of(answer)] * count
     if isinstance(answer, BaseException):  # cancelled by close(), or a bug: they may have left

@@ -25,7 +25,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
@@ -116,25 +116,68 @@ class KVService:
         """Every proposal of the batch checked on its own, the valid ones handed to the node in
         one submission, and each answered with its own ``ProposeOutcome``: the status a lone
         ``Propose`` would have got, and the fate that status means (``retry.fate_of_status``,
-        the client's own rule), so that a batch failing part way stays exact per proposal."""
+        the client's own rule), so that a batch failing part way stays exact per proposal.
+        A refusal of the whole batch (not the leader) is the call's status."""
+        return api_pb2.ProposeBatchResponse(
+            outcomes=await self._batch_outcomes(request.proposals, self._node_timeout(context)))
+
+    async def ProposeStream(self, requests: AsyncIterator[Any],
+                            context: grpc.aio.ServicerContext) -> None:
+        """``ProposeBatch`` over one long-lived call: each request is a batch, answered by a
+        reply with its tag once its outcomes are known, while later requests are read and
+        proposed. A refusal of a whole batch is in each of its outcomes, so the stream goes
+        on; only a malformed request ends it. The initial metadata goes out before any request
+        is read: a client that saw it knows the node had the stream (``kvstore.streams``)."""
+        self._refuse_if_removed()
+        await context.send_initial_metadata(())
+        writing = asyncio.Lock()
+        pending: set[asyncio.Task[None]] = set()
+
+        async def answer(request: api_pb2.ProposeStreamRequest) -> None:
+            timeout = (self._timeout_within(request.timeout_ms / 1000) if request.timeout_ms
+                       else DEFAULT_PROPOSE_TIMEOUT)
+            try:
+                outcomes = await self._batch_outcomes(request.proposals, timeout)
+            except Refused as refusal:
+                outcomes = [_refused_outcome(refusal)] * len(request.proposals)
+            async with writing:
+                await context.write(api_pb2.ProposeStreamReply(tag=request.tag, outcomes=outcomes))
+
+        try:
+            async for request in requests:
+                if isinstance(request, _Malformed):
+                    raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"malformed request: {request.reason}")
+                task = asyncio.ensure_future(answer(request))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            if pending:
+                await asyncio.gather(*pending)
+        finally:
+            for task in pending:
+                task.cancel()  # the caller is gone: its proposals may still apply, unanswered
+
+    async def _batch_outcomes(self, proposals: Sequence[api_pb2.ProposeRequest],
+                              timeout: float) -> list[api_pb2.ProposeOutcome]:
+        """Each proposal's ``ProposeOutcome``; ``Refused`` if the node takes none of them."""
         self._refuse_if_removed()
         # Before leadership, as a lone Propose checks its request: a batch that no node would
         # take is refused as such by every node, not sent on to the leader to be refused there.
-        _require(len(request.proposals) <= MAX_BATCH_PROPOSALS,
+        _require(len(proposals) <= MAX_BATCH_PROPOSALS,
                  f"a batch holds at most {MAX_BATCH_PROPOSALS} proposals")
         if not self._node.is_leader():
             raise self._not_leader("NOT_LEADER")
-        outcomes: list[api_pb2.ProposeOutcome | None] = [None] * len(request.proposals)
+        outcomes: list[api_pb2.ProposeOutcome | None] = [None] * len(proposals)
         entries: list[bytes] = []
         slots: list[int] = []
-        for i, proposal in enumerate(request.proposals):
+        for i, proposal in enumerate(proposals):
             try:
                 entries.append(self._proposal_entry(proposal))
                 slots.append(i)
             except Refused as refusal:
                 outcomes[i] = _refused_outcome(refusal)
         try:
-            answers = await self._node.propose_many_async(entries, self._node_timeout(context))
+            answers = await self._node.propose_many_async(entries, timeout)
         except NotApplied as exc:
             refusal = self._propose_refusal(exc)
             if self._proposals is not None:
@@ -152,7 +195,7 @@ class KVService:
                 outcomes[i] = _refused_outcome(refusal)
                 if self._proposals is not None:
                     self._proposals.count("propose", refusal.reason)
-        return api_pb2.ProposeBatchResponse(outcomes=outcomes)
+        return outcomes  # type: ignore[return-value]
 
     async def Read(self, request: api_pb2.ReadRequest, context: grpc.aio.ServicerContext) -> Result:
         self._check_cluster(request.cluster_id)
@@ -338,8 +381,14 @@ class KVService:
     @staticmethod
     def _node_timeout(context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
-        return (DEFAULT_PROPOSE_TIMEOUT if remaining is None
-                else max(remaining - DEADLINE_MARGIN, remaining / 2, 0.0))
+        if remaining is None:
+            return DEFAULT_PROPOSE_TIMEOUT
+        return KVService._timeout_within(remaining)
+
+    @staticmethod
+    def _timeout_within(remaining: float) -> float:
+        """How long the node may wait for a proposal whose client waits ``remaining`` s."""
+        return max(remaining - DEADLINE_MARGIN, remaining / 2, 0.0)
 
     def _propose_refusal(self, exc: ProposeError) -> Refused:
         """The status of a proposal the node did not apply (``NotApplied``) or gave up on."""
@@ -413,9 +462,7 @@ def _handlers(service: KVService, authorize: bool) -> grpc.GenericRpcHandler:
         request_type = message_factory.GetMessageClass(method.input_type)
         response_type = message_factory.GetMessageClass(method.output_type)
         permission = auth.required_permission(method.name)
-        make, guard = ((grpc.unary_stream_rpc_method_handler, _guarded_stream)
-                       if method.server_streaming else
-                       (grpc.unary_unary_rpc_method_handler, _guarded))
+        make, guard = _KINDS[method.client_streaming, method.server_streaming]
         handlers[method.name] = make(
             guard(getattr(service, method.name), method.name, permission if authorize else None),
             request_deserializer=_lenient_parser(request_type),
@@ -464,6 +511,29 @@ def _guarded_stream(behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIte
         except Refused as refusal:
             await context.abort(refusal.code, refusal.message, trailing_metadata=refusal.metadata)
     return handle
+
+
+def _guarded_bidi(behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]],
+                  method: str, permission: auth.Permission | None,
+                  ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:
+    """``_guarded`` for a stream of requests answered by a stream (the behaviour writes its
+    replies and checks each request for ``_Malformed`` itself)."""
+    async def handle(requests: Any, context: grpc.aio.ServicerContext) -> None:
+        try:
+            _authorize(context, method, permission)
+            await behavior(requests, context)
+        except Refused as refusal:
+            await context.abort(refusal.code, refusal.message, trailing_metadata=refusal.metadata)
+    return handle
+
+
+_KINDS: dict[tuple[bool, bool], tuple[Callable[..., grpc.RpcMethodHandler], Callable[..., Any]]] = {
+    (False, False): (grpc.unary_unary_rpc_method_handler, _guarded),
+    (False, True): (grpc.unary_stream_rpc_method_handler, _guarded_stream),
+    (True, True): (grpc.stream_stream_rpc_method_handler, _guarded_bidi),
+}
+"""Each kind of RPC the service has (client streaming, server streaming): its handler and its
+guard."""
 
 
 def _authorize(context: grpc.aio.ServicerContext, method: str,

@@ -89,6 +89,7 @@ class OursDriver:
         self.endpoints: list[str] = params["endpoints"]
         self.cluster_id: int | None = params.get("cluster_id")
         self.sessions: bool = params["sessions"]
+        self.streaming: bool = params.get("streaming", True)
         self.consistency = "serializable" if params["consistency"] == "s" else "linearizable"
         self.timeout: float = params["op_timeout"]
         self.dial_timeout: float = params["dial_timeout"]
@@ -102,7 +103,7 @@ class OursDriver:
             if self._shared is None:
                 self._shared = self._client_class(
                     self.endpoints, timeout=self.timeout, dial_timeout=self.dial_timeout,
-                    cluster_id=self.cluster_id, tls=self.tls)
+                    cluster_id=self.cluster_id, tls=self.tls, streaming=self.streaming)
             self._users += 1
             kv = self._shared
         try:
@@ -265,7 +266,8 @@ class AioOursDriver(OursDriver):
             async def create() -> Any:
                 return self._client_class(self.endpoints, timeout=self.timeout,
                                           dial_timeout=self.dial_timeout,
-                                          cluster_id=self.cluster_id, tls=self.tls)
+                                          cluster_id=self.cluster_id, tls=self.tls,
+                                          streaming=self.streaming)
             self._shared = self._await(create)
         return self._shared
 

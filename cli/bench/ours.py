@@ -52,8 +52,11 @@ class OursTarget:
     def __init__(self, pool: WorkerPool, *, nodes: int, endpoints: Sequence[str] = (),
                  fsync: bool = True, sessions: bool = True, dial_timeout: float = 2.0,
                  tls: bool = True, tls_files: tuple[str | None, ...] | None = None,
-                 name: str = "ours", preload: int = 0, client: str = "sync") -> None:
+                 name: str = "ours", preload: int = 0, client: str = "sync",
+                 streaming: bool = True) -> None:
         self.name = name
+        self.streaming = streaming
+        """Whether the client's proposals travel on ``ProposeStream`` (else in calls)."""
         self.tls = tls
         self.tls_files = tls_files
         self.pool = pool
@@ -143,15 +146,16 @@ class OursTarget:
             self.pids = []  # CPU of remote or unknown nodes: not reported rather than partial
 
     def run(self, spec: RunSpec, progress: Progress) -> RunResult:
-        return self.run_with(spec, progress, sessions=self.sessions)
+        return self.run_with(spec, progress, sessions=self.sessions, streaming=self.streaming)
 
-    def run_with(self, spec: RunSpec, progress: Progress, *, sessions: bool) -> RunResult:
+    def run_with(self, spec: RunSpec, progress: Progress, *, sessions: bool,
+                 streaming: bool) -> RunResult:
         params: dict[str, Any] = {
             "endpoints": self.endpoints, "cluster_id": self.cluster_id,
             "sessions": sessions, "consistency": spec.consistency,
             "op_timeout": spec.op_timeout, "dial_timeout": self.dial_timeout,
             "tls_files": self.tls_files,
-            "client": self.client,
+            "client": self.client, "streaming": streaming,
         }
         if self.pids and any(not os.path.exists(f"/proc/{pid}") for pid in self.pids):
             raise CliError("ours: a node process exited during the benchmark", ERROR)
@@ -165,19 +169,23 @@ class OursTarget:
     def markers(self) -> list[str]:
         return [str(self._tmp)] if self._tmp else []
 
-    def describe(self, *, sessions: bool | None = None) -> dict[str, object]:
+    def describe(self, *, sessions: bool | None = None,
+                 streaming: bool | None = None) -> dict[str, object]:
         profile = SHIPPED
         sessions = self.sessions if sessions is None else sessions
+        streaming = self.streaming if streaming is None else streaming
         return {
             "system": "kv (this project): PySyncObj 0.3.17 + gRPC API + exactly-once sessions",
             "nodes": len(self.endpoints),
             "cluster": "existing (--endpoints)" if self.given_endpoints else "fresh, kv cluster up",
             "endpoints": self.endpoints,
             "client": ("kvstore.client.Client (gRPC), one per worker process shared by its "
-                       "client threads (concurrent proposals share ProposeBatch calls), and "
-                       if self.client == "sync"
+                       "client threads" if self.client == "sync"
                        else "kvstore.aio.Client (grpc.aio), one per worker process, shared by its "
-                       "clients, and ")
+                       "clients")
+                      + (" (concurrent proposals travel together, "
+                         + ("as messages on one ProposeStream call per node), and " if streaming
+                            else "in Propose and ProposeBatch calls), and "))
                       + ("one registered session per client, proposal_completed() after each answer"
                          if sessions else "a no-op session per client (no deduplication)"),
             "timers": f"profile {profile.name!r}: our own tick loop, woken on each proposal "
@@ -226,7 +234,7 @@ class NoopSessionsView:
         pass
 
     def run(self, spec: RunSpec, progress: Progress) -> RunResult:
-        return self.ours.run_with(spec, progress, sessions=False)
+        return self.ours.run_with(spec, progress, sessions=False, streaming=self.ours.streaming)
 
     def stop(self) -> None:
         pass
@@ -236,6 +244,39 @@ class NoopSessionsView:
 
     def describe(self) -> dict[str, object]:
         facts = self.ours.describe(sessions=False)
+        facts["cluster"] = "the same cluster as ours"
+        facts.pop("dir", None)
+        return facts
+
+
+class BatchCallsView:
+    """``--compare calls``: the same cluster as ``ours``, its clients' proposals in
+    ``Propose``/``ProposeBatch`` calls rather than on ``ProposeStream``.
+
+    What the stream buys, measured side by side: the batches are formed by the same rule
+    (``kvstore.batching``); only how they travel differs. Started and stopped with ``ours``.
+    """
+
+    name = "ours-calls"
+
+    def __init__(self, ours: OursTarget) -> None:
+        self.ours = ours
+        self.guard: Guard | None = None
+
+    def start(self) -> None:
+        pass
+
+    def run(self, spec: RunSpec, progress: Progress) -> RunResult:
+        return self.ours.run_with(spec, progress, sessions=self.ours.sessions, streaming=False)
+
+    def stop(self) -> None:
+        pass
+
+    def markers(self) -> list[str]:
+        return []
+
+    def describe(self) -> dict[str, object]:
+        facts = self.ours.describe(streaming=False)
         facts["cluster"] = "the same cluster as ours"
         facts.pop("dir", None)
         return facts

@@ -21,7 +21,8 @@ MARGIN_RIGHT = 24
 MARGIN_TOP = 44
 MARGIN_BOTTOM = 52
 GAP = 40
-COLOURS = {"ours": "#1f77b4", "etcd": "#d62728", "ours-noop": "#2ca02c", "raw": "#9467bd"}
+COLOURS = {"ours": "#1f77b4", "etcd": "#d62728", "ours-noop": "#2ca02c", "raw": "#9467bd",
+           "ours-calls": "#ff7f0e", "ours-plaintext": "#8c564b"}
 OTHER_COLOUR = "#7f7f7f"
 CEILING_COLOUR = "#d62728"
 

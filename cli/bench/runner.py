@@ -22,7 +22,7 @@ from cli.bench.common import KEYS_PER_CLIENT, RunSpec, Target
 from cli.bench.guard import Guard
 from cli.bench.load import WorkerPool
 
-COMPARABLE = ("etcd", "raw", "noop", "plaintext")
+COMPARABLE = ("etcd", "raw", "noop", "plaintext", "calls")
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,8 @@ class BenchOptions:
     preload: int = 0
     client: str = "sync"
     """Our client in the workers: ``sync`` or ``aio`` (``load.AioOursDriver``)."""
+    streaming: bool = True
+    """Our client's proposals on ``ProposeStream`` (else in ``Propose``/``ProposeBatch``)."""
     ceiling: bool = False
     """After the rounds, ``etcdctl check perf --load=l`` on the etcd cluster (``etcd_ceiling``)."""
 
@@ -83,22 +85,25 @@ def _bar(fraction: float, width: int = 20) -> str:
 
 def build_targets(options: BenchOptions, pool: WorkerPool) -> list[Target]:
     """Ours first, then the competitors; raises before anything starts if one is missing."""
-    from cli.bench.ours import NoopSessionsView, OursTarget
+    from cli.bench.ours import BatchCallsView, NoopSessionsView, OursTarget
 
     ours = OursTarget(pool, nodes=options.nodes, endpoints=options.endpoints,
                       fsync=options.fsync, sessions=options.sessions,
                       dial_timeout=options.dial_timeout, tls=options.tls,
                       tls_files=options.tls_files, preload=options.preload,
-                      client=options.client)
+                      client=options.client, streaming=options.streaming)
     targets: list[Target] = [ours]
     for name in options.compare:
         if name == "noop":
             targets.append(NoopSessionsView(ours))
+        elif name == "calls":
+            targets.append(BatchCallsView(ours))
         elif name == "plaintext":
             targets.append(OursTarget(pool, nodes=options.nodes, fsync=options.fsync,
                                       sessions=options.sessions,
                                       dial_timeout=options.dial_timeout, tls=False,
-                                      name="ours-plaintext", client=options.client))
+                                      name="ours-plaintext", client=options.client,
+                                      streaming=options.streaming))
         elif name == "etcd":
             from cli.bench.etcd import EtcdTarget
 
@@ -127,7 +132,7 @@ def run_bench(options: BenchOptions, display: Display,
             target.guard = guard
             if target.name == "ours" and options.endpoints:
                 display.line(f"using ours at {','.join(options.endpoints)}")
-            elif target.name != "ours-noop":
+            elif target.name not in ("ours-noop", "ours-calls"):
                 display.line(f"starting {target.name} ({options.nodes} nodes)...")
             started.append(target)
             target.start()

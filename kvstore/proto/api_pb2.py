@@ -26,17 +26,17 @@ from session import session_pb2 as session_dot_session__pb2
 from kvstore.proto import log_pb2 as kvstore_dot_proto_dot_log__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvstore/proto/api.proto\x12\x07kvstore\x1a\x15session/session.proto\x1a\x17kvstore/proto/log.proto\"7\n\x0eSessionRequest\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.kvsession.SessionPB\"Z\n\x0eProposeRequest\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.kvsession.SessionPB\x12!\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x10.kvstore.Command\"A\n\x13ProposeBatchRequest\x12*\n\tproposals\x18\x01 \x03(\x0b\x32\x17.kvstore.ProposeRequest\"\x8d\x01\n\x0eProposeOutcome\x12\x1b\n\x04\x66\x61te\x18\x01 \x01(\x0e\x32\r.kvstore.Fate\x12\x1f\n\x06result\x18\x02 \x01(\x0b\x32\x0f.kvstore.Result\x12\x0c\n\x04\x63ode\x18\x03 \x01(\r\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06leader\x18\x06 \x01(\t\"A\n\x14ProposeBatchResponse\x12)\n\x08outcomes\x18\x01 \x03(\x0b\x32\x17.kvstore.ProposeOutcome\"o\n\x0bReadRequest\x12\x12\n\ncluster_id\x18\x01 \x01(\x04\x12!\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x10.kvstore.Command\x12)\n\x0b\x63onsistency\x18\x03 \x01(\x0e\x32\x14.kvstore.Consistency\"$\n\rStatusRequest\x12\x13\n\x0bwith_digest\x18\x01 \x01(\x08\"{\n\nPeerStatus\x12\x14\n\x0craft_address\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_address\x18\x02 \x01(\t\x12\x11\n\tconnected\x18\x03 \x01(\x08\x12\x13\n\x0bmatch_index\x18\x04 \x01(\x04\x12\x0c\n\x04role\x18\x05 \x01(\t\x12\x0c\n\x04name\x18\x06 \x01(\t\"\x8d\x05\n\nNodeStatus\x12\x12\n\ncluster_id\x18\x01 \x01(\x04\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x14\n\x0craft_address\x18\x03 \x01(\t\x12\x13\n\x0b\x61pi_address\x18\x04 \x01(\t\x12\x0c\n\x04role\x18\x05 \x01(\t\x12\x1b\n\x13leader_raft_address\x18\x06 \x01(\t\x12\x1a\n\x12leader_api_address\x18\x07 \x01(\t\x12\x0c\n\x04term\x18\x08 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\t \x01(\x04\x12\x15\n\rapplied_index\x18\n \x01(\x04\x12\x10\n\x08sessions\x18\x0b \x01(\x04\x12\x0c\n\x04keys\x18\x0c \x01(\x04\x12\x0e\n\x06\x64igest\x18\r \x01(\t\x12\x0b\n\x03lag\x18\x0e \x01(\x04\x12\x12\n\nhas_quorum\x18\x0f \x01(\x08\x12\x0b\n\x03pid\x18\x10 \x01(\r\x12\"\n\x05peers\x18\x11 \x03(\x0b\x32\x13.kvstore.PeerStatus\x12\x0e\n\x06\x61larms\x18\x12 \x03(\t\x12\x12\n\nlog_length\x18\x13 \x01(\x04\x12\x10\n\x08snapshot\x18\x1e \x03(\t\x12\x17\n\x0ftick_gap_max_ms\x18\x1f \x01(\x01\x12\x1a\n\x12tick_gap_recent_ms\x18  \x01(\x01\x12\x19\n\x11snapshots_written\x18! \x01(\x04\x12\x18\n\x10snapshots_loaded\x18\" \x01(\x04\x12\x1e\n\x16snapshot_write_seconds\x18# \x01(\x01\x12 \n\x18snapshot_restore_seconds\x18$ \x01(\x01\x12\x17\n\x0fgc_pause_max_ms\x18% \x01(\x01\x12!\n\x19membership_change_pending\x18( \x01(\x08\x12\r\n\x05\x66sync\x18\x32 \x01(\x08\"\"\n\x11MemberListRequest\x12\r\n\x05local\x18\x01 \x01(\x08\"K\n\x10MemberAddRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0craft_address\x18\x02 \x01(\t\x12\x13\n\x0b\x61pi_address\x18\x03 \x01(\t\"%\n\rMemberRequest\x12\x14\n\x0craft_address\x18\x01 \x01(\t\"\xa1\x01\n\x0cMemberStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0craft_address\x18\x02 \x01(\t\x12\x13\n\x0b\x61pi_address\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\x11\n\tis_leader\x18\x05 \x01(\x08\x12\x13\n\x0bmatch_index\x18\x06 \x01(\x04\x12\x11\n\tconnected\x18\x07 \x01(\x08\x12\x0f\n\x07in_sync\x18\x08 \x01(\x08\"\xd7\x01\n\x12MemberListResponse\x12\x12\n\ncluster_id\x18\x01 \x01(\x04\x12\x13\n\x0b\x61nswered_by\x18\x02 \x01(\t\x12\x13\n\x0b\x66rom_leader\x18\x03 \x01(\x08\x12\x18\n\x10membership_index\x18\x04 \x01(\x04\x12\x16\n\x0e\x63hange_pending\x18\x05 \x01(\x08\x12\x13\n\x0blast_change\x18\x06 \x01(\t\x12&\n\x07members\x18\x07 \x03(\x0b\x32\x15.kvstore.MemberStatus\x12\x14\n\x0c\x63ommit_index\x18\x08 \x01(\x04\"%\n\x0fSnapshotRequest\x12\x12\n\ncluster_id\x18\x01 \x01(\x04\"\x1d\n\rSnapshotChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c*[\n\x04\x46\x61te\x12\x11\n\rFATE_ANSWERED\x10\x00\x12\x14\n\x10\x46\x41TE_NOT_APPLIED\x10\x01\x12\x18\n\x14\x46\x41TE_OUTCOME_UNKNOWN\x10\x02\x12\x10\n\x0c\x46\x41TE_REFUSED\x10\x03*1\n\x0b\x43onsistency\x12\x10\n\x0cLINEARIZABLE\x10\x00\x12\x10\n\x0cSERIALIZABLE\x10\x01\x32\xbf\x05\n\x02KV\x12;\n\x0fRegisterSession\x12\x17.kvstore.SessionRequest\x1a\x0f.kvstore.Result\x12=\n\x11UnregisterSession\x12\x17.kvstore.SessionRequest\x1a\x0f.kvstore.Result\x12\x33\n\x07Propose\x12\x17.kvstore.ProposeRequest\x1a\x0f.kvstore.Result\x12K\n\x0cProposeBatch\x12\x1c.kvstore.ProposeBatchRequest\x1a\x1d.kvstore.ProposeBatchResponse\x12-\n\x04Read\x12\x14.kvstore.ReadRequest\x1a\x0f.kvstore.Result\x12\x35\n\x06Status\x12\x16.kvstore.StatusRequest\x1a\x13.kvstore.NodeStatus\x12>\n\x08Snapshot\x12\x18.kvstore.SnapshotRequest\x1a\x16.kvstore.SnapshotChunk0\x01\x12\x45\n\nMemberList\x12\x1a.kvstore.MemberListRequest\x1a\x1b.kvstore.MemberListResponse\x12\x43\n\tMemberAdd\x12\x19.kvstore.MemberAddRequest\x1a\x1b.kvstore.MemberListResponse\x12\x44\n\rMemberPromote\x12\x16.kvstore.MemberRequest\x1a\x1b.kvstore.MemberListResponse\x12\x43\n\x0cMemberRemove\x12\x16.kvstore.MemberRequest\x1a\x1b.kvstore.MemberListResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvstore/proto/api.proto\x12\x07kvstore\x1a\x15session/session.proto\x1a\x17kvstore/proto/log.proto\"7\n\x0eSessionRequest\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.kvsession.SessionPB\"Z\n\x0eProposeRequest\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.kvsession.SessionPB\x12!\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x10.kvstore.Command\"A\n\x13ProposeBatchRequest\x12*\n\tproposals\x18\x01 \x03(\x0b\x32\x17.kvstore.ProposeRequest\"\x8d\x01\n\x0eProposeOutcome\x12\x1b\n\x04\x66\x61te\x18\x01 \x01(\x0e\x32\r.kvstore.Fate\x12\x1f\n\x06result\x18\x02 \x01(\x0b\x32\x0f.kvstore.Result\x12\x0c\n\x04\x63ode\x18\x03 \x01(\r\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06leader\x18\x06 \x01(\t\"A\n\x14ProposeBatchResponse\x12)\n\x08outcomes\x18\x01 \x03(\x0b\x32\x17.kvstore.ProposeOutcome\"c\n\x14ProposeStreamRequest\x12\x0b\n\x03tag\x18\x01 \x01(\x04\x12*\n\tproposals\x18\x02 \x03(\x0b\x32\x17.kvstore.ProposeRequest\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\"L\n\x12ProposeStreamReply\x12\x0b\n\x03tag\x18\x01 \x01(\x04\x12)\n\x08outcomes\x18\x02 \x03(\x0b\x32\x17.kvstore.ProposeOutcome\"o\n\x0bReadRequest\x12\x12\n\ncluster_id\x18\x01 \x01(\x04\x12!\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x10.kvstore.Command\x12)\n\x0b\x63onsistency\x18\x03 \x01(\x0e\x32\x14.kvstore.Consistency\"$\n\rStatusRequest\x12\x13\n\x0bwith_digest\x18\x01 \x01(\x08\"{\n\nPeerStatus\x12\x14\n\x0craft_address\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_address\x18\x02 \x01(\t\x12\x11\n\tconnected\x18\x03 \x01(\x08\x12\x13\n\x0bmatch_index\x18\x04 \x01(\x04\x12\x0c\n\x04role\x18\x05 \x01(\t\x12\x0c\n\x04name\x18\x06 \x01(\t\"\x8d\x05\n\nNodeStatus\x12\x12\n\ncluster_id\x18\x01 \x01(\x04\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x14\n\x0craft_address\x18\x03 \x01(\t\x12\x13\n\x0b\x61pi_address\x18\x04 \x01(\t\x12\x0c\n\x04role\x18\x05 \x01(\t\x12\x1b\n\x13leader_raft_address\x18\x06 \x01(\t\x12\x1a\n\x12leader_api_address\x18\x07 \x01(\t\x12\x0c\n\x04term\x18\x08 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\t \x01(\x04\x12\x15\n\rapplied_index\x18\n \x01(\x04\x12\x10\n\x08sessions\x18\x0b \x01(\x04\x12\x0c\n\x04keys\x18\x0c \x01(\x04\x12\x0e\n\x06\x64igest\x18\r \x01(\t\x12\x0b\n\x03lag\x18\x0e \x01(\x04\x12\x12\n\nhas_quorum\x18\x0f \x01(\x08\x12\x0b\n\x03pid\x18\x10 \x01(\r\x12\"\n\x05peers\x18\x11 \x03(\x0b\x32\x13.kvstore.PeerStatus\x12\x0e\n\x06\x61larms\x18\x12 \x03(\t\x12\x12\n\nlog_length\x18\x13 \x01(\x04\x12\x10\n\x08snapshot\x18\x1e \x03(\t\x12\x17\n\x0ftick_gap_max_ms\x18\x1f \x01(\x01\x12\x1a\n\x12tick_gap_recent_ms\x18  \x01(\x01\x12\x19\n\x11snapshots_written\x18! \x01(\x04\x12\x18\n\x10snapshots_loaded\x18\" \x01(\x04\x12\x1e\n\x16snapshot_write_seconds\x18# \x01(\x01\x12 \n\x18snapshot_restore_seconds\x18$ \x01(\x01\x12\x17\n\x0fgc_pause_max_ms\x18% \x01(\x01\x12!\n\x19membership_change_pending\x18( \x01(\x08\x12\r\n\x05\x66sync\x18\x32 \x01(\x08\"\"\n\x11MemberListRequest\x12\r\n\x05local\x18\x01 \x01(\x08\"K\n\x10MemberAddRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0craft_address\x18\x02 \x01(\t\x12\x13\n\x0b\x61pi_address\x18\x03 \x01(\t\"%\n\rMemberRequest\x12\x14\n\x0craft_address\x18\x01 \x01(\t\"\xa1\x01\n\x0cMemberStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0craft_address\x18\x02 \x01(\t\x12\x13\n\x0b\x61pi_address\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\x11\n\tis_leader\x18\x05 \x01(\x08\x12\x13\n\x0bmatch_index\x18\x06 \x01(\x04\x12\x11\n\tconnected\x18\x07 \x01(\x08\x12\x0f\n\x07in_sync\x18\x08 \x01(\x08\"\xd7\x01\n\x12MemberListResponse\x12\x12\n\ncluster_id\x18\x01 \x01(\x04\x12\x13\n\x0b\x61nswered_by\x18\x02 \x01(\t\x12\x13\n\x0b\x66rom_leader\x18\x03 \x01(\x08\x12\x18\n\x10membership_index\x18\x04 \x01(\x04\x12\x16\n\x0e\x63hange_pending\x18\x05 \x01(\x08\x12\x13\n\x0blast_change\x18\x06 \x01(\t\x12&\n\x07members\x18\x07 \x03(\x0b\x32\x15.kvstore.MemberStatus\x12\x14\n\x0c\x63ommit_index\x18\x08 \x01(\x04\"%\n\x0fSnapshotRequest\x12\x12\n\ncluster_id\x18\x01 \x01(\x04\"\x1d\n\rSnapshotChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c*[\n\x04\x46\x61te\x12\x11\n\rFATE_ANSWERED\x10\x00\x12\x14\n\x10\x46\x41TE_NOT_APPLIED\x10\x01\x12\x18\n\x14\x46\x41TE_OUTCOME_UNKNOWN\x10\x02\x12\x10\n\x0c\x46\x41TE_REFUSED\x10\x03*1\n\x0b\x43onsistency\x12\x10\n\x0cLINEARIZABLE\x10\x00\x12\x10\n\x0cSERIALIZABLE\x10\x01\x32\x90\x06\n\x02KV\x12;\n\x0fRegisterSession\x12\x17.kvstore.SessionRequest\x1a\x0f.kvstore.Result\x12=\n\x11UnregisterSession\x12\x17.kvstore.SessionRequest\x1a\x0f.kvstore.Result\x12\x33\n\x07Propose\x12\x17.kvstore.ProposeRequest\x1a\x0f.kvstore.Result\x12K\n\x0cProposeBatch\x12\x1c.kvstore.ProposeBatchRequest\x1a\x1d.kvstore.ProposeBatchResponse\x12O\n\rProposeStream\x12\x1d.kvstore.ProposeStreamRequest\x1a\x1b.kvstore.ProposeStreamReply(\x01\x30\x01\x12-\n\x04Read\x12\x14.kvstore.ReadRequest\x1a\x0f.kvstore.Result\x12\x35\n\x06Status\x12\x16.kvstore.StatusRequest\x1a\x13.kvstore.NodeStatus\x12>\n\x08Snapshot\x12\x18.kvstore.SnapshotRequest\x1a\x16.kvstore.SnapshotChunk0\x01\x12\x45\n\nMemberList\x12\x1a.kvstore.MemberListRequest\x1a\x1b.kvstore.MemberListResponse\x12\x43\n\tMemberAdd\x12\x19.kvstore.MemberAddRequest\x1a\x1b.kvstore.MemberListResponse\x12\x44\n\rMemberPromote\x12\x16.kvstore.MemberRequest\x1a\x1b.kvstore.MemberListResponse\x12\x43\n\x0cMemberRemove\x12\x16.kvstore.MemberRequest\x1a\x1b.kvstore.MemberListResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvstore.proto.api_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FATE']._serialized_start=2047
-  _globals['_FATE']._serialized_end=2138
-  _globals['_CONSISTENCY']._serialized_start=2140
-  _globals['_CONSISTENCY']._serialized_end=2189
+  _globals['_FATE']._serialized_start=2226
+  _globals['_FATE']._serialized_end=2317
+  _globals['_CONSISTENCY']._serialized_start=2319
+  _globals['_CONSISTENCY']._serialized_end=2368
   _globals['_SESSIONREQUEST']._serialized_start=84
   _globals['_SESSIONREQUEST']._serialized_end=139
   _globals['_PROPOSEREQUEST']._serialized_start=141
@@ -47,28 +47,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROPOSEOUTCOME']._serialized_end=442
   _globals['_PROPOSEBATCHRESPONSE']._serialized_start=444
   _globals['_PROPOSEBATCHRESPONSE']._serialized_end=509
-  _globals['_READREQUEST']._serialized_start=511
-  _globals['_READREQUEST']._serialized_end=622
-  _globals['_STATUSREQUEST']._serialized_start=624
-  _globals['_STATUSREQUEST']._serialized_end=660
-  _globals['_PEERSTATUS']._serialized_start=662
-  _globals['_PEERSTATUS']._serialized_end=785
-  _globals['_NODESTATUS']._serialized_start=788
-  _globals['_NODESTATUS']._serialized_end=1441
-  _globals['_MEMBERLISTREQUEST']._serialized_start=1443
-  _globals['_MEMBERLISTREQUEST']._serialized_end=1477
-  _globals['_MEMBERADDREQUEST']._serialized_start=1479
-  _globals['_MEMBERADDREQUEST']._serialized_end=1554
-  _globals['_MEMBERREQUEST']._serialized_start=1556
-  _globals['_MEMBERREQUEST']._serialized_end=1593
-  _globals['_MEMBERSTATUS']._serialized_start=1596
-  _globals['_MEMBERSTATUS']._serialized_end=1757
-  _globals['_MEMBERLISTRESPONSE']._serialized_start=1760
-  _globals['_MEMBERLISTRESPONSE']._serialized_end=1975
-  _globals['_SNAPSHOTREQUEST']._serialized_start=1977
-  _globals['_SNAPSHOTREQUEST']._serialized_end=2014
-  _globals['_SNAPSHOTCHUNK']._serialized_start=2016
-  _globals['_SNAPSHOTCHUNK']._serialized_end=2045
-  _globals['_KV']._serialized_start=2192
-  _globals['_KV']._serialized_end=2895
+  _globals['_PROPOSESTREAMREQUEST']._serialized_start=511
+  _globals['_PROPOSESTREAMREQUEST']._serialized_end=610
+  _globals['_PROPOSESTREAMREPLY']._serialized_start=612
+  _globals['_PROPOSESTREAMREPLY']._serialized_end=688
+  _globals['_READREQUEST']._serialized_start=690
+  _globals['_READREQUEST']._serialized_end=801
+  _globals['_STATUSREQUEST']._serialized_start=803
+  _globals['_STATUSREQUEST']._serialized_end=839
+  _globals['_PEERSTATUS']._serialized_start=841
+  _globals['_PEERSTATUS']._serialized_end=964
+  _globals['_NODESTATUS']._serialized_start=967
+  _globals['_NODESTATUS']._serialized_end=1620
+  _globals['_MEMBERLISTREQUEST']._serialized_start=1622
+  _globals['_MEMBERLISTREQUEST']._serialized_end=1656
+  _globals['_MEMBERADDREQUEST']._serialized_start=1658
+  _globals['_MEMBERADDREQUEST']._serialized_end=1733
+  _globals['_MEMBERREQUEST']._serialized_start=1735
+  _globals['_MEMBERREQUEST']._serialized_end=1772
+  _globals['_MEMBERSTATUS']._serialized_start=1775
+  _globals['_MEMBERSTATUS']._serialized_end=1936
+  _globals['_MEMBERLISTRESPONSE']._serialized_start=1939
+  _globals['_MEMBERLISTRESPONSE']._serialized_end=2154
+  _globals['_SNAPSHOTREQUEST']._serialized_start=2156
+  _globals['_SNAPSHOTREQUEST']._serialized_end=2193
+  _globals['_SNAPSHOTCHUNK']._serialized_start=2195
+  _globals['_SNAPSHOTCHUNK']._serialized_end=2224
+  _globals['_KV']._serialized_start=2371
+  _globals['_KV']._serialized_end=3155
 # @@protoc_insertion_point(module_scope)

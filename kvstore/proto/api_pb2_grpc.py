@@ -55,6 +55,11 @@ class KVStub:
                 request_serializer=kvstore_dot_proto_dot_api__pb2.ProposeBatchRequest.SerializeToString,
                 response_deserializer=kvstore_dot_proto_dot_api__pb2.ProposeBatchResponse.FromString,
                 _registered_method=True)
+        self.ProposeStream = channel.stream_stream(
+                '/kvstore.KV/ProposeStream',
+                request_serializer=kvstore_dot_proto_dot_api__pb2.ProposeStreamRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_api__pb2.ProposeStreamReply.FromString,
+                _registered_method=True)
         self.Read = channel.unary_unary(
                 '/kvstore.KV/Read',
                 request_serializer=kvstore_dot_proto_dot_api__pb2.ReadRequest.SerializeToString,
@@ -121,6 +126,19 @@ class KVServicer:
         one, in order: a ProposeOutcome per proposal (the client library forms these batches from
         concurrent proposals). A status on the whole call (not the leader, a deadline, a dropped
         connection) applies to every proposal in it, as it would to a lone Propose.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProposeStream(self, request_iterator, context):
+        """Batches of proposals over one long-lived call, so that each costs a message rather than a
+        call. Each request carries a tag of the client's choosing and is answered by one reply
+        with that tag and a ProposeOutcome per proposal, in the request's order; replies may come
+        in any order. A batch the node refuses as a whole (not the leader) gets that refusal in
+        every outcome: the stream goes on. The node sends its initial metadata before it reads
+        any request. If the stream ends with an error, a request that got no reply may have been
+        applied, as with a dropped ProposeBatch call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -200,6 +218,11 @@ def add_KVServicer_to_server(servicer, server):
                     servicer.ProposeBatch,
                     request_deserializer=kvstore_dot_proto_dot_api__pb2.ProposeBatchRequest.FromString,
                     response_serializer=kvstore_dot_proto_dot_api__pb2.ProposeBatchResponse.SerializeToString,
+            ),
+            'ProposeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ProposeStream,
+                    request_deserializer=kvstore_dot_proto_dot_api__pb2.ProposeStreamRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_api__pb2.ProposeStreamReply.SerializeToString,
             ),
             'Read': grpc.unary_unary_rpc_method_handler(
                     servicer.Read,
@@ -345,6 +368,33 @@ class KV:
             '/kvstore.KV/ProposeBatch',
             kvstore_dot_proto_dot_api__pb2.ProposeBatchRequest.SerializeToString,
             kvstore_dot_proto_dot_api__pb2.ProposeBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProposeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kvstore.KV/ProposeStream',
+            kvstore_dot_proto_dot_api__pb2.ProposeStreamRequest.SerializeToString,
+            kvstore_dot_proto_dot_api__pb2.ProposeStreamReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -93,6 +93,23 @@ def test_bench_compared_with_raw_pysyncobj() -> None:
     assert_nothing_left(doc)
 
 
+@pytest.mark.integration
+def test_bench_compares_the_stream_with_calls() -> None:
+    """``--compare calls``: the same cluster, the same client, proposals in calls instead of on
+    the stream; both described as such, alternating, with their ratio."""
+    doc = kv_bench("--compare", "calls", "--clients", "2", "--duration", "1s", "--warmup",
+                   "0.5s", "--rounds", "1")
+    assert set(doc["targets"]) == {"ours", "ours-calls"}
+    assert "ProposeStream" in doc["targets"]["ours"]["client"]
+    assert "ProposeBatch calls" in doc["targets"]["ours-calls"]["client"]
+    assert [r["target"] for r in doc["runs"]] == ["ours", "ours-calls"]
+    for result in doc["results"]:
+        assert result["ops"] > 0 and result["errors"] == 0, result
+    (ratio,) = doc["ratios"]
+    assert ratio["vs"] == "ours-calls" and ratio["ops_s"] > 0
+    assert doc["leftover_processes"] == []
+
+
 # -- without processes ---------------------------------------------------------------------------
 
 
@@ -160,6 +177,12 @@ def test_fsync_refused_cleanly_when_the_build_lacks_it(monkeypatch: pytest.Monke
     outcome = CliRunner().invoke(bench, ["--fsync", "--clients", "1"])
     assert outcome.exit_code != 0
     assert "not supported by this build" in str(outcome.exception)
+
+
+def test_compare_calls_needs_the_stream() -> None:
+    outcome = CliRunner().invoke(bench, ["--compare", "calls", "--no-stream"])
+    assert outcome.exit_code != 0
+    assert "needs --stream" in str(outcome.exception)
 
 
 def test_compare_noop_needs_sessions_on() -> None:

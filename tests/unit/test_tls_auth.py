@@ -56,8 +56,8 @@ def test_every_rpc_of_the_service_has_a_permission() -> None:
 
 def test_each_log_entry_needs_write_and_reads_need_read() -> None:
     assert {m for m, p in auth.RPC_PERMISSIONS.items() if p is Permission.WRITE} == {
-        "Propose", "ProposeBatch", "RegisterSession", "UnregisterSession", "MemberAdd",
-        "MemberPromote", "MemberRemove"}
+        "Propose", "ProposeBatch", "ProposeStream", "RegisterSession", "UnregisterSession",
+        "MemberAdd", "MemberPromote", "MemberRemove"}
     assert {m for m, p in auth.RPC_PERMISSIONS.items() if p is Permission.READ} == {
         "Read", "Status", "MemberList", "Snapshot"}
 
