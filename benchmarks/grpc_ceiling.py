@@ -13,6 +13,14 @@ Run:
 
 ``-w json`` (or ``--json``) prints one JSON object per client count instead of the table.
 
+``--rpc stream`` sends each client's requests as messages on one open call (a bidirectional
+stream, as ``ProposeStream``), each reply read by the thread that wrote the request; set
+against the default ``--rpc unary`` (one call per request), it is what a call's own set-up
+costs, on either server:
+
+    .venv/bin/python benchmarks/grpc_ceiling.py --clients 1,16 --server aio --rpc unary
+    .venv/bin/python benchmarks/grpc_ceiling.py --clients 1,16 --server aio --rpc stream
+
 ``--server`` picks the server: ``sync`` (default) is ``grpc.server`` on 64 pool threads, as
 ours; ``aio`` is ``grpc.aio.server`` on one asyncio event loop. With the default ``--handoff 0``
 the handler answers at once, so the rows are each server's own cost. ``--handoff SECONDS``
@@ -49,6 +57,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import queue
 import resource
 import select
 import signal
@@ -58,17 +67,17 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 
 HOST = "127.0.0.1"
-SERVICE, METHOD = "bench.Echo", "Echo"
+SERVICE, METHOD, STREAM_METHOD = "bench.Echo", "Echo", "EchoStream"
 SERVER_THREADS = 64
 CALL_TIMEOUT = 5.0
 """Seconds one echo may take before it counts as an error."""
@@ -112,6 +121,8 @@ class WorkerResult:
 @dataclass(frozen=True)
 class Row:
     server: str
+    rpc: str
+    """``unary``: one call per request; ``stream``: one message on an open call per request."""
     handoff: float
     """Seconds the engine holds each batch (0: no engine, the handler answers itself)."""
     clients: int
@@ -227,11 +238,25 @@ class Engine(Generic[W]):
 Echo = Callable[[bytes, grpc.ServicerContext], bytes | Awaitable[bytes]]
 
 
-def echo_handler(echo: Echo) -> grpc.GenericRpcHandler:
+def echo_handler(echo: Echo, echo_stream: Callable[..., Any]) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE, {
         METHOD: grpc.unary_unary_rpc_method_handler(
             echo, request_deserializer=identity, response_serializer=identity),
+        STREAM_METHOD: grpc.stream_stream_rpc_method_handler(
+            echo_stream, request_deserializer=identity, response_serializer=identity),
     })
+
+
+def sync_echo_stream(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+    """``--rpc stream`` on ``grpc.server``: each message answered on the same call."""
+    yield from requests
+
+
+async def aio_echo_stream(requests: AsyncIterator[bytes],
+                          context: grpc.ServicerContext) -> AsyncIterator[bytes]:
+    """``--rpc stream`` on ``grpc.aio.server``."""
+    async for request in requests:
+        yield request
 
 
 def sync_echo(handoff: float) -> Echo:
@@ -288,7 +313,7 @@ SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
 
 async def serve_aio(port: int, handoff: float) -> None:
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    server.add_generic_rpc_handlers((echo_handler(aio_echo(handoff)),))
+    server.add_generic_rpc_handlers((echo_handler(aio_echo(handoff), aio_echo_stream),))
     server.add_insecure_port(f"{HOST}:{port}")
     await server.start()
     await server.wait_for_termination()
@@ -301,7 +326,7 @@ def serve(port: int, kind: str, handoff: float) -> None:
         return
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=SERVER_THREADS),
                          options=SERVER_OPTIONS)
-    server.add_generic_rpc_handlers((echo_handler(sync_echo(handoff)),))
+    server.add_generic_rpc_handlers((echo_handler(sync_echo(handoff), sync_echo_stream),))
     server.add_insecure_port(f"{HOST}:{port}")
     server.start()
     server.wait_for_termination()
@@ -333,13 +358,35 @@ def run_client(call: Callable[..., bytes], request: bytes, window: Window,
             return
 
 
-def client_worker(conn: Connection, port: int, clients: int, value_size: int) -> None:
+class StreamCall:
+    """``--rpc stream``: a client's requests as messages on one open call, each reply read by
+    the thread that wrote the request (as ``kvstore.streams.ProposalStream`` does)."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.replies = channel.stream_stream(
+            f"/{SERVICE}/{STREAM_METHOD}", request_serializer=identity,
+            response_deserializer=identity)(iter(self.requests.get, None))
+
+    def __call__(self, request: bytes, timeout: float) -> bytes:
+        self.requests.put(request)
+        reply: bytes = next(self.replies)  # the server is local: no deadline of its own
+        return reply
+
+    def close(self) -> None:
+        self.requests.put(None)
+
+
+def client_worker(conn: Connection, port: int, clients: int, value_size: int,
+                  rpc: str) -> None:
     """Connects ``clients`` channels, says "ready", runs the window it is sent, reports."""
     become_child()
     request = b"v" * value_size
     channels = [grpc.insecure_channel(f"{HOST}:{port}") for _ in range(clients)]
-    calls = [channel.unary_unary(f"/{SERVICE}/{METHOD}", request_serializer=identity,
-                                 response_deserializer=identity) for channel in channels]
+    calls: list[Callable[..., bytes]] = [
+        StreamCall(channel) if rpc == "stream" else
+        channel.unary_unary(f"/{SERVICE}/{METHOD}", request_serializer=identity,
+                            response_deserializer=identity) for channel in channels]
     for call in calls:  # connect, and one round trip each: setup, not measured
         call(request, timeout=CALL_TIMEOUT)
     conn.send("ready")
@@ -357,6 +404,9 @@ def client_worker(conn: Connection, port: int, clients: int, value_size: int) ->
         thread.join(CALL_TIMEOUT + 1)
     conn.send(WorkerResult([x for r in results for x in r.latencies],
                            sum(r.errors for r in results), cpu))
+    for call in calls:
+        if isinstance(call, StreamCall):
+            call.close()
     for channel in channels:
         channel.close()
 
@@ -384,7 +434,7 @@ def stop(proc: BaseProcess) -> None:
 
 def measure(ctx: mp.context.SpawnContext, port: int, server_pid: int, clients: int,
             workers: int, value_size: int, warmup: float, duration: float, server: str,
-            handoff: float) -> Row:
+            handoff: float, rpc: str = "unary") -> Row:
     """One closed-loop run of ``clients`` clients over ``min(workers, clients)`` processes."""
     n = min(workers, clients)
     shares = [clients // n + (i < clients % n) for i in range(n)]
@@ -393,8 +443,8 @@ def measure(ctx: mp.context.SpawnContext, port: int, server_pid: int, clients: i
     try:
         for share in shares:
             ours, theirs = ctx.Pipe()
-            proc = ctx.Process(target=client_worker, args=(theirs, port, share, value_size),
-                               daemon=True)
+            proc = ctx.Process(target=client_worker,
+                               args=(theirs, port, share, value_size, rpc), daemon=True)
             proc.start()
             theirs.close()
             procs.append(proc)
@@ -424,6 +474,7 @@ def measure(ctx: mp.context.SpawnContext, port: int, server_pid: int, clients: i
     client_cpu = sum(r.cpu for r in results)
     return Row(
         server=server,
+        rpc=rpc,
         handoff=handoff,
         clients=clients,
         workers=n,
@@ -437,7 +488,7 @@ def measure(ctx: mp.context.SpawnContext, port: int, server_pid: int, clients: i
     )
 
 
-COLUMNS = [("server", "{:>6}"), ("handoff", "{:>7.4f}"), ("clients", "{:>7}"),
+COLUMNS = [("server", "{:>6}"), ("rpc", "{:>6}"), ("handoff", "{:>7.4f}"), ("clients", "{:>7}"),
            ("workers", "{:>7}"), ("ops_per_s", "{:>9.0f}"), ("p50_ms", "{:>6.2f}"),
            ("server_us_per_op", "{:>16.0f}"), ("client_us_per_op", "{:>16.0f}"),
            ("cores", "{:>5.2f}"), ("busy", "{:>5.2f}"), ("errors", "{:>6}")]
@@ -466,6 +517,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="unmeasured seconds before each run (default 1)")
     parser.add_argument("--server", choices=["sync", "aio"], default="sync",
                         help="grpc.server on 64 threads, or grpc.aio.server (default sync)")
+    parser.add_argument("--rpc", choices=["unary", "stream"], default="unary",
+                        help="one call per request, or one message per request on an open "
+                             "call per client (default unary)")
     parser.add_argument("--handoff", type=float, default=0.0, metavar="SECONDS",
                         help="complete requests in batches on an engine thread that holds "
                              "each batch SECONDS (default 0: the handler answers itself)")
@@ -476,6 +530,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if (min(args.clients) < 1 or args.workers < 1 or args.value_size < 0 or args.duration <= 0
             or args.handoff < 0):
         parser.error("--clients and --workers must be >= 1, --duration > 0, --handoff >= 0")
+    if args.rpc == "stream" and args.handoff:
+        parser.error("--rpc stream measures the messages alone: it takes no --handoff")
     return args
 
 
@@ -494,7 +550,8 @@ def main() -> None:
             print("  ".join(f"{name:>{len(fmt.format(0))}}" for name, fmt in COLUMNS))
         for clients in args.clients:
             print_row(measure(ctx, port, server.pid, clients, args.workers, args.value_size,
-                              args.warmup, args.duration, args.server, args.handoff), as_json)
+                              args.warmup, args.duration, args.server, args.handoff, args.rpc),
+                      as_json)
     finally:
         stop(server)
 

@@ -1,8 +1,9 @@
 """How the client library forms batches of proposals: group commit on the client side.
 
-Every gRPC call costs a few hundred microseconds of Python on each side, whatever it carries,
-so concurrent proposals to one node share calls (``ProposeBatch``). The rule is the one of group
-commit, with no timer:
+Every gRPC call (or stream message, ``kvstore.streams``) costs a few hundred microseconds of
+Python on each side, whatever it carries, so concurrent proposals to one node travel together:
+one ``ProposeStream`` message or one ``ProposeBatch`` call per batch ("a call" below). The rule
+is the one of group commit, with no timer:
 
 * A proposal that finds fewer than ``max_in_flight`` calls in flight to its endpoint goes out
   at once, alone (a lone proposal never waits).

@@ -43,7 +43,7 @@ from kvstore.batching import GroupCommit
 from kvstore.config import ConfigError, split_address
 from kvstore.proto import api_pb2, api_pb2_grpc
 from kvstore.proto.log_pb2 import Command, Result
-from kvstore.streams import ProposalStream
+from kvstore.streams import ProposalStream, Watchdog
 from kvstore.tls import ClientTLS, explain_refusal, open_channel
 from session.errors import ClusterMismatchError, SessionInvariantError
 from session.session import Session, new_noop_session, new_session
@@ -431,8 +431,8 @@ class _Batches:
     call in flight to one: a thread per batch at moderate load).
 
     With ``streaming`` (the default) every batch, a lone proposal too, is a message on one
-    ``ProposeStream`` call per endpoint (``kvstore.streams``, whose reader is the one thread of
-    ours), opened again after it ends; without, a lone proposal is a ``Propose`` call and a
+    ``ProposeStream`` call per endpoint (``kvstore.streams``: the sending thread reads its
+    reply, and one watchdog thread of ours enforces the deadlines), opened again after it ends; without, a lone proposal is a ``Propose`` call and a
     batch a ``ProposeBatch`` call.
     """
 
@@ -442,6 +442,7 @@ class _Batches:
         self._lock = threading.Lock()
         self._groups: dict[str, GroupCommit[_Slot]] = {}
         self._streams: dict[str, ProposalStream] = {}
+        self._watchdog: Watchdog | None = None
 
     def propose(self, endpoint: str, request: api_pb2.ProposeRequest,
                 timeout: float) -> Result | retry.Failure:
@@ -503,7 +504,9 @@ class _Batches:
         with self._lock:
             stream = self._streams.get(endpoint)
             if stream is None or stream.ended:
-                stream = self._streams[endpoint] = ProposalStream(stub)
+                if self._watchdog is None:
+                    self._watchdog = Watchdog()
+                stream = self._streams[endpoint] = ProposalStream(stub, self._watchdog)
             return stream
 
     def stats(self) -> tuple[int, int]:
@@ -514,8 +517,11 @@ class _Batches:
     def close(self) -> None:
         with self._lock:
             streams, self._streams = list(self._streams.values()), {}
+            watchdog, self._watchdog = self._watchdog, None
         for stream in streams:
             stream.close()
+        if watchdog is not None:
+            watchdog.stop()
 
 
 WAITED_TOO_LONG = "waited in the client's queue past the attempt's deadline (never sent)"

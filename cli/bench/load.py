@@ -77,8 +77,8 @@ class _OursState:
 
 class OursDriver:
     """Our gRPC client: one ``Client`` per worker process, shared by its client threads (as a
-    program with many threads would share one: their concurrent proposals then travel together
-    in ``ProposeBatch`` calls), and one session per client thread."""
+    program with many threads would share one: their concurrent proposals then travel together,
+    on ``ProposeStream`` or in ``ProposeBatch`` calls), and one session per client thread."""
 
     def __init__(self, params: dict[str, Any]) -> None:
         from kvstore import ops  # grpc and protobuf only in the workers that need them

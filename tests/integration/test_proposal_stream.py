@@ -23,7 +23,8 @@ from kvstore import aio, ops, retry
 from kvstore.client import outcomes_of
 from kvstore.proto import api_pb2, api_pb2_grpc
 from kvstore.proto.log_pb2 import Code
-from kvstore.streams import AioProposalStream, NoReplyInTime, ProposalStream, StreamEnded
+from kvstore.streams import (AioProposalStream, NoReplyInTime, ProposalStream, StreamEnded,
+                             Watchdog)
 from tests import support
 from tests.integration.conftest import Cluster
 from tests.integration.test_faults import find_leader
@@ -137,22 +138,23 @@ def _send_twice(kind: str, address: str, count: int, timeout: float) -> tuple[ob
         return stream.ended
 
     if kind == "sync":
+        watchdog = Watchdog()
         with grpc.insecure_channel(address) as channel:
-            stream = ProposalStream(api_pb2_grpc.KVStub(channel))
+            stream = ProposalStream(api_pb2_grpc.KVStub(channel), watchdog)
             try:
                 first = stream.send([_proposal()] * count, timeout=timeout)
-                support.wait_for(lambda: ended(stream) or isinstance(first, NoReplyInTime),
-                                 REPLY_TIMEOUT, "the stream to end")
+                support.wait_for(lambda: ended(stream), REPLY_TIMEOUT, "the stream to end")
                 return first, stream.send([_proposal()], timeout=timeout)
             finally:
                 stream.close()
+                watchdog.stop()
 
     async def run() -> tuple[object, object]:
         async with grpc.aio.insecure_channel(address) as channel:
             stream = AioProposalStream(api_pb2_grpc.KVStub(channel))
             try:
                 first = await stream.send([_proposal()] * count, timeout=timeout)
-                async with asyncio.timeout(REPLY_TIMEOUT):
+                async with asyncio.timeout(REPLY_TIMEOUT):  # the aio stream outlives a timeout
                     while not (ended(stream) or isinstance(first, NoReplyInTime)):
                         await asyncio.sleep(0.01)
                 return first, await stream.send([_proposal()], timeout=timeout)
@@ -195,10 +197,12 @@ def test_no_connection_means_not_applied_for_both_clients() -> None:
     """Nothing listens: nothing could have left, so a retry elsewhere is safe even without a
     session."""
     address = f"127.0.0.1:{support.free_port()}"
+    watchdog = Watchdog()
     with grpc.insecure_channel(address) as channel:
-        stream = ProposalStream(api_pb2_grpc.KVStub(channel))
+        stream = ProposalStream(api_pb2_grpc.KVStub(channel), watchdog)
         answer = stream.send([_proposal()], timeout=REPLY_TIMEOUT)
         stream.close()
+    watchdog.stop()
 
     async def aio_answer() -> object:
         async with grpc.aio.insecure_channel(address) as channel:
@@ -235,11 +239,13 @@ def test_ended_streams_leave_no_thread_behind() -> None:
     """Each ended stream's reader and gRPC's thread that reads its requests both end: a client
     that outlives many broken streams (a node restarting again and again) does not grow."""
     address = f"127.0.0.1:{support.free_port()}"
+    watchdog = Watchdog()
     before = threading.active_count()
     with grpc.insecure_channel(address) as channel:
         for _ in range(STREAMS_ENDED):
-            stream = ProposalStream(api_pb2_grpc.KVStub(channel))
+            stream = ProposalStream(api_pb2_grpc.KVStub(channel), watchdog)
             stream.send([_proposal()], timeout=REPLY_TIMEOUT)
             assert stream.ended
         support.wait_for(lambda: threading.active_count() <= before, REPLY_TIMEOUT,
                          "the ended streams' threads to end")
+    watchdog.stop()
