@@ -126,10 +126,9 @@ class KVService:
         """``ProposeBatch`` over one long-lived call: each request is a batch, answered by a
         reply with its tag once its outcomes are known, while later requests are read and
         proposed. A refusal of a whole batch is in each of its outcomes, so the stream goes
-        on; only a malformed request ends it. The initial metadata goes out before any request
-        is read: a client that saw it knows the node had the stream (``kvstore.streams``)."""
+        on; only a malformed request ends it (what a client makes of a request left without a
+        reply is ``kvstore.streams``'s rule)."""
         self._refuse_if_removed()
-        await context.send_initial_metadata(())
         writing = asyncio.Lock()
         pending: set[asyncio.Task[None]] = set()
 

@@ -152,10 +152,10 @@ def explain_refusal(endpoint: str, tls: ClientTLS | None, timeout: float) -> str
         return (f"{endpoint}: the node's certificate is not trusted: {exc.verify_message} "
                 "(check --cacert, and that the node's certificate names this host)")
     except ssl.SSLError as exc:
-        if exc.reason == "WRONG_VERSION_NUMBER":
+        if exc.reason == "WRONG_VERSION_NUMBER" and tls is not None:
             return (f"{endpoint} does not speak TLS (a plaintext node on loopback): "
                     "drop --cacert, --cert and --key")
-        return None
+        return None  # a plaintext client at a plaintext node: not a TLS refusal
     except OSError:
         return None  # unreachable, reset, timed out: not a refusal we can name
     if first:

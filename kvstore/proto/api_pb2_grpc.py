@@ -136,9 +136,8 @@ class KVServicer:
         call. Each request carries a tag of the client's choosing and is answered by one reply
         with that tag and a ProposeOutcome per proposal, in the request's order; replies may come
         in any order. A batch the node refuses as a whole (not the leader) gets that refusal in
-        every outcome: the stream goes on. The node sends its initial metadata before it reads
-        any request. If the stream ends with an error, a request that got no reply may have been
-        applied, as with a dropped ProposeBatch call.
+        every outcome: the stream goes on. If the stream ends with an error, a request that got no
+        reply may have been applied, as with a dropped ProposeBatch call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

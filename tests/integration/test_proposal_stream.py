@@ -23,8 +23,7 @@ from kvstore import aio, ops, retry
 from kvstore.client import outcomes_of
 from kvstore.proto import api_pb2, api_pb2_grpc
 from kvstore.proto.log_pb2 import Code
-from kvstore.streams import (AioProposalStream, NoReplyInTime, ProposalStream, StreamEnded,
-                             Watchdog)
+from kvstore.streams import AioProposalStream, NoReplyInTime, ProposalStream, StreamEnded, Watchdog
 from tests import support
 from tests.integration.conftest import Cluster
 from tests.integration.test_faults import find_leader

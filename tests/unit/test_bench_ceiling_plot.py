@@ -243,7 +243,8 @@ def test_the_aio_driver_runs_every_call_on_one_event_loop(monkeypatch: pytest.Mo
     for state in states:
         driver.close(state)
     driver.shutdown()  # type: ignore[attr-defined]
-    assert calls.count(("client", (("127.0.0.1:1",), ["cluster_id", "dial_timeout", "timeout", "tls"]))) == 1
+    assert calls.count(("client", (("127.0.0.1:1",), [
+        "cluster_id", "dial_timeout", "streaming", "timeout", "tls"]))) == 1
     assert calls.count(("propose", b"k")) == 3 and calls.count(("completed", None)) == 3
     assert calls.count(("read", "serializable")) == 3
     assert calls.count(("close_session", None)) == 3 and calls[-1] == ("close", None)

@@ -10,8 +10,10 @@ import datetime
 import stat
 import subprocess
 import sys
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -284,3 +286,16 @@ def test_kv_cert_never_overwrites(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_explaining_a_closed_port_names_nothing() -> None:
     """Only a node that shook hands and then hung up is a refusal; no node is not."""
     assert explain_refusal(f"127.0.0.1:{free_port()}", None, 1.0) is None
+
+
+def test_a_plaintext_client_at_a_plaintext_node_is_no_tls_refusal() -> None:
+    """A connection that closed between a plaintext client and a plaintext node (a node killed
+    mid-call) is not blamed on TLS: the probe's handshake meets plaintext, as the client does.
+    (It was once reported as "does not speak TLS: drop --cacert", ending a kv check run.)"""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
+    server.start()
+    try:
+        assert explain_refusal(f"127.0.0.1:{port}", None, 1.0) is None
+    finally:
+        server.stop(None)
