@@ -217,66 +217,61 @@ def bring_down(tmp: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-class NoopSessionsView:
+class _OursOtherwise:
+    """The cluster of ``ours`` driven another way (``sessions``, ``streaming``), side by side:
+    started and stopped with ``ours``, nothing of its own."""
+
+    name = ""
+
+    def __init__(self, ours: OursTarget, *, sessions: bool | None = None,
+                 streaming: bool | None = None) -> None:
+        self.ours = ours
+        self.guard: Guard | None = None
+        self._sessions = ours.sessions if sessions is None else sessions
+        self._streaming = ours.streaming if streaming is None else streaming
+
+    def start(self) -> None:
+        pass
+
+    def run(self, spec: RunSpec, progress: Progress) -> RunResult:
+        return self.ours.run_with(spec, progress, sessions=self._sessions,
+                                  streaming=self._streaming)
+
+    def stop(self) -> None:
+        pass
+
+    def markers(self) -> list[str]:
+        return []
+
+    def describe(self) -> dict[str, object]:
+        facts = self.ours.describe(sessions=self._sessions, streaming=self._streaming)
+        facts["cluster"] = "the same cluster as ours"
+        facts.pop("dir", None)
+        return facts
+
+
+class NoopSessionsView(_OursOtherwise):
     """``--compare noop``: the same cluster as ``ours``, its clients with no-op sessions.
 
     What exactly-once costs, measured side by side: the only difference is the session (no
-    registration, no deduplication, nothing cached). Started and stopped with ``ours``.
+    registration, no deduplication, nothing cached).
     """
 
     name = "ours-noop"
 
     def __init__(self, ours: OursTarget) -> None:
-        self.ours = ours
-        self.guard: Guard | None = None
-
-    def start(self) -> None:
-        pass
-
-    def run(self, spec: RunSpec, progress: Progress) -> RunResult:
-        return self.ours.run_with(spec, progress, sessions=False, streaming=self.ours.streaming)
-
-    def stop(self) -> None:
-        pass
-
-    def markers(self) -> list[str]:
-        return []
-
-    def describe(self) -> dict[str, object]:
-        facts = self.ours.describe(sessions=False)
-        facts["cluster"] = "the same cluster as ours"
-        facts.pop("dir", None)
-        return facts
+        super().__init__(ours, sessions=False)
 
 
-class BatchCallsView:
+class BatchCallsView(_OursOtherwise):
     """``--compare calls``: the same cluster as ``ours``, its clients' proposals in
     ``Propose``/``ProposeBatch`` calls rather than on ``ProposeStream``.
 
     What the stream buys, measured side by side: the batches are formed by the same rule
-    (``kvstore.batching``); only how they travel differs. Started and stopped with ``ours``.
+    (``kvstore.batching``); only how they travel differs.
     """
 
     name = "ours-calls"
 
     def __init__(self, ours: OursTarget) -> None:
-        self.ours = ours
-        self.guard: Guard | None = None
-
-    def start(self) -> None:
-        pass
-
-    def run(self, spec: RunSpec, progress: Progress) -> RunResult:
-        return self.ours.run_with(spec, progress, sessions=self.ours.sessions, streaming=False)
-
-    def stop(self) -> None:
-        pass
-
-    def markers(self) -> list[str]:
-        return []
-
-    def describe(self) -> dict[str, object]:
-        facts = self.ours.describe(streaming=False)
-        facts["cluster"] = "the same cluster as ours"
-        facts.pop("dir", None)
-        return facts
+        super().__init__(ours, streaming=False)
