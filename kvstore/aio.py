@@ -10,8 +10,8 @@ concurrently. Concurrent proposals to one node travel together, as batches forme
 ``kvstore.batching`` (a lone proposal goes out at once, those arriving while one is in flight
 go together in the next), each batch a message on one ``ProposeStream`` call per node
 (``kvstore.streams``; ``streaming=False``: ``Propose`` and ``ProposeBatch`` calls), and each
-proposal keeps its own session, series id and answer. A
-``Session`` belongs to one task at a time, as in the blocking client it belongs to one thread.
+proposal keeps its own session, series id and answer. A ``Session`` belongs to one task at a
+time, as in the blocking client it belongs to one thread.
 
     async with kvstore.aio.Client(["127.0.0.1:7001"]) as kv:
         session = await kv.get_session()
