@@ -79,7 +79,6 @@ GROUPS = {
     "raft": ("kvstore/node/d6_fence.py", "kvstore/node/member_table.py"),
     "membership": ("kvstore/node/membership.py",),
     "snapshotter": ("kvstore/node/snapshotter.py", "kvstore/node/send_pacing.py"),
-    "streams": ("kvstore/streams.py",),
 }
 """Every module of ``only_mutate`` in exactly one group (``check_groups``)."""
 

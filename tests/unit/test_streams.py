@@ -6,7 +6,9 @@ request is "outcome unknown"; a stream that ends with requests unanswered leaves
 unknown" and takes no more; no connection at all is "not applied" (nothing left the client);
 and ended streams leave no thread behind. The servers are plain gRPC servers that take the
 stream and never answer, or end it after the first request: the two ways a node can leave a
-written request without a reply.
+written request without a reply. (``kvstore/streams.py`` is not in ``make mutate``'s set yet:
+a group run left 54 of 186 mutants alive, most of them messages, thread names and equivalent
+comparisons, a few real; see the README's mutation testing section.)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pytest
 from kvstore import ops, retry
 from kvstore.client import outcomes_of
 from kvstore.proto import api_pb2, api_pb2_grpc
+from kvstore.proto.log_pb2 import Result
 from kvstore.streams import AioProposalStream, NoReplyInTime, ProposalStream, StreamEnded, Watchdog
 from tests import support
 
@@ -49,7 +52,31 @@ class _Node(api_pb2_grpc.KVServicer):
         yield from ()
 
 
-def _serve(node: _Node) -> tuple[grpc.Server, str]:
+class _Answering(api_pb2_grpc.KVServicer):
+    """A node that answers: each reply carries its request's tag and one outcome per proposal,
+    whose result number is the request's ``timeout_ms``. With ``swap`` it holds a request until
+    the next one comes and answers that one first (replies in another order than requests)."""
+
+    def __init__(self, *, swap: bool = False) -> None:
+        self.swap = swap
+        self.tags: list[int] = []
+
+    def ProposeStream(self, requests: Iterator[api_pb2.ProposeStreamRequest],
+                      context: grpc.ServicerContext) -> Iterator[api_pb2.ProposeStreamReply]:
+        held: list[api_pb2.ProposeStreamRequest] = []
+        for request in requests:
+            self.tags.append(request.tag)
+            held.append(request)
+            if self.swap and len(held) < 2:
+                continue
+            for one in reversed(held):
+                yield api_pb2.ProposeStreamReply(tag=one.tag, outcomes=[
+                    api_pb2.ProposeOutcome(result=Result(number=one.timeout_ms))
+                    for _ in one.proposals])
+            held = []
+
+
+def _serve(node: api_pb2_grpc.KVServicer) -> tuple[grpc.Server, str]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     api_pb2_grpc.add_KVServicer_to_server(node, server)
     address = f"127.0.0.1:{support.free_port()}"
@@ -60,6 +87,58 @@ def _serve(node: _Node) -> tuple[grpc.Server, str]:
 
 def _proposal() -> api_pb2.ProposeRequest:
     return api_pb2.ProposeRequest(command=ops.incr(b"k"))
+
+
+def _numbers(reply: object) -> list[int]:
+    assert isinstance(reply, api_pb2.ProposeStreamReply), reply
+    return [outcome.result.number for outcome in reply.outcomes]
+
+
+def test_the_blocking_client_gets_each_reply_and_the_stream_goes_on() -> None:
+    """Two requests one after the other on one stream: each is sent with its own tag and the
+    caller's timeout in milliseconds, each caller gets its own reply, and a stream that
+    answered is not ended."""
+    node = _Answering()
+    server, address = _serve(node)
+    watchdog = Watchdog()
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stream = ProposalStream(api_pb2_grpc.KVStub(channel), watchdog)
+            first = stream.send([_proposal(), _proposal()], timeout=2.0)
+            second = stream.send([_proposal()], timeout=3.0)
+            assert not stream.ended
+            stream.close()
+            assert stream.ended
+    finally:
+        watchdog.stop()
+        server.stop(None)
+    assert node.tags == [1, 2]
+    assert (_numbers(first), _numbers(second)) == ([2000, 2000], [3000])
+
+
+def test_the_asyncio_client_matches_replies_to_requests_by_tag() -> None:
+    """Two requests in flight at once, answered in the other order: each gets its own."""
+    node = _Answering(swap=True)
+    server, address = _serve(node)
+
+    async def run() -> tuple[object, object, bool]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stream = AioProposalStream(api_pb2_grpc.KVStub(channel))
+            try:
+                first, second = await asyncio.gather(
+                    stream.send([_proposal()], timeout=2.0),
+                    stream.send([_proposal(), _proposal()], timeout=3.0))
+                ended_before = stream.ended
+            finally:
+                await stream.close()
+            return first, second, ended_before or not stream.ended
+    try:
+        first, second, wrongly_ended = asyncio.run(run())
+    finally:
+        server.stop(None)
+    assert sorted(node.tags) == [1, 2]
+    assert (_numbers(first), _numbers(second)) == ([2000], [3000, 3000])
+    assert not wrongly_ended, "ended while it answered, or still open once closed"
 
 
 def _send_twice(kind: str, address: str, count: int, timeout: float) -> tuple[object, object]:
