@@ -432,8 +432,8 @@ class _Batches:
 
     With ``streaming`` (the default) every batch, a lone proposal too, is a message on one
     ``ProposeStream`` call per endpoint (``kvstore.streams``: the sending thread reads its
-    reply, and one watchdog thread of ours enforces the deadlines), opened again after it ends; without, a lone proposal is a ``Propose`` call and a
-    batch a ``ProposeBatch`` call.
+    reply, and one watchdog thread of ours enforces the deadlines), opened again after it
+    ends; without, a lone proposal is a ``Propose`` call and a batch a ``ProposeBatch`` call.
     """
 
     def __init__(self, stub: Callable[[str], api_pb2_grpc.KVStub], *, streaming: bool) -> None:
