@@ -361,9 +361,7 @@ class _Batches:
         slot = _Slot(request, loop.time() + timeout, loop.create_future())
         if group.add(slot) is not None:
             try:
-                if self._streaming:
-                    return outcomes_of(1, await self._stream(endpoint).send([request], timeout))[0]
-                return await self._stub(endpoint).Propose(request, timeout=timeout)
+                return outcomes_of(1, await self._carry(endpoint, [request], timeout))[0]
             except grpc.RpcError as exc:
                 return failure_of(exc)
             finally:
@@ -385,6 +383,18 @@ class _Batches:
     def stats(self) -> tuple[int, int]:
         return (sum(g.calls for g in self._groups.values()),
                 sum(g.sent for g in self._groups.values()))
+
+    async def _carry(self, endpoint: str, requests: list[api_pb2.ProposeRequest],
+                     timeout: float) -> object:
+        """Sends one batch (a lone proposal is a batch of one) the way this client sends them;
+        returns what answered it, for ``outcomes_of``; a failed call raises its error."""
+        if self._streaming:
+            return await self._stream(endpoint).send(requests, timeout)
+        stub = self._stub(endpoint)
+        if len(requests) == 1:
+            return await stub.Propose(requests[0], timeout=timeout)
+        return await stub.ProposeBatch(api_pb2.ProposeBatchRequest(proposals=requests),
+                                       timeout=timeout)
 
     def _stream(self, endpoint: str) -> AioProposalStream:
         """The open stream to ``endpoint``: a new one if there is none or it ended."""
@@ -415,17 +425,9 @@ class _Batches:
             if not batch:
                 return
             timeout = max(slot.deadline for slot in batch) - now
-            stub = self._stub(endpoint)
             answer: object
             try:
-                if self._streaming:
-                    answer = await self._stream(endpoint).send(
-                        [slot.request for slot in batch], timeout)
-                elif len(batch) == 1:
-                    answer = await stub.Propose(batch[0].request, timeout=timeout)
-                else:
-                    answer = await stub.ProposeBatch(api_pb2.ProposeBatchRequest(
-                        proposals=[slot.request for slot in batch]), timeout=timeout)
+                answer = await self._carry(endpoint, [slot.request for slot in batch], timeout)
             except asyncio.CancelledError as exc:
                 answer = exc
                 raise

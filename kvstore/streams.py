@@ -48,6 +48,22 @@ class NoReplyInTime(Exception):
     """The caller's deadline passed before the request's reply came (it was written)."""
 
 
+NODE_ENDED = "the node ended the proposal stream before it answered"
+CLOSED = "the proposal stream was closed"
+
+
+def _request(tag: int, proposals: Sequence[api_pb2.ProposeRequest],
+             timeout: float) -> api_pb2.ProposeStreamRequest:
+    """One request: the batch, its tag, and how long its caller waits (at least 1 ms: 0 would
+    mean the node's default)."""
+    return api_pb2.ProposeStreamRequest(tag=tag, proposals=proposals,
+                                        timeout_ms=max(int(timeout * 1000), 1))
+
+
+def _no_reply(timeout: float) -> NoReplyInTime:
+    return NoReplyInTime(f"no reply within {timeout:.3f}s on the proposal stream")
+
+
 class Watchdog:
     """Cancels the streams whose request is past its deadline: one thread for a client's
     streams, asleep until the earliest deadline armed.
@@ -130,17 +146,15 @@ class ProposalStream:
                 return self._ended
             tag = next(self._tags)
             self._watchdog.arm(self, time.monotonic() + timeout)
-            self._requests.put(api_pb2.ProposeStreamRequest(
-                tag=tag, proposals=proposals, timeout_ms=max(int(timeout * 1000), 1)))
+            self._requests.put(_request(tag, proposals, timeout))
             end: BaseException
             try:
                 for reply in self._call:
                     if reply.tag == tag:
                         return reply  # type: ignore[no-any-return]
-                end = StreamEnded("the node ended the proposal stream before it answered")
+                end = StreamEnded(NODE_ENDED)
             except grpc.RpcError as exc:
-                end = (NoReplyInTime(f"no reply within {timeout:.3f}s on the proposal stream")
-                       if self._expired else exc)
+                end = _no_reply(timeout) if self._expired else exc
             except Exception as exc:  # noqa: BLE001 - whatever ended it, the caller must hear
                 end = exc
             finally:
@@ -159,7 +173,7 @@ class ProposalStream:
     def close(self) -> None:
         """Cancels the call: a request in flight ends as the cancellation says."""
         self._call.cancel()
-        self._end(StreamEnded("the proposal stream was closed"))
+        self._end(StreamEnded(CLOSED))
 
     def _end(self, end: BaseException) -> None:
         if self._ended is None:
@@ -193,14 +207,13 @@ class AioProposalStream:
         self._waiting[tag] = reply
         try:
             async with self._writing:
-                await self._call.write(api_pb2.ProposeStreamRequest(
-                    tag=tag, proposals=proposals, timeout_ms=max(int(timeout * 1000), 1)))
+                await self._call.write(_request(tag, proposals, timeout))
         except (grpc.RpcError, asyncio.InvalidStateError):
             pass  # the call has ended: the reader settles the reply with the reason
         done, _ = await asyncio.wait((reply,), timeout=timeout)
         self._waiting.pop(tag, None)
         if not done:
-            return NoReplyInTime(f"no reply within {timeout:.3f}s on the proposal stream")
+            return _no_reply(timeout)
         return reply.result()
 
     async def close(self) -> None:
@@ -214,7 +227,7 @@ class AioProposalStream:
             while True:
                 message = await self._call.read()
                 if message is grpc.aio.EOF:
-                    end = StreamEnded("the node ended the proposal stream before it answered")
+                    end = StreamEnded(NODE_ENDED)
                     break
                 reply = self._waiting.pop(message.tag, None)
                 if reply is not None and not reply.done():
@@ -222,7 +235,7 @@ class AioProposalStream:
         except grpc.RpcError as exc:
             end = exc
         except asyncio.CancelledError:
-            end = StreamEnded("the proposal stream was closed")
+            end = StreamEnded(CLOSED)
         except Exception as exc:  # noqa: BLE001 - whatever ended it, the waiters must hear
             end = exc
         self._ended = end

@@ -217,7 +217,7 @@ def bring_down(tmp: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-class _OursOtherwise:
+class OursOtherwise:
     """The cluster of ``ours`` driven another way (``sessions``, ``streaming``), side by side:
     started and stopped with ``ours``, nothing of its own."""
 
@@ -250,7 +250,7 @@ class _OursOtherwise:
         return facts
 
 
-class NoopSessionsView(_OursOtherwise):
+class NoopSessionsView(OursOtherwise):
     """``--compare noop``: the same cluster as ``ours``, its clients with no-op sessions.
 
     What exactly-once costs, measured side by side: the only difference is the session (no
@@ -263,7 +263,7 @@ class NoopSessionsView(_OursOtherwise):
         super().__init__(ours, sessions=False)
 
 
-class BatchCallsView(_OursOtherwise):
+class BatchCallsView(OursOtherwise):
     """``--compare calls``: the same cluster as ``ours``, its clients' proposals in
     ``Propose``/``ProposeBatch`` calls rather than on ``ProposeStream``.
 

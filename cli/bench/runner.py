@@ -119,6 +119,8 @@ def run_bench(options: BenchOptions, display: Display,
               make_targets: Callable[[BenchOptions, WorkerPool], list[Target]] = build_targets,
               ) -> dict[str, Any]:
     """Runs the whole benchmark and returns the report document (see ``kv bench --help``)."""
+    from cli.bench.ours import OursOtherwise
+
     pool = WorkerPool(min(options.workers, max(options.clients)))
     targets = make_targets(options, pool)
     guard = Guard()  # cleans up if this process is killed outright
@@ -132,7 +134,7 @@ def run_bench(options: BenchOptions, display: Display,
             target.guard = guard
             if target.name == "ours" and options.endpoints:
                 display.line(f"using ours at {','.join(options.endpoints)}")
-            elif target.name not in ("ours-noop", "ours-calls"):
+            elif not isinstance(target, OursOtherwise):  # it has nothing of its own to start
                 display.line(f"starting {target.name} ({options.nodes} nodes)...")
             started.append(target)
             target.start()

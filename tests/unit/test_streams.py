@@ -144,16 +144,13 @@ def test_the_asyncio_client_matches_replies_to_requests_by_tag() -> None:
 def _send_twice(kind: str, address: str, count: int, timeout: float) -> tuple[object, object]:
     """Sends ``count`` proposals, waits for the stream to end if it does, then one more
     request, through the ``kind`` client's stream; returns both answers."""
-    def ended(stream: ProposalStream | AioProposalStream) -> bool:
-        return stream.ended
-
     if kind == "sync":
         watchdog = Watchdog()
         with grpc.insecure_channel(address) as channel:
             stream = ProposalStream(api_pb2_grpc.KVStub(channel), watchdog)
             try:
                 first = stream.send([_proposal()] * count, timeout=timeout)
-                support.wait_for(lambda: ended(stream), REPLY_TIMEOUT, "the stream to end")
+                support.wait_for(lambda: stream.ended, REPLY_TIMEOUT, "the stream to end")
                 return first, stream.send([_proposal()], timeout=timeout)
             finally:
                 stream.close()
@@ -165,7 +162,7 @@ def _send_twice(kind: str, address: str, count: int, timeout: float) -> tuple[ob
             try:
                 first = await stream.send([_proposal()] * count, timeout=timeout)
                 async with asyncio.timeout(REPLY_TIMEOUT):  # the aio stream outlives a timeout
-                    while not (ended(stream) or isinstance(first, NoReplyInTime)):
+                    while not (stream.ended or isinstance(first, NoReplyInTime)):
                         await asyncio.sleep(0.01)
                 return first, await stream.send([_proposal()], timeout=timeout)
             finally:
