@@ -79,6 +79,7 @@ GROUPS = {
     "raft": ("kvstore/node/d6_fence.py", "kvstore/node/member_table.py"),
     "membership": ("kvstore/node/membership.py",),
     "snapshotter": ("kvstore/node/snapshotter.py", "kvstore/node/send_pacing.py"),
+    "streams": ("kvstore/streams.py",),
 }
 """Every module of ``only_mutate`` in exactly one group (``check_groups``)."""
 
@@ -213,7 +214,8 @@ def reconcile(outcome: Outcome, files: tuple[str, ...] | None
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--max-children", type=int, default=WORKERS_PER_CORE * (os.cpu_count() or 1))
+    parser.add_argument("--max-children", type=int,
+                        default=WORKERS_PER_CORE * (os.cpu_count() or 1))
     parser.add_argument("--group", choices=sorted(GROUPS), help="mutate this group only")
     args = parser.parse_args(argv)
     os.chdir(ROOT)

@@ -6,14 +6,14 @@ request is "outcome unknown"; a stream that ends with requests unanswered leaves
 unknown" and takes no more; no connection at all is "not applied" (nothing left the client);
 and ended streams leave no thread behind. The servers are plain gRPC servers that take the
 stream and never answer, or end it after the first request: the two ways a node can leave a
-written request without a reply. (``kvstore/streams.py`` is not in ``make mutate``'s set yet:
-a group run left 54 of 186 mutants alive, most of them messages, thread names and equivalent
-comparisons, a few real; see the README's mutation testing section.)
+written request without a reply; others answer, late, or with bytes that are no reply. These
+tests are what ``make mutate GROUP=streams`` runs against ``kvstore/streams.py``'s mutants.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -60,24 +60,71 @@ class _Answering(api_pb2_grpc.KVServicer):
     def __init__(self, *, swap: bool = False) -> None:
         self.swap = swap
         self.tags: list[int] = []
+        self.timeouts_ms: list[int] = []
 
     def ProposeStream(self, requests: Iterator[api_pb2.ProposeStreamRequest],
                       context: grpc.ServicerContext) -> Iterator[api_pb2.ProposeStreamReply]:
         held: list[api_pb2.ProposeStreamRequest] = []
         for request in requests:
             self.tags.append(request.tag)
+            self.timeouts_ms.append(request.timeout_ms)
             held.append(request)
             if self.swap and len(held) < 2:
                 continue
             for one in reversed(held):
-                yield api_pb2.ProposeStreamReply(tag=one.tag, outcomes=[
-                    api_pb2.ProposeOutcome(result=Result(number=one.timeout_ms))
-                    for _ in one.proposals])
+                yield _reply_to(one)
             held = []
 
 
-def _serve(node: api_pb2_grpc.KVServicer) -> tuple[grpc.Server, str]:
+def _reply_to(request: api_pb2.ProposeStreamRequest) -> api_pb2.ProposeStreamReply:
+    """The reply ``_Answering`` gives: the request's tag, one outcome per proposal, each with
+    the request's ``timeout_ms`` for its result number."""
+    return api_pb2.ProposeStreamReply(tag=request.tag, outcomes=[
+        api_pb2.ProposeOutcome(result=Result(number=request.timeout_ms))
+        for _ in request.proposals])
+
+
+class _Late(api_pb2_grpc.KVServicer):
+    """A node that answers the first request only once ``release`` is set (the test sets it
+    when that request's caller has stopped waiting), and each later request at once."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def ProposeStream(self, requests: Iterator[api_pb2.ProposeStreamRequest],
+                      context: grpc.ServicerContext) -> Iterator[api_pb2.ProposeStreamReply]:
+        for request in requests:
+            if request.tag == 1:
+                self.release.wait(REPLY_TIMEOUT)
+            yield _reply_to(request)
+
+
+def _serve_unreadable() -> tuple[grpc.Server, str]:
+    """A node whose reply to each request is bytes that are no ``ProposeStreamReply``."""
+    def propose_stream(requests: Iterator[api_pb2.ProposeStreamRequest],
+                       context: grpc.ServicerContext) -> Iterator[bytes]:
+        for _ in requests:
+            yield b"\xff"  # a truncated varint: the client's parser refuses it
+
+    handler = grpc.method_handlers_generic_handler("kvstore.KV", {
+        "ProposeStream": grpc.stream_stream_rpc_method_handler(
+            propose_stream, request_deserializer=api_pb2.ProposeStreamRequest.FromString,
+            response_serializer=lambda raw: raw)})
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((handler,))
+    address = f"127.0.0.1:{support.free_port()}"
+    server.add_insecure_port(address)
+    server.start()
+    return server, address
+
+
+NODE_THREADS = "test-node"
+"""The name of each thread of the test nodes (gRPC servers) of this file begins with this."""
+
+
+def _serve(node: api_pb2_grpc.KVServicer) -> tuple[grpc.Server, str]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4,
+                                                    thread_name_prefix=NODE_THREADS))
     api_pb2_grpc.add_KVServicer_to_server(node, server)
     address = f"127.0.0.1:{support.free_port()}"
     server.add_insecure_port(address)
@@ -239,3 +286,200 @@ def test_ended_streams_leave_no_thread_behind() -> None:
         support.wait_for(lambda: threading.active_count() <= before, REPLY_TIMEOUT,
                          "the ended streams' threads to end")
     watchdog.stop()
+
+
+def test_the_watchdog_forgets_a_request_once_it_is_answered() -> None:
+    """A request answered in time leaves no deadline behind: once the watchdog has expired a
+    later deadline (another stream's, to a node that never answers), the answered request's
+    deadline is past too, and its stream is still open and answers its next request."""
+    node = _Answering()
+    server, address = _serve(node)
+    silent = _Node(end_after_first=False)
+    silent_server, silent_address = _serve(silent)
+    watchdog = Watchdog()
+    try:
+        with grpc.insecure_channel(address) as channel, \
+                grpc.insecure_channel(silent_address) as silent_channel:
+            stream = ProposalStream(api_pb2_grpc.KVStub(channel), watchdog)
+            first = stream.send([_proposal()], timeout=0.5)
+            other = ProposalStream(api_pb2_grpc.KVStub(silent_channel), watchdog)
+            unanswered = other.send([_proposal()], timeout=1.0)  # its deadline is the later
+            ended_by_the_old_deadline = stream.ended
+            second = stream.send([_proposal()], timeout=2.0)
+            other.close()
+            stream.close()
+    finally:
+        silent.stop.set()
+        watchdog.stop()
+        server.stop(None)
+        silent_server.stop(None)
+    assert isinstance(unanswered, NoReplyInTime), unanswered
+    assert not ended_by_the_old_deadline, "an answered request's deadline ended its stream"
+    assert (_numbers(first), _numbers(second)) == ([500], [2000])
+
+
+def test_the_asyncio_client_drops_a_late_reply_and_goes_on() -> None:
+    """A reply that comes after its caller stopped waiting is for nobody: the stream drops it,
+    stays open, and answers the next request with that request's own reply. The request that
+    timed out is left pending nowhere."""
+    node = _Late()
+    server, address = _serve(node)
+
+    async def run() -> tuple[object, int, object, bool]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stream = AioProposalStream(api_pb2_grpc.KVStub(channel))
+            try:
+                first = await stream.send([_proposal()], timeout=0.3)
+                pending = len(stream._waiting)  # no public view of the pending replies
+                node.release.set()  # now tag 1's reply goes out, before any later one
+                second = await stream.send([_proposal(), _proposal()], timeout=REPLY_TIMEOUT)
+                return first, pending, second, stream.ended
+            finally:
+                await stream.close()
+    try:
+        first, pending, second, ended = asyncio.run(run())
+    finally:
+        node.release.set()
+        server.stop(None)
+    assert isinstance(first, NoReplyInTime), first
+    assert pending == 0, "a request that timed out is still waiting for its reply"
+    assert _numbers(second) == [10000, 10000]
+    assert not ended, "a late reply ended the stream"
+
+
+def test_the_asyncio_client_hands_an_unreadable_reply_to_its_waiter() -> None:
+    """A reply the client cannot parse ends the asyncio stream: the waiting request gets the
+    error that ended it (outcome unknown: the request was written), and so does the next."""
+    server, address = _serve_unreadable()
+
+    async def run() -> tuple[object, object, bool]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stream = AioProposalStream(api_pb2_grpc.KVStub(channel))
+            try:
+                answer = await stream.send([_proposal()], timeout=REPLY_TIMEOUT)
+                return answer, await stream.send([_proposal()], timeout=REPLY_TIMEOUT), \
+                    stream.ended
+            finally:
+                await stream.close()
+    try:
+        answer, later, ended = asyncio.run(run())
+    finally:
+        server.stop(None)
+    assert isinstance(answer, Exception) and not isinstance(answer, grpc.RpcError), answer
+    assert ended and later is answer
+    [outcome] = outcomes_of(1, answer)
+    assert isinstance(outcome, retry.Failure) and outcome.fate is retry.Fate.OUTCOME_UNKNOWN
+
+
+def test_a_stream_the_watchdog_expired_after_its_reply_takes_no_more_requests() -> None:
+    """The watchdog can expire a stream just as its reply came (the deadline passed while the
+    caller was taking it). The stream is then ended at once, so the client opens a new one for
+    its next batch; a request sent on it anyway gets "no reply in time" and is never sent."""
+    node = _Answering()
+    server, address = _serve(node)
+    watchdog = Watchdog()
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stream = ProposalStream(api_pb2_grpc.KVStub(channel), watchdog)
+            first = stream.send([_proposal()], timeout=REPLY_TIMEOUT)
+            stream.expire()  # what the watchdog does at the deadline
+            ended = stream.ended
+            later = stream.send([_proposal()], timeout=REPLY_TIMEOUT)
+            stream.close()
+    finally:
+        watchdog.stop()
+        server.stop(None)
+    assert _numbers(first) == [10000]
+    assert ended, "an expired stream must be replaced before the next batch"
+    assert isinstance(later, NoReplyInTime), later
+    assert node.tags == [1]
+
+
+def test_the_blocking_client_hands_a_reply_it_cannot_read_to_its_caller() -> None:
+    """Whatever goes wrong while the blocking client reads the replies, its caller gets that
+    error (outcome unknown: the request was written), and the stream ends. Here the replies
+    come as raw bytes, which have no tag."""
+    server, address = _serve(_Answering())
+    watchdog = Watchdog()
+
+    class RawStub:
+        def __init__(self, channel: grpc.Channel) -> None:
+            self.ProposeStream = channel.stream_stream(
+                "/kvstore.KV/ProposeStream",
+                request_serializer=api_pb2.ProposeStreamRequest.SerializeToString)
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stream = ProposalStream(RawStub(channel), watchdog)  # type: ignore[arg-type]
+            answer = stream.send([_proposal()], timeout=REPLY_TIMEOUT)
+            ended = stream.ended
+            stream.close()
+    finally:
+        watchdog.stop()
+        server.stop(None)
+    assert isinstance(answer, AttributeError), answer
+    assert ended
+    [outcome] = outcomes_of(1, answer)
+    assert isinstance(outcome, retry.Failure) and outcome.fate is retry.Fate.OUTCOME_UNKNOWN
+
+
+def test_a_timeout_under_a_millisecond_is_sent_as_one() -> None:
+    """The node reads ``timeout_ms`` 0 as its own default: a caller's timeout below a
+    millisecond is sent as 1 ms, not 0 and not more."""
+    node = _Answering()
+    server, address = _serve(node)
+
+    async def run() -> object:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stream = AioProposalStream(api_pb2_grpc.KVStub(channel))
+            try:
+                await stream.send([_proposal()], timeout=0.0004)
+                # Its reply comes after the first request's: the node has read that one.
+                return await stream.send([_proposal()], timeout=REPLY_TIMEOUT)
+            finally:
+                await stream.close()
+    try:
+        second = asyncio.run(run())
+    finally:
+        server.stop(None)
+    assert _numbers(second) == [10000]
+    assert node.timeouts_ms == [1, 10000]
+
+
+def test_the_watchdog_thread_is_a_daemon_and_ends_when_stopped() -> None:
+    """A client that is never closed must not keep its program from exiting, and a closed one
+    leaves no thread behind."""
+    before = set(threading.enumerate())
+    watchdog = Watchdog()
+    started = [thread for thread in threading.enumerate() if thread not in before]
+    watchdog.stop()
+    assert started and all(thread.daemon for thread in started), started
+    assert not any(thread.is_alive() for thread in started), started
+
+
+@pytest.mark.parametrize("ending", ["closed", "node ended it"])
+def test_a_stream_ends_without_an_error_logged(ending: str,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """gRPC's thread that reads a stream's requests reads their end once the stream ended, not
+    one more request that it cannot send (gRPC would log that as an error, with a traceback,
+    for every stream a client ever ends)."""
+    node = _Answering() if ending == "closed" else _Node(end_after_first=True)
+    server, address = _serve(node)
+    watchdog = Watchdog()
+    before = set(threading.enumerate())
+    try:
+        with caplog.at_level(logging.WARNING):
+            with grpc.insecure_channel(address) as channel:
+                stream = ProposalStream(api_pb2_grpc.KVStub(channel), watchdog)
+                answer = stream.send([_proposal()], timeout=REPLY_TIMEOUT)
+                if ending == "closed":
+                    stream.close()
+                assert stream.ended
+            support.wait_for(lambda: not [t for t in threading.enumerate() if t not in before
+                                          and not t.name.startswith(NODE_THREADS)],
+                             REPLY_TIMEOUT, "the client's threads for the stream to end")
+    finally:
+        watchdog.stop()
+        server.stop(None)
+    assert isinstance(answer, api_pb2.ProposeStreamReply if ending == "closed" else StreamEnded)
+    assert not caplog.records, [record.getMessage() for record in caplog.records]
