@@ -5,7 +5,9 @@ Raft counts an entry as committed once a majority *stores* it. Written but not s
 means "survives a process crash", not a power loss. Here a copy counts only once it is on disk:
 
 * a follower's acknowledgement (``next_node_idx``) leaves only once the entries it claims are
-  synced: the leader counts only durable follower copies. The sync runs on a thread of its own
+  synced: the leader counts only durable follower copies. While the disk is quick the follower
+  syncs on its tick thread, right before the acknowledgement leaves
+  (``kvstore.node.quick_disk``); otherwise the sync runs on a thread of its own
   (``kvstore.node.sync_thread``), which holds the acknowledgement until then, so a slow disk
   does not stop the follower's tick loop (it still reads the leader's heartbeats);
 * the leader's own copy counts toward a commit only once it is synced. Its sync runs on the
@@ -58,13 +60,15 @@ def fenced_commit(commit: int, floor: int, synced: int, follower_matches: list[i
 
 
 def install(syncobj: SyncObj, internals: Internals, counters: Counter[str], *,
-            alone: bool, wake: Callable[[], None]) -> tuple[Callable[[], None], SyncThread]:
+            alone: bool, wake: Callable[[], None],
+            disk_busy: Callable[[], bool] | None) -> tuple[Callable[[], None], SyncThread]:
     """Wraps the transport and the apply step; returns the hook to run at the end of every
     tick, just before it waits for messages, and the sync thread (to stop). ``alone``: a cluster
     of one node; ``wake``: makes the tick thread's wait return (the sync thread calls it when
-    done)."""
+    done); ``disk_busy``: whether the node writes a snapshot now (None: a follower never syncs
+    on its tick thread, ``kvstore.node.quick_disk``)."""
     journal: Journal = internals.raft_log
-    syncer = SyncThread(journal, internals.transport.send, wake, counters)
+    syncer = SyncThread(journal, internals.transport.send, wake, counters, disk_busy=disk_busy)
     internals.transport.send = syncer.send
     reached = [syncobj.raftCommitIndex]
     """The commit index as the last apply step found it, fenced: one that is committed."""

@@ -131,6 +131,10 @@ class RaftOptions:
     background_snapshots: bool = True
     """Take and install snapshots off the tick thread (``kvstore.node.snapshotter``). False
     does both on the tick thread, as PySyncObj calls them: a control for benchmarks and tests."""
+    quick_syncs_inline: bool = True
+    """While the disk is quick, a follower makes the sync its acknowledgement waits for on its
+    tick thread (``kvstore.node.quick_disk``). False: always on the sync thread (the tests of
+    that thread's holding, and a control for benchmarks)."""
 
     def bootstrap_table(self) -> Table:
         if self.members is not None:
@@ -281,8 +285,11 @@ class RaftNode(SyncObj):
                 hold=self._n_hold, on_fatal=self._n_fail)
             self.add_tick_hook(self.membership.on_tick)
         if options.fsync:
+            snapshotter = self._n_snapshotter
             sync, self._n_sync_thread = durable.install(
-                self, self.internals, self.counters, alone=not others, wake=self._n_wake)
+                self, self.internals, self.counters, alone=not others, wake=self._n_wake,
+                disk_busy=(lambda: snapshotter.writes_to_disk)
+                if options.quick_syncs_inline else None)
             self.add_tick_hook(sync)
             if not others:  # a lone leader commits as soon as it ticks: sync before that
                 self._n_sync_before_commit = sync
@@ -510,6 +517,10 @@ class RaftNode(SyncObj):
                 waits = may_wait(bool(internals.queue), self.raftCommitIndex,
                                  self.raftLastApplied, self._n_snapshotter.restoring)
                 self.doTick(idle if waits else 0.0)
+                if self._n_sync_thread is not None:
+                    # What the sync thread finished while the tick thread waited leaves now,
+                    # not after the next pass's apply and hooks.
+                    self._n_sync_thread.release()
             except JournalFailed:
                 break  # fail-stop: the journal has said why (status: fatal)
             except Exception:

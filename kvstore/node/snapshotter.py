@@ -267,6 +267,11 @@ class Snapshotter:
         """A snapshot is being decoded: applying must wait until it is swapped in."""
         return self._restoring is not None
 
+    @property
+    def writes_to_disk(self) -> bool:
+        """A snapshot is being written or received here (a sync now may wait behind it)."""
+        return self._writing is not None or self._incoming is not None
+
     def activity(self) -> list[str]:
         """What is in progress, for the node's status."""
         doing = []

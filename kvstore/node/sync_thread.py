@@ -23,6 +23,10 @@ name durable (``fsync_directory_later``: nothing waits for it, the journal syncs
 again before it drops an entry the dump covers). A term or
 vote is still stored on the tick thread before the message that reflects it is sent.
 
+While the disk is quick, the sync an acknowledgement waits for is made on the tick thread
+instead, right before the acknowledgement leaves (``kvstore.node.quick_disk`` says when): the
+hand-off to this thread and back cost a follower's turn more than the sync itself.
+
 The leader's journal is synced here too (a ``request`` at the end of each tick): it holds no
 acknowledgement, and its commit counts its own copy only up to ``synced_index``
 (``kvstore.node.durable``). A cluster of one node still syncs on its tick thread.
@@ -37,6 +41,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from kvstore.node.journal import Journal, JournalFailed, SyncPoint, fsync_path
+from kvstore.node.quick_disk import QuickDisk
 
 log = logging.getLogger("kvstore.node.sync_thread")
 
@@ -57,7 +62,10 @@ class SyncThread:
     """Syncs the journal in the background and holds acknowledgements until it has."""
 
     def __init__(self, journal: Journal, send: Callable[[Any, Any], Any],
-                 wake: Callable[[], None], counters: Counter[str]) -> None:
+                 wake: Callable[[], None], counters: Counter[str], *,
+                 disk_busy: Callable[[], bool] | None = None) -> None:
+        """``disk_busy``: whether this node writes something else to the disk now (a
+        snapshot); None: the tick thread never syncs (every sync is made here)."""
         self._journal = journal
         self._send = send
         self._wake = wake
@@ -71,10 +79,15 @@ class SyncThread:
         self._reclaiming: Iterator[None] | None = None
         """The compaction in progress (this thread only)."""
         self._stopped = False
+        self._busy = False
+        """This thread is doing what it was asked (set and cleared under ``_cond``)."""
+        self._disk_busy = disk_busy
+        self.disk = QuickDisk()
         self._cond = threading.Condition()
         counters["journal_background_fsyncs"] = 0  # only this thread writes it, from now on
         counters["journal_file_compactions"] = 0  # this one too
         counters["acks_held"] += 0
+        counters["journal_inline_fsyncs"] += 0  # syncs made on the tick thread (quick_disk)
         journal.store_meta_later = self._want_meta
         journal.reclaim_later = self._want_reclaim
         self._thread = threading.Thread(target=self._run, daemon=True, name="journal-sync")
@@ -83,8 +96,13 @@ class SyncThread:
     # -- on the tick thread ---------------------------------------------------------------
 
     def send(self, node: Any, message: Any) -> Any:
-        """In place of the transport's ``send``: sends now, or holds until durable."""
-        if self._held or claims(message) > self._journal.synced_index:
+        """In place of the transport's ``send``: sends now (after a sync on this thread, if
+        the disk is quick), or holds until durable."""
+        claim = claims(message)
+        if not self._held and claim > self._journal.synced_index and self._may_sync_here():
+            self.disk.timed(self._journal.sync)
+            self._counters["journal_inline_fsyncs"] += 1
+        if self._held or claim > self._journal.synced_index:
             self._held.append((node, message))
             self._counters["acks_held"] += 1
             self.request()
@@ -101,6 +119,15 @@ class SyncThread:
                 self._wanted.close()  # the new point covers it
             self._wanted = point
             self._cond.notify()
+
+    def _may_sync_here(self) -> bool:
+        """``kvstore.node.quick_disk``'s rule: nothing else of ours on the disk, which was quick."""
+        if self._disk_busy is None or self._disk_busy() or not self.disk.quick():
+            return False
+        with self._cond:
+            return not (self._busy or self._wanted is not None or self._meta_wanted
+                        or self._reclaim_wanted or self._reclaiming is not None
+                        or self._directories)
 
     def release(self) -> None:
         """Sends, in order, the held messages whose claims are now on disk."""
@@ -140,6 +167,7 @@ class SyncThread:
     def _run(self) -> None:
         while True:
             with self._cond:
+                self._busy = False
                 while (self._wanted is None and not self._meta_wanted and not self._stopped
                        and not self._reclaim_wanted and self._reclaiming is None
                        and not self._directories):
@@ -152,6 +180,7 @@ class SyncThread:
                 if self._reclaiming is None and self._reclaim_wanted:
                     self._reclaim_wanted = False
                     self._reclaiming = self._journal.reclaim()
+                self._busy = True
             try:
                 if point is not None:
                     self._journal.synced_in_background(point)

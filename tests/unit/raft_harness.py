@@ -205,7 +205,7 @@ def harnesses(directory: Path) -> Iterator[Callable[..., Harness]]:
     nodes: list[RaftNode] = []
 
     def make(*, fenced: bool = True, fsync: bool = False, peers: int = 1,
-             profile: TimerProfile = FAST) -> Harness:
+             profile: TimerProfile = FAST, quick_syncs_inline: bool = True) -> Harness:
         port = free_port()
         node = RaftNode(StateMachine(cluster_id=1), RaftOptions(
             self_address=f"127.0.0.1:{port}",
@@ -219,6 +219,7 @@ def harnesses(directory: Path) -> Iterator[Callable[..., Harness]]:
             # wraps it too), so the plain node is PySyncObj 0.3.17's.
             membership_fence=fenced,
             fsync=fsync,
+            quick_syncs_inline=quick_syncs_inline,
         ))
         nodes.append(node)
         return Harness(node)

@@ -79,7 +79,7 @@ def make_harness(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
     if reason:
         pytest.skip(reason)
     with harnesses(tmp_path) as make:
-        yield lambda fsync, peers=1: make(fsync=fsync, peers=peers)
+        yield lambda fsync, peers=1, **options: make(fsync=fsync, peers=peers, **options)
 
 
 def journal(h: Harness) -> Path:
@@ -211,7 +211,8 @@ def test_one_flush_per_write_and_none_when_nothing_was_written(
         make_harness: Callable[[bool], Harness], fsynced: list[str]) -> None:
     """The durable mode costs one fsync of the journal per batch of new entries (group commit
     amortises it), none on a tick or an acknowledgement that stored nothing; and
-    ``journal_fsyncs`` counts exactly those."""
+    ``journal_fsyncs`` (a lone node's), ``journal_inline_fsyncs`` (a follower's on its tick
+    thread) and ``journal_background_fsyncs`` count exactly those."""
     h = make_harness(True)
     h.follow(entries_term=1, commit=1)
     wait_for(lambda: h.replies()[-1:] == [next_node_idx(LAST + 1, success=True, reset=False)],
@@ -231,8 +232,8 @@ def test_one_flush_per_write_and_none_when_nothing_was_written(
     assert len(h.replies()) == replies + 1  # the heartbeat's reply, not held
     assert journal_fsyncs(h, fsynced) == after_setup + 1
     counters = h.node.counters
-    assert (counters["journal_fsyncs"] + counters["journal_background_fsyncs"]
-            == journal_fsyncs(h, fsynced))
+    assert (counters["journal_fsyncs"] + counters["journal_inline_fsyncs"]
+            + counters["journal_background_fsyncs"] == journal_fsyncs(h, fsynced))
 
 
 def test_a_leaders_append_leaves_before_its_flush(make_harness: Callable[[bool], Harness],
@@ -280,11 +281,12 @@ def test_the_order_check_counts_a_commit_beyond_what_the_leader_flushed(
 
 def test_a_slow_sync_holds_the_acknowledgement_while_the_tick_loop_keeps_passing(
         make_harness: Callable[[bool], Harness], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The follower's sync runs on its own thread (``kvstore.node.sync_thread``): while the disk
-    is slow (here: the sync thread's fdatasync waits for the test), the tick loop keeps passing
-    and reading messages, and the reply that claims the new entries waits for the sync. A
-    heartbeat received meanwhile is handled; its reply queues behind the held one."""
-    h = make_harness(True)
+    """The follower's sync runs on its own thread (``kvstore.node.sync_thread``; always, with
+    ``quick_syncs_inline`` off): while the disk is slow (here: the sync thread's fdatasync waits
+    for the test), the tick loop keeps passing and reading messages, and the reply that claims
+    the new entries waits for the sync. A heartbeat received meanwhile is handled; its reply
+    queues behind the held one."""
+    h = make_harness(True, quick_syncs_inline=False)
     h.follow(entries_term=1, commit=1)
     wait_for(lambda: h.replies()[-1:] == [next_node_idx(LAST + 1, success=True, reset=False)],
              "the follower's reply to the set-up")

@@ -120,13 +120,14 @@ def test_a_dump_is_the_state_at_its_index_while_applies_go_on(tmp_path: Path,
     s = make(tmp_path, sm)
     s.serialize(raft_data(100), 99)
     assert s.checkSerializing()[0] == SERIALIZER_STATE.SERIALIZING
-    assert s.activity() == ["writing"]
+    assert s.activity() == ["writing"] and s.writes_to_disk  # a follower's syncs: not inline
     for i in range(500):  # the tick thread applies more entries while the writer works
         put(sm, b"k%06d" % i, b"changed")
     put(sm, b"new", b"key")
     sm.apply(encode_entry(Session(CLUSTER, 1, series_id=2), ops.incr(b"c")))
     slow_pieces.set()
     assert finish_write(s) == SERIALIZER_STATE.SUCCESS
+    assert not s.writes_to_disk
     dump = dump_file.read(str(tmp_path / "raft.dump"))
     assert dump.snapshot == at_index != sm.snapshot()
     assert dump.meta["last"] == [b"last".hex(), 100, 2]
@@ -598,6 +599,7 @@ def test_sending_is_shown_counted_and_ends_with_the_file_closed(tmp_path: Path) 
     assert first and len(first[0]) == min(4096, size) and first[1]
     assert s.getTransmissionData(other)
     assert s.sending and s.activity() == ["sending:127.0.0.1:7002", "sending:127.0.0.1:7003"]
+    assert not s.writes_to_disk  # sending reads the dump
     assert s._counters["snapshots_sent_started"] == 2
     s.cancelTransmisstion(other)
     s.cancelTransmisstion(other)  # cancelling one not in flight: nothing to do
@@ -623,9 +625,9 @@ def test_stop_ends_every_transmission_and_the_incoming_dump(tmp_path: Path) -> N
     s = written_dump(tmp_path)
     assert s.getTransmissionData(TCPNode("127.0.0.1:7002"))
     assert not s.setTransmissionData((b"piece", True, False))
-    assert s.activity() == ["receiving", "sending:127.0.0.1:7002"]
+    assert s.activity() == ["receiving", "sending:127.0.0.1:7002"] and s.writes_to_disk
     s.stop()
-    assert s.activity() == [] and not s.sending
+    assert s.activity() == [] and not s.sending and not s.writes_to_disk
     assert not s.setTransmissionData((b"more", False, False)), "no dump is being received"
 
 

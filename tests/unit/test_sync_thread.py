@@ -7,7 +7,9 @@ is synced up to N; what is sent after a held message waits behind it.
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from kvstore.node import recovery, sync_thread
+from kvstore.node import quick_disk, recovery, sync_thread
 from kvstore.node.journal import Journal
 from kvstore.node.meta_file import MetaFile
 from kvstore.node.sync_thread import SyncThread, claims
@@ -39,6 +41,13 @@ class Wire:
 
     def wake(self) -> None:
         self.wakes += 1
+
+
+def open_journal(tmp_path: Path) -> Journal:
+    path = str(tmp_path / recovery.JOURNAL)
+    Journal.create(path)
+    return Journal.open(path, MetaFile(str(tmp_path / recovery.META)),
+                        str(tmp_path / recovery.DUMP))
 
 
 @pytest.fixture
@@ -289,7 +298,7 @@ def test_its_counters_are_there_from_the_start(tmp_path: Path) -> None:
     syncer = SyncThread(journal, wire.send, wire.wake, counters)
     try:
         assert counters == {"journal_background_fsyncs": 0, "journal_file_compactions": 0,
-                            "acks_held": 3}
+                            "acks_held": 3, "journal_inline_fsyncs": 0}
     finally:
         syncer.stop()
         journal._destroy()
@@ -303,3 +312,116 @@ def test_it_stores_the_meta_only_when_asked(
     support.wait_for(lambda: journal.synced_index == 1, DEADLINE, "the background sync")
     syncer.stop()  # the thread has run: it has done what it was asked, and only that
     assert journal.meta_file.stored is None
+
+
+# -- the sync on the tick thread, while the disk is quick (kvstore.node.quick_disk) -------------
+
+
+class Inline:
+    """A sync thread that may sync on the calling thread (here, the test's: the tick thread),
+    with a switch for "this node writes a snapshot now"."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.journal = open_journal(tmp_path)
+        self.wire, self.counters = Wire(), Counter[str]()
+        self.snapshot_written = False
+        self.syncer = SyncThread(self.journal, self.wire.send, self.wire.wake, self.counters,
+                                 disk_busy=lambda: self.snapshot_written)
+
+    def close(self) -> None:
+        self.syncer.stop()
+        self.journal._destroy()
+
+
+@pytest.fixture
+def inline(tmp_path: Path) -> Iterator[Inline]:
+    parts = Inline(tmp_path)
+    yield parts
+    parts.close()
+
+
+def synced_on(monkeypatch: pytest.MonkeyPatch, delay: float = 0.0) -> list[str]:
+    """The names of the threads that call ``fdatasync`` from now on (each waits ``delay``)."""
+    names: list[str] = []
+    real = os.fdatasync
+
+    def recorded(fd: int) -> None:
+        names.append(threading.current_thread().name)
+        time.sleep(delay)  # the injected fault: a slow disk
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", recorded)
+    return names
+
+
+def test_with_a_quick_disk_the_acknowledgement_is_synced_on_the_tick_thread_and_sent_at_once(
+        inline: Inline, monkeypatch: pytest.MonkeyPatch) -> None:
+    threads = synced_on(monkeypatch)
+    inline.journal.add(b"one", 1, 1)
+    inline.journal.add(b"two", 2, 1)
+    inline.syncer.send("leader", ack(3))
+    assert inline.wire.sent == [ack(3)]
+    assert threads == [threading.current_thread().name]
+    assert inline.journal.synced_index == 2 and not inline.journal.dirty
+    assert inline.counters["journal_inline_fsyncs"] == 1 and inline.counters["acks_held"] == 0
+
+
+def test_without_a_disk_check_every_sync_is_left_to_the_sync_thread(
+        parts: tuple[Journal, SyncThread, Wire], monkeypatch: pytest.MonkeyPatch) -> None:
+    journal, syncer, wire = parts  # made without disk_busy: RaftOptions.quick_syncs_inline off
+    threads = synced_on(monkeypatch)
+    journal.add(b"one", 1, 1)
+    syncer.send("leader", ack(2))
+    assert wire.sent == []
+    support.wait_for(lambda: journal.synced_index == 1, DEADLINE, "the background sync")
+    assert threads == ["journal-sync"]
+
+
+def test_while_a_snapshot_is_written_the_acknowledgement_waits_for_the_sync_thread(
+        inline: Inline, monkeypatch: pytest.MonkeyPatch) -> None:
+    threads = synced_on(monkeypatch)
+    inline.snapshot_written = True
+    inline.journal.add(b"one", 1, 1)
+    inline.syncer.send("leader", ack(2))
+    assert inline.wire.sent == [] and inline.counters["acks_held"] == 1
+    support.wait_for(lambda: inline.wire.wakes > 0, DEADLINE, "the background sync")
+    inline.syncer.release()
+    assert inline.wire.sent == [ack(2)] and threads == ["journal-sync"]
+
+
+def test_while_the_sync_thread_is_busy_the_tick_thread_does_not_sync_beside_it(
+        inline: Inline, monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = threading.Event()
+    real = inline.journal.synced_in_background
+
+    def stuck(point: Any) -> None:
+        gate.wait(DEADLINE)  # the sync thread's disk does not answer yet
+        real(point)
+
+    monkeypatch.setattr(inline.journal, "synced_in_background", stuck)
+    inline.journal.add(b"one", 1, 1)
+    inline.syncer.request()  # the end of a pass asks the sync thread
+    inline.journal.add(b"two", 2, 1)
+    try:
+        inline.syncer.send("leader", ack(3))
+        assert inline.wire.sent == [] and inline.counters["journal_inline_fsyncs"] == 0
+    finally:
+        gate.set()
+    support.wait_for(lambda: inline.journal.synced_index == 2, DEADLINE, "the syncs")
+    inline.syncer.release()
+    assert inline.wire.sent == [ack(3)]
+
+
+def test_after_a_slow_sync_on_the_tick_thread_the_next_ones_go_to_the_sync_thread(
+        inline: Inline, monkeypatch: pytest.MonkeyPatch) -> None:
+    threads = synced_on(monkeypatch, delay=2 * quick_disk.QUICK_SYNC)
+    inline.journal.add(b"one", 1, 1)
+    inline.syncer.send("leader", ack(2))  # synced here, slowly
+    assert inline.wire.sent == [ack(2)] and inline.syncer.disk.slow_syncs == 1
+    inline.journal.add(b"two", 2, 1)
+    inline.syncer.send("leader", ack(3))
+    assert inline.wire.sent == [ack(2)], "the tick thread synced again after a slow sync"
+    support.wait_for(lambda: inline.wire.wakes > 0, DEADLINE, "the background sync")
+    inline.syncer.release()
+    assert inline.wire.sent == [ack(2), ack(3)]
+    assert threads == [threading.current_thread().name, "journal-sync"]
