@@ -90,14 +90,16 @@ def kind(message: Any) -> Any:
     return message.get("type") if type(message) is dict else None
 
 
+@pytest.mark.parametrize("inline", [True, False], ids=["quick-disk-inline", "sync-thread"])
 @pytest.mark.parametrize("fsync", [DURABLE, NOT_DURABLE])
 def test_a_follower_acknowledges_only_entries_that_are_on_disk(
-        make_harness: Callable[[bool], Harness], fsync: bool) -> None:
+        make_harness: Callable[..., Harness], fsync: bool, inline: bool) -> None:
     """A follower's success reply makes the leader count its copy toward a commit: when the
     reply leaves, the entries it acknowledges must be on disk (no dirty page in the journal).
-    The end-of-tick flush comes too late for that: the reply left before it. (The reply waits
-    for the sync thread, ``kvstore.node.sync_thread``.)"""
-    h = make_harness(fsync)
+    The end-of-tick flush comes too late for that: the reply left before it. (The reply is
+    synced on the tick thread while the disk is quick, ``kvstore.node.quick_disk``, or waits
+    for the sync thread, ``kvstore.node.sync_thread``: both ways are checked.)"""
+    h = make_harness(fsync, quick_syncs_inline=inline)
     h.wire.probe = lambda m: dirty_pages(journal(h)) if kind(m) == "next_node_idx" else None
 
     h.follow(entries_term=1, commit=1)
@@ -115,6 +117,32 @@ def test_a_follower_acknowledges_only_entries_that_are_on_disk(
     assert [m["next_node_idx"] for m, _ in acks] == [LAST + 1, LAST + 3]
     with on_disk_rule("a follower's acknowledged entries are on disk when it acknowledges"):
         assert [dirty for _, dirty in acks] == [0, 0]
+
+
+def test_a_follower_with_a_quick_disk_syncs_on_its_tick_thread(
+        make_harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the disk is quick and no snapshot is written, the sync an acknowledgement waits
+    for is made on the tick thread (``kvstore.node.quick_disk``), not handed to the sync
+    thread and back; with ``quick_syncs_inline`` off, on the sync thread."""
+    threads: list[str] = []
+    real = os.fdatasync
+
+    def recorded(fd: int) -> None:
+        threads.append(threading.current_thread().name)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", recorded)
+    for inline, syncing_thread in ((True, "raft-tick-"), (False, "journal-sync")):
+        h = make_harness(True, quick_syncs_inline=inline)
+        h.follow(entries_term=1, commit=1)
+        wait_for(lambda: h.replies()[-1:] == [next_node_idx(LAST + 1, success=True, reset=False)],
+                 "the follower's reply to the set-up")
+        threads.clear()
+        h.receive(append(1, prev=(LAST, 1), entries=range(LAST + 1, LAST + 3), commit=1))
+        wait_for(lambda: h.replies()[-1:] == [next_node_idx(LAST + 3, success=True, reset=False)],
+                 "the follower's reply")
+        assert threads and all(t.startswith(syncing_thread) for t in threads), threads
+        assert (h.node.counters["journal_inline_fsyncs"] > 0) == inline
 
 
 def propose_entry_3(h: Harness) -> None:

@@ -294,11 +294,11 @@ def test_its_counters_are_there_from_the_start(tmp_path: Path) -> None:
     Journal.create(path)
     journal = Journal.open(path, MetaFile(str(tmp_path / recovery.META)),
                            str(tmp_path / recovery.DUMP))
-    wire, counters = Wire(), Counter({"acks_held": 3})
+    wire, counters = Wire(), Counter({"acks_held": 3, "journal_inline_fsyncs": 2})
     syncer = SyncThread(journal, wire.send, wire.wake, counters)
     try:
         assert counters == {"journal_background_fsyncs": 0, "journal_file_compactions": 0,
-                            "acks_held": 3, "journal_inline_fsyncs": 0}
+                            "acks_held": 3, "journal_inline_fsyncs": 2}
     finally:
         syncer.stop()
         journal._destroy()
@@ -391,16 +391,18 @@ def test_while_a_snapshot_is_written_the_acknowledgement_waits_for_the_sync_thre
 
 def test_while_the_sync_thread_is_busy_the_tick_thread_does_not_sync_beside_it(
         inline: Inline, monkeypatch: pytest.MonkeyPatch) -> None:
-    gate = threading.Event()
+    gate, inside = threading.Event(), threading.Event()
     real = inline.journal.synced_in_background
 
     def stuck(point: Any) -> None:
+        inside.set()
         gate.wait(DEADLINE)  # the sync thread's disk does not answer yet
         real(point)
 
     monkeypatch.setattr(inline.journal, "synced_in_background", stuck)
     inline.journal.add(b"one", 1, 1)
     inline.syncer.request()  # the end of a pass asks the sync thread
+    assert inside.wait(DEADLINE), "the sync thread never started the sync"
     inline.journal.add(b"two", 2, 1)
     try:
         inline.syncer.send("leader", ack(3))
@@ -425,3 +427,32 @@ def test_after_a_slow_sync_on_the_tick_thread_the_next_ones_go_to_the_sync_threa
     inline.syncer.release()
     assert inline.wire.sent == [ack(2), ack(3)]
     assert threads == [threading.current_thread().name, "journal-sync"]
+
+
+@pytest.mark.parametrize("work", ["a sync", "a meta store", "a compaction asked for",
+                                  "a compaction under way", "a directory sync", "busy"])
+def test_while_the_sync_thread_has_work_the_tick_thread_leaves_the_sync_to_it(
+        inline: Inline, work: str) -> None:
+    """Each kind of work the sync thread may have, asked for or under way, keeps the tick thread
+    from syncing beside it (held here under the thread's lock, so that it never takes it)."""
+    syncer = inline.syncer
+    inline.journal.add(b"one", 1, 1)
+    with syncer._cond:  # re-entrant: send() takes it again on this thread
+        if work == "a sync":
+            syncer.request()  # asked for; the thread takes it once the lock is free
+        else:
+            attribute, value = {
+                "a meta store": ("_meta_wanted", True),
+                "a compaction asked for": ("_reclaim_wanted", True),
+                "a compaction under way": ("_reclaiming", iter(())),
+                "a directory sync": ("_directories", {"/nowhere"}), "busy": ("_busy", True),
+            }[work]
+            before = getattr(syncer, attribute)
+            setattr(syncer, attribute, value)
+        syncer.send("leader", ack(2))
+        assert inline.wire.sent == [] and inline.counters["journal_inline_fsyncs"] == 0
+        if work != "a sync":
+            setattr(syncer, attribute, before)
+    support.wait_for(lambda: inline.wire.wakes > 0, DEADLINE, "the background sync")
+    syncer.release()
+    assert inline.wire.sent == [ack(2)]
