@@ -17,6 +17,8 @@ import logging
 import threading
 from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
+from typing import Any
 
 import grpc
 import pytest
@@ -141,24 +143,30 @@ def _numbers(reply: object) -> list[int]:
     return [outcome.result.number for outcome in reply.outcomes]
 
 
+@contextmanager
+def _blocking_stream(node: Any) -> Iterator[ProposalStream]:
+    """A blocking client's stream to ``node`` served on 127.0.0.1; all stopped at the end."""
+    server, address = _serve(node)
+    watchdog = Watchdog()
+    try:
+        with grpc.insecure_channel(address) as channel:
+            yield ProposalStream(api_pb2_grpc.KVStub(channel), watchdog)
+    finally:
+        watchdog.stop()
+        server.stop(None)
+
+
 def test_the_blocking_client_gets_each_reply_and_the_stream_goes_on() -> None:
     """Two requests one after the other on one stream: each is sent with its own tag and the
     caller's timeout in milliseconds, each caller gets its own reply, and a stream that
     answered is not ended."""
     node = _Answering()
-    server, address = _serve(node)
-    watchdog = Watchdog()
-    try:
-        with grpc.insecure_channel(address) as channel:
-            stream = ProposalStream(api_pb2_grpc.KVStub(channel), watchdog)
-            first = stream.send([_proposal(), _proposal()], timeout=2.0)
-            second = stream.send([_proposal()], timeout=3.0)
-            assert not stream.ended
-            stream.close()
-            assert stream.ended
-    finally:
-        watchdog.stop()
-        server.stop(None)
+    with _blocking_stream(node) as stream:
+        first = stream.send([_proposal(), _proposal()], timeout=2.0)
+        second = stream.send([_proposal()], timeout=3.0)
+        assert not stream.ended
+        stream.close()
+        assert stream.ended
     assert node.tags == [1, 2]
     assert (_numbers(first), _numbers(second)) == ([2000, 2000], [3000])
 
@@ -376,19 +384,12 @@ def test_a_stream_the_watchdog_expired_after_its_reply_takes_no_more_requests() 
     caller was taking it). The stream is then ended at once, so the client opens a new one for
     its next batch; a request sent on it anyway gets "no reply in time" and is never sent."""
     node = _Answering()
-    server, address = _serve(node)
-    watchdog = Watchdog()
-    try:
-        with grpc.insecure_channel(address) as channel:
-            stream = ProposalStream(api_pb2_grpc.KVStub(channel), watchdog)
-            first = stream.send([_proposal()], timeout=REPLY_TIMEOUT)
-            stream.expire()  # what the watchdog does at the deadline
-            ended = stream.ended
-            later = stream.send([_proposal()], timeout=REPLY_TIMEOUT)
-            stream.close()
-    finally:
-        watchdog.stop()
-        server.stop(None)
+    with _blocking_stream(node) as stream:
+        first = stream.send([_proposal()], timeout=REPLY_TIMEOUT)
+        stream.expire()  # what the watchdog does at the deadline
+        ended = stream.ended
+        later = stream.send([_proposal()], timeout=REPLY_TIMEOUT)
+        stream.close()
     assert _numbers(first) == [10000]
     assert ended, "an expired stream must be replaced before the next batch"
     assert isinstance(later, NoReplyInTime), later
