@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cli.bench.common import client_tls
 from cli.bench.etcd import EtcdTarget
 from cli.bench.load import make_driver
 from cli.bench.ours import OursTarget
@@ -139,7 +140,8 @@ class Capture:
             said += line
 
     def stop(self) -> list[Packet]:
-        time.sleep(0.2)  # the last packets reach tcpdump's buffer
+        # Packets still in flight are lost: the write they belong to is then seen only in part,
+        # and ``stages`` does not count it.
         self._proc.terminate()
         self._proc.communicate(timeout=10)
         self._out.seek(0)
@@ -159,7 +161,8 @@ class Round:
 def one_round(driver: Any, leader: int, pids: Sequence[int], seconds: float) -> Round:
     """Writes for ``WARM_UP + seconds``, capturing the last ``seconds``."""
     state = driver.open(0)
-    latencies: list[float] = []
+    writes_timed: list[tuple[float, float]] = []
+    """(start, duration) of each write: the writer appends, the round reads once it stopped."""
     stop = threading.Event()
 
     def writes() -> None:
@@ -167,7 +170,7 @@ def one_round(driver: Any, leader: int, pids: Sequence[int], seconds: float) -> 
         while not stop.is_set():
             started = time.perf_counter()
             driver.write(state, b"stage-%d" % (i % 1000), b"v" * VALUE_SIZE)
-            latencies.append(time.perf_counter() - started)
+            writes_timed.append((started, time.perf_counter() - started))
             i += 1
 
     writer = threading.Thread(target=writes, name="write-stages-client")
@@ -178,13 +181,14 @@ def one_round(driver: Any, leader: int, pids: Sequence[int], seconds: float) -> 
                                             check=True).stdout)
         ours = {port for port, pid in owners.items() if pid in (*pids, os.getpid())}
         capture = Capture(ours)
-        latencies.clear()
+        captured_from = time.perf_counter()
         time.sleep(seconds)
         packets = capture.stop()
     finally:
         stop.set()
         writer.join(30)
         driver.close(state)
+    latencies = [took for started, took in writes_timed if started >= captured_from]
     cut = stages(packets, owners.get, os.getpid(), leader)
     if not cut["leader in"]:
         raise SystemExit("write_stages: no write seen on the wire (is the capture allowed?)")
@@ -193,18 +197,12 @@ def one_round(driver: Any, leader: int, pids: Sequence[int], seconds: float) -> 
 
 
 def our_leader(target: OursTarget) -> int:
-    with Client(target.endpoints, tls=load_tls(target)) as client:
+    with Client(target.endpoints, tls=client_tls(target.tls_files)) as client:
         for endpoint in target.endpoints:
             status = client.status(endpoint)
             if status.role == "leader":
                 return status.pid
     raise SystemExit("write_stages: our cluster has no leader")
-
-
-def load_tls(target: OursTarget) -> Any:
-    from cli.bench.common import client_tls
-
-    return client_tls(target.tls_files)
 
 
 def main() -> None:

@@ -125,9 +125,12 @@ class SyncThread:
         if self._disk_busy is None or self._disk_busy() or not self.disk.quick():
             return False
         with self._cond:
-            return not (self._busy or self._wanted is not None or self._meta_wanted
-                        or self._reclaim_wanted or self._reclaiming is not None
-                        or self._directories)
+            return not (self._busy or self._has_work())
+
+    def _has_work(self) -> bool:
+        """Work asked of the sync thread or under way on it; call with ``_cond`` held."""
+        return bool(self._wanted is not None or self._meta_wanted or self._reclaim_wanted
+                    or self._reclaiming is not None or self._directories)
 
     def release(self) -> None:
         """Sends, in order, the held messages whose claims are now on disk."""
@@ -168,9 +171,7 @@ class SyncThread:
         while True:
             with self._cond:
                 self._busy = False
-                while (self._wanted is None and not self._meta_wanted and not self._stopped
-                       and not self._reclaim_wanted and self._reclaiming is None
-                       and not self._directories):
+                while not self._stopped and not self._has_work():
                     self._cond.wait()
                 if self._stopped:
                     return
