@@ -62,6 +62,7 @@ from kvstore.node import (
     recovery,
     snapshot_turns,
 )
+from kvstore.node.append_rounds import round_open
 from kvstore.node.internals import Internals
 from kvstore.node.journal import Journal, JournalFailed
 from kvstore.node.member_table import MemberInfo, Role, Table, bootstrap
@@ -135,6 +136,10 @@ class RaftOptions:
     """While the disk is quick, a follower makes the sync its acknowledgement waits for on its
     tick thread (``kvstore.node.quick_disk``). False: always on the sync thread (the tests of
     that thread's holding, and a control for benchmarks)."""
+    one_round_in_flight: bool = True
+    """A leader's new proposals wait while its last entry is on no majority yet, then leave as
+    one batch (``kvstore.node.append_rounds``). False: each pass appends what is waiting (a
+    control for benchmarks, and the tests that append while a round is open)."""
 
     def bootstrap_table(self) -> Table:
         if self.members is not None:
@@ -223,6 +228,9 @@ class RaftNode(SyncObj):
         self._n_sync_thread: SyncThread | None = None
         self._n_crypto = WireCrypto(options.password)
         self._n_hold_proposals = False
+        self._n_round_open = False
+        """Set by the tick thread at the start of each pass (``append_rounds``): proposals
+        submitted meanwhile need no wake-up, the acknowledgement that closes the round is one."""
         self.membership: membership.Membership | None = None
         self._n_journal = recovery.prepare(options.data_dir)  # CannotRestart: one line
         self._n_journal.on_failure = self._n_fail_stop
@@ -336,7 +344,8 @@ class RaftNode(SyncObj):
             raise NotApplied("NODE_FAILED", self._n_fatal)
         if self._n_options.profile.driven:
             self._n_waiting.append((bytes(entry), waiter))
-            self._n_wake()
+            if not self._n_round_open:  # read after the append: see _n_drive
+                self._n_wake()
         else:
             self._n_apply_batch(encode_batch([bytes(entry)]), callback=BatchCallback([waiter]))
 
@@ -351,7 +360,8 @@ class RaftNode(SyncObj):
             return
         queued = [(bytes(entry), waiter) for entry, waiter in zip(entries, waiters, strict=True)]
         self._n_waiting.extend(queued)  # one C call: the tick thread sees all or none
-        self._n_wake()
+        if not self._n_round_open:  # read after the append: see _n_drive
+            self._n_wake()
 
     def propose(self, entry: bytes, timeout: float) -> bytes:
         """Replicates ``entry`` and returns the state machine's result, blocking this thread.
@@ -504,7 +514,11 @@ class RaftNode(SyncObj):
         while not self._n_stopping.is_set():
             gate.pass_starts()  # background snapshot work waits (kvstore.node.snapshotter)
             try:
-                if self._n_waiting:
+                # The flag first, then the queue; submit appends, then reads the flag. So a
+                # proposal that skipped its wake-up is seen by this pass or waits for the round
+                # in flight, whose acknowledgement wakes this thread.
+                self._n_round_open = self._n_leader_round_open()
+                if self._n_waiting and not self._n_round_open:
                     self._n_send_waiting()
                     self._checkCommandsToApply()
                 if self._isLeader():
@@ -531,6 +545,13 @@ class RaftNode(SyncObj):
             self._doDestroy()
         except Exception:
             log.exception("destroy failed")
+
+    def _n_leader_round_open(self) -> bool:
+        """``append_rounds``' rule: this node leads and its last entry is on no majority."""
+        if not self._n_options.one_round_in_flight or not self._isLeader():
+            return False
+        internals = self.internals
+        return round_open(internals.raft_log[-1][1], internals.match_index, internals.voters())
 
     def _n_wake(self) -> None:
         """Makes the tick thread's poll() return now. Never blocks."""

@@ -199,13 +199,14 @@ def next_node_idx(next_index: int, *, success: bool, reset: bool) -> dict[str, A
 
 @contextmanager
 def harnesses(directory: Path) -> Iterator[Callable[..., Harness]]:
-    """Makes harnessed nodes (``make(fenced=..., fsync=..., peers=...)``) with data under
+    """Makes harnessed nodes (``make(fenced=..., fsync=..., peers=...)``, ...) with data under
     ``directory``;
     stops them all when the block ends."""
     nodes: list[RaftNode] = []
 
     def make(*, fenced: bool = True, fsync: bool = False, peers: int = 1,
-             profile: TimerProfile = FAST, quick_syncs_inline: bool = True) -> Harness:
+             profile: TimerProfile = FAST, quick_syncs_inline: bool = True,
+             one_round_in_flight: bool = False) -> Harness:
         port = free_port()
         node = RaftNode(StateMachine(cluster_id=1), RaftOptions(
             self_address=f"127.0.0.1:{port}",
@@ -220,6 +221,9 @@ def harnesses(directory: Path) -> Iterator[Callable[..., Harness]]:
             membership_fence=fenced,
             fsync=fsync,
             quick_syncs_inline=quick_syncs_inline,
+            # The tests play the peers and often append before they acknowledge: off unless a
+            # test is about that rule (kvstore.node.append_rounds).
+            one_round_in_flight=one_round_in_flight,
         ))
         nodes.append(node)
         return Harness(node)
