@@ -44,9 +44,16 @@ def test_of_five_voters_two_followers_are_needed() -> None:
     assert not round_open(7, {"b": 7, "c": 7, "d": 0, "e": 0}, voters)
 
 
+def test_of_four_voters_two_of_four_copies_are_no_majority() -> None:
+    voters = ["b", "c", "d"]
+    assert round_open(7, {"b": 7, "c": 0, "d": 0}, voters)
+    assert not round_open(7, {"b": 7, "c": 7, "d": 0}, voters)
+
+
 def test_a_voter_not_yet_in_the_match_index_holds_nothing() -> None:
-    assert round_open(7, {}, ["b", "c"])
-    assert not round_open(7, {"b": 7}, ["b", "c"])
+    """Not even the first entry: PySyncObj's own initial no-op."""
+    assert round_open(1, {}, ["b", "c"])
+    assert not round_open(1, {"b": 1}, ["b", "c"])
 
 
 def test_followers_that_are_not_voters_do_not_count() -> None:
