@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1, help="threads, one write in flight each")
     parser.add_argument("--streams", type=int, default=1, help="Client objects the threads share")
     args = parser.parse_args()
+    if not 1 <= args.clients <= args.writes or args.streams < 1:
+        parser.error("needs 1 <= --clients <= --writes and --streams >= 1")
     members = [Member(f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}") for _ in range(3)]
     with tempfile.TemporaryDirectory() as root, ExitStack() as stack:
         nodes = [stack.enter_context(serving(NodeConfig(
@@ -43,8 +45,8 @@ def main() -> None:
             shared = [clients.enter_context(Client([m.api_address for m in members], timeout=10))
                       for _ in range(args.streams)]
             each = args.writes // args.clients
-            users = [(shared[i % len(shared)], shared[i % len(shared)].sync_get_session())
-                     for i in range(args.clients)]
+            clients_of_threads = [shared[i % len(shared)] for i in range(args.clients)]
+            users = [(client, client.sync_get_session()) for client in clients_of_threads]
 
             def writes(client: Client, session: Session) -> None:
                 for _ in range(each):

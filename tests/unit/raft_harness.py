@@ -199,9 +199,8 @@ def next_node_idx(next_index: int, *, success: bool, reset: bool) -> dict[str, A
 
 @contextmanager
 def harnesses(directory: Path) -> Iterator[Callable[..., Harness]]:
-    """Makes harnessed nodes (``make(fenced=..., fsync=..., peers=...)``, ...) with data under
-    ``directory``;
-    stops them all when the block ends."""
+    """Makes harnessed nodes (``make(fenced=..., fsync=..., peers=..., ...)``, the keywords
+    below) with data under ``directory``; stops them all when the block ends."""
     nodes: list[RaftNode] = []
 
     def make(*, fenced: bool = True, fsync: bool = False, peers: int = 1,
