@@ -130,12 +130,6 @@ def bench(clients: list[int], duration: float, warmup: float, rounds: int, value
         raise CliError(f"--plot writes SVG: name a .svg file, not {plot!r}", BAD_ARGUMENTS)
     if plot is not None and not os.path.isdir(os.path.dirname(os.path.abspath(plot))):
         raise CliError(f"--plot: no directory for {plot!r}", BAD_ARGUMENTS)
-    if client_kind == "aio":
-        from cli.bench.load import aio_missing
-
-        missing = aio_missing()
-        if missing:
-            raise CliError(missing, ERROR)
     if "calls" in compare and not streaming:
         raise CliError("--compare calls compares the stream with calls: it needs --stream",
                        BAD_ARGUMENTS)

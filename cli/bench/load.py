@@ -211,41 +211,24 @@ class EtcdDriver:
         state.conn.close()
 
 
-AIO_MODULE = "kvstore.aio"
-"""The asyncio client (issue 11, item 1). ``--client aio`` drives it once this module exists."""
-
-
-def aio_missing() -> str | None:
-    """Why ``--client aio`` cannot run in this build, or None if it can."""
-    import importlib.util
-
-    try:
-        found = importlib.util.find_spec(AIO_MODULE) is not None
-    except ModuleNotFoundError:
-        found = False
-    return None if found else (f"--client aio needs the asyncio client, module {AIO_MODULE} "
-                               "(kvstore.aio.Client), which this build does not have yet")
-
-
 class AioOursDriver(OursDriver):
     """``--client aio``: one ``kvstore.aio.Client`` per worker process, on one event loop.
 
     The closed-loop client threads stay as they are (the same counting, the same window); each
     hands its operation to the worker's event loop and waits for it, so all the proposals of a
     worker are in flight on one loop and one client, as an asyncio program would have them
-    (that is what lets the client carry concurrent proposals together). The hook assumes the
-    aio client has the sync client's API with awaitables: ``Client(endpoints, timeout=,
-    dial_timeout=, cluster_id=, tls=)``, ``await sync_get_session()``, ``get_noop_session()``,
-    ``await sync_propose(session, command, timeout=)``, ``await read(command, consistency=,
-    timeout=)``, ``await sync_close_session(session, timeout=)``, ``await close()``.
+    (that is what lets the client carry concurrent proposals together). A thread blocks on
+    its operation's future, as the sync driver blocks on its call: the closed loop is the same
+    on both sides.
     """
 
     def __init__(self, params: dict[str, Any]) -> None:
         import asyncio
-        import importlib
+
+        from kvstore import aio
 
         super().__init__(params)
-        self._client_class = importlib.import_module(AIO_MODULE).Client
+        self._client_class = aio.Client
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="bench-aio-loop")
