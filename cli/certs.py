@@ -102,7 +102,7 @@ class ClusterCerts:
 
         return ClientTLS.load(self.ca_file, *self.client_files(role))
 
-    def _ca(self) -> pki.Issued:
+    def _ca(self) -> Issued:
         cert_file, key_file = pair(self.dir, CA_NAME)
         from kvstore import pki
 

@@ -37,8 +37,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
-from cli.bench.common import (KEYS_PER_CLIENT, Progress, RunResult, RunSpec, Window,
-                              client_tls)
+from cli.bench.common import KEYS_PER_CLIENT, Progress, RunResult, RunSpec, Window, client_tls
 from cli.bench.stats import CpuWindow
 from cli.exits import UNAVAILABLE, CliError
 
