@@ -141,12 +141,6 @@ def bench(clients: list[int], duration: float, warmup: float, rounds: int, value
                        "--endpoints", BAD_ARGUMENTS)
     if fsync is None:
         fsync = True
-    elif fsync:
-        from cli.bench.ours import fsync_supported
-
-        if not fsync_supported():
-            raise CliError("--fsync is not supported by this build ('kv cluster up' has no "
-                           "--fsync option)", ERROR)
     options = BenchOptions(
         clients=clients, duration=duration, warmup=warmup, rounds=rounds,
         value_size=value_size, read_ratio=read_ratio, consistency=consistency,

@@ -39,11 +39,6 @@ def _kv(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=timeout, check=False)
 
 
-def fsync_supported() -> bool:
-    """Whether this build's ``kv cluster up`` takes ``--fsync``."""
-    return "--fsync" in _kv("cluster", "up", "--help", timeout=60).stdout
-
-
 class OursTarget:
     """Our cluster. A fresh one is mutual TLS like any ``kv cluster up`` unless ``tls`` is false
     (``--compare plaintext``: a second cluster, without TLS, named ``ours-plaintext``); an
@@ -61,7 +56,8 @@ class OursTarget:
         self.tls_files = tls_files
         self.pool = pool
         self.client = client
-        """``sync`` (kvstore.client.Client) or ``aio`` (kvstore.aio.Client: ``load.AioOursDriver``)."""
+        """``sync`` (kvstore.client.Client) or ``aio`` (kvstore.aio.Client:
+        ``load.AioOursDriver``)."""
         self.preload = preload
         self.nodes = nodes
         self.given_endpoints = list(endpoints)

@@ -77,6 +77,17 @@ def test_bench_against_a_fresh_cluster(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+def test_bench_drives_the_cluster_with_the_asyncio_client() -> None:
+    """``--client aio``: every worker's clients on one ``kvstore.aio.Client``, real nodes."""
+    doc = kv_bench("--client", "aio", "--clients", "4", "--duration", "1s", "--warmup", "0.5s",
+                   "--rounds", "1")
+    assert doc["targets"]["ours"]["client"].startswith("kvstore.aio.Client")
+    [result] = doc["results"]
+    assert result["ops"] > 0 and result["errors"] == 0
+    assert_nothing_left(doc)
+
+
+@pytest.mark.integration
 def test_bench_compared_with_raw_pysyncobj() -> None:
     doc = kv_bench("--compare", "raw", "--clients", "2", "--duration", "2s", "--warmup", "0.5s",
                    "--rounds", "1", "--read-ratio", "0.25")
@@ -168,15 +179,6 @@ def test_a_missing_etcd_is_one_clean_error(monkeypatch: pytest.MonkeyPatch) -> N
     outcome = CliRunner().invoke(bench, ["--compare", "etcd", "--clients", "1"])
     assert outcome.exit_code != 0
     assert "apt-get install etcd-server" in str(outcome.exception)
-
-
-def test_fsync_refused_cleanly_when_the_build_lacks_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cli.bench import ours
-
-    monkeypatch.setattr(ours, "fsync_supported", lambda: False)
-    outcome = CliRunner().invoke(bench, ["--fsync", "--clients", "1"])
-    assert outcome.exit_code != 0
-    assert "not supported by this build" in str(outcome.exception)
 
 
 def test_compare_calls_needs_the_stream() -> None:
