@@ -27,8 +27,8 @@ dump failing its checksum                                 set aside if the journ
                                                           entry 1, else refused
 dump missing but the journal compacted                    refused
 journal starting after the dump, with entries beyond it   refused (a gap)
-dump renamed but journal not yet compacted (D12, or its  the journal is compacted now
-file not yet: ``Journal.reclaim``)
+dump renamed but journal not yet compacted (D12, or       the journal is compacted now
+its file not yet: ``Journal.reclaim``)
 ========================================================  =========================================
 
 The way out of a refusal is to replace the node (README, Membership): a node that lost what it
